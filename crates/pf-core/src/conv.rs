@@ -1,0 +1,55 @@
+//! `ConvBN` / `ConvBNReLU` of resnet_pf.py: a bias-free convolution, batch norm, optional ReLU.
+
+use burn::nn::conv::{Conv2d, Conv2dConfig};
+use burn::nn::PaddingConfig2d;
+use burn::prelude::*;
+use burn::tensor::activation::relu;
+
+use crate::norm::{BatchNorm2d, BatchNorm2dConfig};
+
+/// `ConvBN(in, out, kernel, stride)` (`relu = false`) or `ConvBNReLU` (`relu = true`); padding
+/// defaults to `(kernel - 1) / 2` as in the reference.
+#[derive(Config, Debug)]
+pub struct ConvBnConfig {
+    pub channels: [usize; 2],
+    pub kernel: usize,
+    #[config(default = 1)]
+    pub stride: usize,
+    pub padding: Option<usize>,
+    #[config(default = true)]
+    pub relu: bool,
+}
+
+/// The reference builds these as `nn.Sequential`: index 0 is the conv, 1 the norm.
+#[derive(Module, Debug)]
+pub struct ConvBn<B: Backend> {
+    pub conv: Conv2d<B>,
+    pub bn: BatchNorm2d<B>,
+    pub relu: bool,
+}
+
+impl ConvBnConfig {
+    pub fn init<B: Backend>(&self, device: &B::Device) -> ConvBn<B> {
+        let p = self.padding.unwrap_or((self.kernel - 1) / 2);
+        let conv = Conv2dConfig::new(self.channels, [self.kernel, self.kernel])
+            .with_stride([self.stride, self.stride])
+            .with_padding(PaddingConfig2d::Explicit(p, p, p, p))
+            .with_bias(false)
+            .init(device);
+        ConvBn { conv, bn: BatchNorm2dConfig::new(self.channels[1]).init(device), relu: self.relu }
+    }
+}
+
+impl<B: Backend> ConvBn<B> {
+    /// # Shapes
+    /// - `x`: `[batch, in, height, width]`
+    /// - output: `[batch, out, height', width']`
+    pub fn forward(&self, x: Tensor<B, 4>) -> Tensor<B, 4> {
+        let y = self.bn.forward(self.conv.forward(x));
+        if self.relu {
+            relu(y)
+        } else {
+            y
+        }
+    }
+}

@@ -1,0 +1,102 @@
+//! Batch normalisation with PyTorch's semantics (`nn.BatchNorm2d`).
+
+use burn::module::{Param, RunningState};
+use burn::prelude::*;
+
+/// `nn.BatchNorm2d(num_features)`: eps 1e-5, momentum 0.1.
+#[derive(Config, Debug)]
+pub struct BatchNorm2dConfig {
+    pub num_features: usize,
+    #[config(default = 1e-5)]
+    pub epsilon: f64,
+    #[config(default = 0.1)]
+    pub momentum: f64,
+}
+
+/// Batch norm over `[batch, channels, height, width]`.
+///
+/// Training mode (an autodiff backend) normalises with the batch mean and the biased batch
+/// variance, and updates the running statistics as PyTorch does: with momentum `m`,
+/// `running = (1 - m) · running + m · batch`, where the running variance takes the *unbiased*
+/// batch variance. Eval mode normalises with the running statistics. Burn's own `BatchNorm`
+/// updates the running variance with the biased estimate, hence this module.
+#[derive(Module, Debug)]
+pub struct BatchNorm2d<B: Backend> {
+    pub weight: Param<Tensor<B, 1>>,
+    pub bias: Param<Tensor<B, 1>>,
+    pub running_mean: RunningState<Tensor<B, 1>>,
+    pub running_var: RunningState<Tensor<B, 1>>,
+    pub momentum: f64,
+    pub epsilon: f64,
+}
+
+impl BatchNorm2dConfig {
+    pub fn init<B: Backend>(&self, device: &B::Device) -> BatchNorm2d<B> {
+        let c = self.num_features;
+        BatchNorm2d {
+            weight: Param::from_tensor(Tensor::ones([c], device)),
+            bias: Param::from_tensor(Tensor::zeros([c], device)),
+            running_mean: RunningState::new(Tensor::zeros([c], device)),
+            running_var: RunningState::new(Tensor::ones([c], device)),
+            momentum: self.momentum,
+            epsilon: self.epsilon,
+        }
+    }
+}
+
+impl<B: Backend> BatchNorm2d<B> {
+    /// # Shapes
+    /// - `x`: `[batch, channels, height, width]`
+    /// - output: same
+    pub fn forward(&self, x: Tensor<B, 4>) -> Tensor<B, 4> {
+        let (mean, var) = self.statistics(&x);
+        let c = mean.dims()[0];
+        let inv_std = self.weight.val() / var.add_scalar(self.epsilon).sqrt();
+        // Centre first, as PyTorch does: `x · scale + shift` loses precision (and the weight's
+        // gradient much more) when a channel's mean is large against its deviation.
+        (x - mean.reshape([1, c, 1, 1])) * inv_std.reshape([1, c, 1, 1]) + self.bias.val().reshape([1, c, 1, 1])
+    }
+
+    /// The batch norm as a per-channel affine map `x · scale + shift` for this input: batch
+    /// statistics in training mode (updating the running statistics), running ones in eval mode.
+    ///
+    /// # Shapes
+    /// - `x`: `[batch, channels, height, width]`
+    /// - output: `scale`, `shift`, each `[channels]`
+    pub fn scale_shift(&self, x: &Tensor<B, 4>) -> (Tensor<B, 1>, Tensor<B, 1>) {
+        let (mean, var) = self.statistics(x);
+        let scale = self.weight.val() / var.add_scalar(self.epsilon).sqrt();
+        let shift = self.bias.val() - mean * scale.clone();
+        (scale, shift)
+    }
+
+    /// Mean and variance to normalise with: the batch's in training mode (updating the running
+    /// statistics), the running ones in eval mode.
+    fn statistics(&self, x: &Tensor<B, 4>) -> (Tensor<B, 1>, Tensor<B, 1>) {
+        if B::ad_enabled(&x.device()) {
+            self.batch_statistics(x)
+        } else {
+            (self.running_mean.value_sync(), self.running_var.value_sync())
+        }
+    }
+
+    /// Batch mean and biased variance per channel; updates the running statistics.
+    fn batch_statistics(&self, x: &Tensor<B, 4>) -> (Tensor<B, 1>, Tensor<B, 1>) {
+        let [n, c, h, w] = x.dims();
+        let count = n * h * w;
+        let flat = x.clone().swap_dims(0, 1).reshape([c, count]);
+        let mean = flat.clone().mean_dim(1);
+        let var = (flat - mean.clone()).square().mean_dim(1).reshape([c]);
+        let mean = mean.reshape([c]);
+
+        let unbiased = if count > 1 { count as f64 / (count - 1) as f64 } else { 1.0 };
+        let m = self.momentum;
+        let running_mean = self.running_mean.value_sync().mul_scalar(1.0 - m)
+            + mean.clone().detach().mul_scalar(m);
+        let running_var = self.running_var.value_sync().mul_scalar(1.0 - m)
+            + var.clone().detach().mul_scalar(m * unbiased);
+        self.running_mean.update(running_mean.detach());
+        self.running_var.update(running_var.detach());
+        (mean, var)
+    }
+}

@@ -1,0 +1,79 @@
+//! The paper's idea as one type: the spatial operation of a bottleneck, a 3×3 conv or a
+//! parameter-free replacement for it.
+
+use burn::nn::pool::{AvgPool2d, AvgPool2dConfig};
+use burn::prelude::*;
+use pf_kernels::Pool2d;
+
+use crate::conv::{ConvBn, ConvBnConfig};
+
+/// Which spatial operation a bottleneck uses (`block` of resnet_pf.py's `ResNet`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum SpatialOpConfig {
+    /// `Bottleneck`: 3×3 conv-BN-ReLU with the block's stride.
+    Conv,
+    /// `MaxBottleneck`: 3×3 max-pool with the block's stride, padding 1.
+    MaxPool,
+    /// `EffBottleneck`: max-pool in stride-1 blocks; 2×2 avg-pool then 3×3 conv-BN-ReLU in
+    /// stride-2 blocks.
+    Hybrid,
+}
+
+/// A max-pool window as a module without parameters.
+#[derive(Module, Clone, Debug)]
+pub struct MaxPool {
+    pub kernel: usize,
+    pub stride: usize,
+    pub padding: usize,
+}
+
+impl MaxPool {
+    pub fn window(&self) -> Pool2d {
+        Pool2d::new(self.kernel, self.stride, self.padding)
+    }
+}
+
+/// `nn.Sequential(nn.AvgPool2d(2, 2), ConvBNReLU(width, width, 3))`.
+#[derive(Module, Debug)]
+pub struct AvgPoolConv<B: Backend> {
+    pub pool: AvgPool2d,
+    pub conv: ConvBn<B>,
+}
+
+#[derive(Module, Debug)]
+pub enum SpatialOp<B: Backend> {
+    Conv(ConvBn<B>),
+    MaxPool(MaxPool),
+    AvgPoolConv(AvgPoolConv<B>),
+}
+
+impl SpatialOpConfig {
+    pub fn init<B: Backend>(&self, width: usize, stride: usize, device: &B::Device) -> SpatialOp<B> {
+        let conv = |stride| ConvBnConfig::new([width, width], 3).with_stride(stride).init(device);
+        match (self, stride) {
+            (Self::Conv, _) => SpatialOp::Conv(conv(stride)),
+            (Self::Hybrid, 2) => SpatialOp::AvgPoolConv(AvgPoolConv {
+                pool: AvgPool2dConfig::new([2, 2]).with_strides([2, 2]).init(),
+                conv: conv(1),
+            }),
+            (Self::MaxPool | Self::Hybrid, _) => SpatialOp::MaxPool(MaxPool { kernel: 3, stride, padding: 1 }),
+        }
+    }
+}
+
+impl<B: Backend> SpatialOp<B> {
+    /// # Shapes
+    /// - `x`: `[batch, width, height, width]`
+    /// - output: `[batch, width, height / stride, width / stride]`
+    pub fn forward(&self, x: Tensor<B, 4>) -> Tensor<B, 4> {
+        match self {
+            Self::Conv(conv) => conv.forward(x),
+            Self::MaxPool(pool) => pool.window().max_pool(x),
+            Self::AvgPoolConv(op) => op.conv.forward(op.pool.forward(x)),
+        }
+    }
+
+    pub fn has_parameters(&self) -> bool {
+        !matches!(self, Self::MaxPool(_))
+    }
+}

@@ -1,0 +1,143 @@
+//! The model families of "Learning Features with Parameter-Free Layers" (Han et al., ICLR 2022):
+//! ResNet (resnet_pf.py), ViT (vit_pf.py), PiT (pit_pf.py); the paper's named presets; loading
+//! the reference's PyTorch checkpoints and pf's own.
+//!
+//! ```ignore
+//! let model = "resnet50_hybrid".parse::<ModelName>()?.config().with_num_classes(10).init::<B>(&device)?;
+//! let logits = model.forward(images)?;
+//! ```
+
+pub mod error;
+pub mod pit;
+pub mod presets;
+pub mod resnet;
+pub mod vit;
+pub mod weights;
+
+use burn::prelude::*;
+use serde::{Deserialize, Serialize};
+
+pub use error::ModelError;
+pub use pit::{Pit, PitConfig};
+pub use presets::ModelName;
+pub use resnet::{BlockKind, ResNet, ResNetConfig};
+pub use vit::{Vit, VitConfig};
+
+pub(crate) fn default_num_classes() -> usize {
+    1000
+}
+
+pub(crate) fn default_true() -> bool {
+    true
+}
+
+/// A model of one family with the reference constructor's arguments. Serialized as
+/// `{"family": "resnet" | "vit" | "pit", "config": {...}}`, as in the fixtures' manifest.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "family", content = "config", rename_all = "lowercase")]
+pub enum ModelConfig {
+    Resnet(ResNetConfig),
+    Vit(VitConfig),
+    Pit(PitConfig),
+}
+
+impl ModelConfig {
+    pub fn family(&self) -> &'static str {
+        match self {
+            Self::Resnet(_) => "resnet",
+            Self::Vit(_) => "vit",
+            Self::Pit(_) => "pit",
+        }
+    }
+
+    pub fn num_classes(&self) -> usize {
+        match self {
+            Self::Resnet(c) => c.num_classes,
+            Self::Vit(c) => c.num_classes,
+            Self::Pit(c) => c.num_classes,
+        }
+    }
+
+    pub fn with_num_classes(mut self, n: usize) -> Self {
+        match &mut self {
+            Self::Resnet(c) => c.num_classes = n,
+            Self::Vit(c) => c.num_classes = n,
+            Self::Pit(c) => c.num_classes = n,
+        }
+        self
+    }
+
+    /// Sets the stochastic-depth rate. The reference ResNet has no drop-path, so asking for a
+    /// positive rate there is an error rather than a silent no-op.
+    pub fn with_drop_path_rate(mut self, rate: f64) -> Result<Self, ModelError> {
+        if !(0.0..1.0).contains(&rate) {
+            return Err(ModelError::Config { family: self.family(), reason: format!("drop-path rate {rate} is not in [0, 1)") });
+        }
+        match &mut self {
+            Self::Resnet(_) if rate > 0.0 => {
+                return Err(ModelError::Config { family: "resnet", reason: "the ResNet family has no drop-path".into() })
+            }
+            Self::Resnet(_) => {}
+            Self::Vit(c) => c.drop_path_rate = rate,
+            Self::Pit(c) => c.drop_path_rate = rate,
+        }
+        Ok(self)
+    }
+
+    /// The input size the model is built for (ViT: the only one it takes).
+    pub fn image_size(&self) -> usize {
+        match self {
+            Self::Resnet(_) => 224,
+            Self::Vit(c) => c.img_size,
+            Self::Pit(c) => c.image_size,
+        }
+    }
+
+    pub fn validate(&self) -> Result<(), ModelError> {
+        match self {
+            Self::Resnet(c) => c.validate(),
+            Self::Vit(c) => c.validate(),
+            Self::Pit(c) => c.validate(),
+        }
+    }
+
+    pub fn init<B: Backend>(&self, device: &B::Device) -> Result<Model<B>, ModelError> {
+        self.validate()?;
+        Ok(match self {
+            Self::Resnet(c) => Model::Resnet(c.init(device)),
+            Self::Vit(c) => Model::Vit(c.init(device)),
+            Self::Pit(c) => Model::Pit(c.init(device)),
+        })
+    }
+}
+
+/// Any model of the three families; state-dict paths skip the variant name.
+#[derive(Module, Debug)]
+pub enum Model<B: Backend> {
+    Resnet(ResNet<B>),
+    Vit(Vit<B>),
+    Pit(Pit<B>),
+}
+
+impl<B: Backend> Model<B> {
+    /// Checks that the model can take an input of these dimensions.
+    pub fn check_input(&self, dims: [usize; 4]) -> Result<(), ModelError> {
+        match self {
+            Self::Resnet(m) => m.check_input(dims),
+            Self::Vit(m) => m.check_input(dims),
+            Self::Pit(m) => m.check_input(dims),
+        }
+    }
+
+    /// # Shapes
+    /// - `images`: `[batch, 3, height, width]`
+    /// - output: `[batch, num_classes]` logits
+    pub fn forward(&self, images: Tensor<B, 4>) -> Result<Tensor<B, 2>, ModelError> {
+        self.check_input(images.dims())?;
+        Ok(match self {
+            Self::Resnet(m) => m.forward(images),
+            Self::Vit(m) => m.forward(images),
+            Self::Pit(m) => m.forward(images),
+        })
+    }
+}

@@ -1,0 +1,191 @@
+//! ResNet family of resnet_pf.py: `Bottleneck`, `MaxBottleneck` and `EffBottleneck` networks.
+
+use burn::nn::{Initializer, Linear, LinearConfig};
+use burn::prelude::*;
+use burn::tensor::activation::relu;
+use pf_core::spatial::MaxPool;
+use pf_core::{ConvBn, ConvBnConfig, SpatialOp, SpatialOpConfig};
+use serde::{Deserialize, Serialize};
+
+use crate::error::ModelError;
+
+/// `block` of the reference: which bottleneck every stage uses.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum BlockKind {
+    /// `Bottleneck`: 3×3 conv.
+    Plain,
+    /// `MaxBottleneck`: 3×3 max-pool.
+    Max,
+    /// `EffBottleneck`: max-pool in stride-1 blocks, avg-pool + 3×3 conv in stride-2 blocks.
+    Hybrid,
+}
+
+impl BlockKind {
+    fn spatial(self) -> SpatialOpConfig {
+        match self {
+            Self::Plain => SpatialOpConfig::Conv,
+            Self::Max => SpatialOpConfig::MaxPool,
+            Self::Hybrid => SpatialOpConfig::Hybrid,
+        }
+    }
+}
+
+/// The constructor arguments of resnet_pf.py's `ResNet`.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ResNetConfig {
+    pub block: BlockKind,
+    /// Blocks per stage.
+    pub layers: [usize; 4],
+    /// Multiplies the stage widths; the 64-wide stem stays 64.
+    #[serde(default = "default_width_mult")]
+    pub width_mult: f64,
+    #[serde(default = "crate::default_num_classes")]
+    pub num_classes: usize,
+}
+
+fn default_width_mult() -> f64 {
+    1.0
+}
+
+const EXPANSION: usize = 4;
+const STEM_WIDTH: usize = 64;
+
+/// A bottleneck: 1×1 conv-BN-ReLU → spatial op → 1×1 conv-BN, plus the (projected) identity.
+#[derive(Module, Debug)]
+pub struct Bottleneck<B: Backend> {
+    pub reduction_block: ConvBn<B>,
+    pub conv_block: SpatialOp<B>,
+    pub expansion_block: ConvBn<B>,
+    pub downsample: Option<ConvBn<B>>,
+}
+
+impl<B: Backend> Bottleneck<B> {
+    /// # Shapes
+    /// - `x`: `[batch, in, height, width]`
+    /// - output: `[batch, 4 · planes, height / stride, width / stride]`
+    pub fn forward(&self, x: Tensor<B, 4>) -> Tensor<B, 4> {
+        let out = self.reduction_block.forward(x.clone());
+        let out = self.expansion_block.forward(self.conv_block.forward(out));
+        let identity = match &self.downsample {
+            Some(down) => down.forward(x),
+            None => x,
+        };
+        relu(out + identity)
+    }
+}
+
+#[derive(Module, Debug)]
+pub struct ResNet<B: Backend> {
+    pub conv1: ConvBn<B>,
+    pub maxpool: MaxPool,
+    pub layer1: Vec<Bottleneck<B>>,
+    pub layer2: Vec<Bottleneck<B>>,
+    pub layer3: Vec<Bottleneck<B>>,
+    pub layer4: Vec<Bottleneck<B>>,
+    pub fc: Linear<B>,
+    /// Height and width must be multiples of this (32 for the hybrid block, see `check_input`).
+    pub size_multiple: usize,
+}
+
+impl ResNetConfig {
+    pub fn new(block: BlockKind, layers: [usize; 4]) -> Self {
+        Self { block, layers, width_mult: 1.0, num_classes: crate::default_num_classes() }
+    }
+
+    pub fn validate(&self) -> Result<(), ModelError> {
+        let bad = |reason: String| Err(ModelError::Config { family: "resnet", reason });
+        if self.layers.iter().any(|&n| n == 0) {
+            return bad(format!("every stage needs at least one block, got layers {:?}", self.layers));
+        }
+        if !(self.width_mult > 0.0) || (16.0 * self.width_mult) < 1.0 {
+            return bad(format!("width_mult {} leaves a stage without channels", self.width_mult));
+        }
+        if self.num_classes == 0 {
+            return bad("num_classes must be at least 1".into());
+        }
+        Ok(())
+    }
+
+    pub fn init<B: Backend>(&self, device: &B::Device) -> ResNet<B> {
+        let mut inplanes = STEM_WIDTH;
+        let mut stage = |base: usize, blocks: usize, stride: usize| {
+            let planes = (base as f64 * self.width_mult) as usize;
+            let out = planes * EXPANSION;
+            let layer = (0..blocks)
+                .map(|i| {
+                    let stride = if i == 0 { stride } else { 1 };
+                    let downsample = (i == 0 && (stride != 1 || inplanes != out))
+                        .then(|| conv_bn([inplanes, out], 1, stride, false, device));
+                    let block = Bottleneck {
+                        reduction_block: conv_bn([inplanes, planes], 1, 1, true, device),
+                        conv_block: self.block.spatial().init(planes, stride, device),
+                        expansion_block: conv_bn([planes, out], 1, 1, false, device),
+                        downsample,
+                    };
+                    inplanes = out;
+                    block
+                })
+                .collect();
+            layer
+        };
+        let layer1 = stage(64, self.layers[0], 1);
+        let layer2 = stage(128, self.layers[1], 2);
+        let layer3 = stage(256, self.layers[2], 2);
+        let layer4 = stage(512, self.layers[3], 2);
+        let features = (512.0 * self.width_mult) as usize * EXPANSION;
+        ResNet {
+            conv1: conv_bn([3, STEM_WIDTH], 7, 2, true, device),
+            maxpool: MaxPool { kernel: 3, stride: 2, padding: 1 },
+            layer1,
+            layer2,
+            layer3,
+            layer4,
+            fc: LinearConfig::new(features, self.num_classes).init(device),
+            size_multiple: if self.block == BlockKind::Hybrid { 32 } else { 1 },
+        }
+    }
+}
+
+/// Conv-BN(-ReLU) with torchvision's initialisation (Kaiming normal, fan-out, ReLU gain).
+fn conv_bn<B: Backend>(channels: [usize; 2], kernel: usize, stride: usize, relu: bool, device: &B::Device) -> ConvBn<B> {
+    let mut block = ConvBnConfig::new(channels, kernel).with_stride(stride).with_relu(relu).init(device);
+    let [o, i] = [channels[1], channels[0]];
+    block.conv.weight = Initializer::KaimingNormal { gain: 2f64.sqrt(), fan_out_only: true }
+        .init_with([o, i, kernel, kernel], Some(i * kernel * kernel), Some(o * kernel * kernel), device);
+    block
+}
+
+impl<B: Backend> ResNet<B> {
+    /// The reference's hybrid network adds a 2×2 avg-pooled branch to a strided 1×1 conv; they
+    /// only agree in size when every stage input is even, i.e. height and width are multiples
+    /// of 32 (the reference fails with a shape mismatch otherwise).
+    pub fn check_input(&self, dims: [usize; 4]) -> Result<(), ModelError> {
+        let [_, c, h, w] = dims;
+        let m = self.size_multiple;
+        if c != 3 || h == 0 || w == 0 || h % m != 0 || w % m != 0 {
+            let expected = if m > 1 {
+                format!("[batch, 3, H, W] with H and W multiples of {m}")
+            } else {
+                "[batch, 3, H, W]".to_string()
+            };
+            return Err(ModelError::input("resnet", expected, dims));
+        }
+        Ok(())
+    }
+
+    /// # Shapes
+    /// - `x`: `[batch, 3, height, width]`
+    /// - output: `[batch, num_classes]`
+    pub fn forward(&self, x: Tensor<B, 4>) -> Tensor<B, 2> {
+        let x = self.maxpool.window().max_pool(self.conv1.forward(x));
+        let x = [&self.layer1, &self.layer2, &self.layer3, &self.layer4]
+            .into_iter()
+            .flatten()
+            .fold(x, |x, block| block.forward(x));
+        let [b, c, _, _] = x.dims();
+        let pooled = x.flatten::<3>(2, 3).mean_dim(2).reshape([b, c]);
+        self.fc.forward(pooled)
+    }
+}

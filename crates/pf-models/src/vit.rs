@@ -1,0 +1,133 @@
+//! ViT family of vit_pf.py (`EffTransformer`): patch embedding, learned position embedding, no
+//! class token, blocks alternating attention and eff layers, final norm, mean over tokens, head.
+
+use burn::module::Param;
+use burn::nn::conv::{Conv2d, Conv2dConfig};
+use burn::nn::{Dropout, DropoutConfig, Initializer, LayerNorm, LayerNormConfig, Linear, LinearConfig};
+use burn::prelude::*;
+use pf_core::{mixer_kind, AttnType, Block, BlockConfig};
+use serde::{Deserialize, Serialize};
+
+use crate::error::ModelError;
+
+/// The constructor arguments of vit_pf.py's `EffTransformer`.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct VitConfig {
+    pub img_size: usize,
+    pub patch_size: usize,
+    pub embed_dim: usize,
+    pub depth: usize,
+    pub num_heads: usize,
+    pub mlp_ratio: f64,
+    pub attn_type: AttnType,
+    #[serde(default = "crate::default_num_classes")]
+    pub num_classes: usize,
+    #[serde(default = "crate::default_true")]
+    pub qkv_bias: bool,
+    #[serde(default)]
+    pub drop_rate: f64,
+    #[serde(default)]
+    pub attn_drop_rate: f64,
+    #[serde(default)]
+    pub drop_path_rate: f64,
+}
+
+/// timm's `PatchEmbed`: a `patch_size`-strided conv, flattened to tokens.
+#[derive(Module, Debug)]
+pub struct PatchEmbed<B: Backend> {
+    pub proj: Conv2d<B>,
+}
+
+#[derive(Module, Debug)]
+pub struct Vit<B: Backend> {
+    pub patch_embed: PatchEmbed<B>,
+    pub pos_embed: Param<Tensor<B, 3>>,
+    pub pos_drop: Dropout,
+    pub blocks: Vec<Block<B>>,
+    pub norm: LayerNorm<B>,
+    pub head: Linear<B>,
+    pub img_size: usize,
+    pub patch_size: usize,
+}
+
+impl VitConfig {
+    pub fn validate(&self) -> Result<(), ModelError> {
+        let bad = |reason: String| Err(ModelError::Config { family: "vit", reason });
+        if self.patch_size == 0 || self.img_size < self.patch_size {
+            return bad(format!("img_size {} must be at least patch_size {}", self.img_size, self.patch_size));
+        }
+        if self.num_heads == 0 || self.embed_dim % self.num_heads != 0 {
+            return bad(format!("embed_dim {} is not divisible by num_heads {}", self.embed_dim, self.num_heads));
+        }
+        if self.depth == 0 || self.num_classes == 0 {
+            return bad("depth and num_classes must be at least 1".into());
+        }
+        Ok(())
+    }
+
+    /// Stochastic depth rate of block `i`: `linspace(0, drop_path_rate, depth)`.
+    pub fn drop_path(&self, i: usize) -> f64 {
+        if self.depth > 1 {
+            self.drop_path_rate * i as f64 / (self.depth - 1) as f64
+        } else {
+            0.0
+        }
+    }
+
+    pub fn grid(&self) -> usize {
+        self.img_size / self.patch_size
+    }
+
+    pub fn init<B: Backend>(&self, device: &B::Device) -> Vit<B> {
+        let (d, p) = (self.embed_dim, self.patch_size);
+        let n = self.grid() * self.grid();
+        let blocks = (0..self.depth)
+            .map(|i| {
+                BlockConfig::new(d, self.num_heads, self.mlp_ratio, mixer_kind(i, self.attn_type).into())
+                    .with_qkv_bias(self.qkv_bias)
+                    .with_drop(self.drop_rate)
+                    .with_attn_drop(self.attn_drop_rate)
+                    .with_drop_path(self.drop_path(i))
+                    .init(device)
+            })
+            .collect();
+        Vit {
+            patch_embed: PatchEmbed {
+                proj: Conv2dConfig::new([3, d], [p, p]).with_stride([p, p]).init(device),
+            },
+            pos_embed: Initializer::Normal { mean: 0.0, std: 0.02 }.init([1, n, d], device),
+            pos_drop: DropoutConfig::new(self.drop_rate).init(),
+            blocks,
+            norm: LayerNormConfig::new(d).with_epsilon(1e-6).init(device),
+            head: LinearConfig::new(d, self.num_classes).init(device),
+            img_size: self.img_size,
+            patch_size: p,
+        }
+    }
+}
+
+impl<B: Backend> Vit<B> {
+    /// A ViT is built for one image size (timm's `PatchEmbed` checks it too).
+    pub fn check_input(&self, dims: [usize; 4]) -> Result<(), ModelError> {
+        let [_, c, h, w] = dims;
+        if c != 3 || h != self.img_size || w != self.img_size {
+            let s = self.img_size;
+            return Err(ModelError::input("vit", format!("[batch, 3, {s}, {s}] (the size it was built for)"), dims));
+        }
+        Ok(())
+    }
+
+    /// # Shapes
+    /// - `x`: `[batch, 3, img_size, img_size]`
+    /// - output: `[batch, num_classes]`
+    pub fn forward(&self, x: Tensor<B, 4>) -> Tensor<B, 2> {
+        let x = self.patch_embed.proj.forward(x);
+        let [b, d, gh, gw] = x.dims();
+        let x = x.reshape([b, d, gh * gw]).swap_dims(1, 2);
+        let x = self.pos_drop.forward(x + self.pos_embed.val());
+        let x = self.blocks.iter().fold(x, |x, block| block.forward(x, [gh, gw]));
+        let x = self.norm.forward(x).mean_dim(1).reshape([b, d]);
+        self.head.forward(x)
+    }
+}

@@ -1,0 +1,52 @@
+//! The backends pf is compiled with, chosen by cargo feature and picked at run time by name.
+
+use anyhow::{bail, Result};
+use burn::tensor::backend::AutodiffBackend;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum BackendKind {
+    /// CPU, burn-ndarray (always compiled).
+    Ndarray,
+    /// Any GPU through wgpu (Vulkan, Metal, DX12; Mesa's lavapipe on CPU-only machines).
+    Wgpu,
+    /// NVIDIA GPUs through CUDA.
+    Cuda,
+}
+
+impl BackendKind {
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Ndarray => "ndarray",
+            Self::Wgpu => "wgpu",
+            Self::Cuda => "cuda",
+        }
+    }
+}
+
+/// Work to run on whichever backend was picked.
+pub trait Job {
+    type Output;
+    fn run<B: AutodiffBackend>(self, device: B::Device) -> Result<Self::Output>;
+}
+
+pub type NdarrayBackend = burn::backend::Autodiff<burn::backend::NdArray>;
+#[cfg(feature = "wgpu")]
+pub type WgpuBackend = burn::backend::Autodiff<burn::backend::Wgpu>;
+#[cfg(feature = "cuda")]
+pub type CudaBackend = burn::backend::Autodiff<burn::backend::Cuda>;
+
+/// Runs `job` on the backend `kind`, or explains how to compile it in.
+pub fn dispatch<J: Job>(kind: BackendKind, job: J) -> Result<J::Output> {
+    match kind {
+        BackendKind::Ndarray => job.run::<NdarrayBackend>(Default::default()),
+        #[cfg(feature = "wgpu")]
+        BackendKind::Wgpu => job.run::<WgpuBackend>(Default::default()),
+        #[cfg(feature = "cuda")]
+        BackendKind::Cuda => job.run::<CudaBackend>(Default::default()),
+        #[allow(unreachable_patterns)]
+        other => bail!(
+            "this pf was built without the `{0}` backend; rebuild with `--features {0}` (or use `cargo xtask ... --backend {0}`)",
+            other.name()
+        ),
+    }
+}

@@ -1,0 +1,178 @@
+//! `pf`: the command line of pf. Usually run through `cargo xtask <command>`, which builds it
+//! with the right backend feature.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::{Context, Result};
+use burn::tensor::backend::AutodiffBackend;
+use clap::{Parser, Subcommand};
+use pf_models::weights::{inspect_pytorch, load_pf, num_parameters, read_pf_config};
+use pf_models::ModelName;
+use pf_train::backend::{dispatch, BackendKind, Job};
+use pf_train::{fixtures, parity, presets};
+
+#[derive(Parser)]
+#[command(name = "pf", version, about = "Parameter-free networks (Han et al., ICLR 2022) in Rust on Burn")]
+struct Cli {
+    /// Backend to run on (it must be compiled in; `cargo xtask` takes care of that).
+    #[arg(long, value_enum, default_value = "ndarray", global = true)]
+    backend: BackendKind,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Check pf against the reference PyTorch outputs of every fixture case.
+    Parity {
+        /// Fixture directory with a manifest.json (default: the copy in the repository).
+        #[arg(long)]
+        fixtures: Option<PathBuf>,
+    },
+    /// List the named presets with their exact trainable parameter counts.
+    Models {
+        /// Print JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Load a checkpoint into a preset and report what was applied, missing, unexpected or mismatched.
+    Inspect {
+        #[arg(long)]
+        model: String,
+        #[arg(long)]
+        weights: PathBuf,
+        #[arg(long)]
+        num_classes: Option<usize>,
+    },
+    /// One forward and backward pass at 224×224 for every preset (or the listed ones).
+    Check {
+        /// Comma-separated preset names (default: all).
+        #[arg(long, value_delimiter = ',')]
+        models: Vec<String>,
+    },
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match run(cli) {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn run(cli: Cli) -> Result<ExitCode> {
+    match cli.command {
+        Command::Parity { fixtures } => dispatch(cli.backend, Parity { dir: fixtures.unwrap_or_else(fixtures::default_dir), backend: cli.backend }),
+        Command::Models { json } => models(json),
+        Command::Inspect { model, weights, num_classes } => inspect(&model, &weights, num_classes),
+        Command::Check { models } => dispatch(cli.backend, Check { names: parse_names(&models)? }),
+    }
+}
+
+fn parse_names(names: &[String]) -> Result<Vec<ModelName>> {
+    if names.is_empty() {
+        return Ok(ModelName::ALL.to_vec());
+    }
+    names.iter().map(|n| n.parse::<ModelName>().map_err(Into::into)).collect()
+}
+
+struct Parity {
+    dir: PathBuf,
+    backend: BackendKind,
+}
+
+impl Job for Parity {
+    type Output = ExitCode;
+
+    fn run<B: AutodiffBackend>(self, device: B::Device) -> Result<ExitCode> {
+        println!("parity on {} ({:?}) against {}", self.backend.name(), device, self.dir.display());
+        let reports = parity::run_all::<B>(&self.dir, &device, |report| println!("{report}"))?;
+        let passed = reports.iter().filter(|r| r.passed()).count();
+        println!("{} passed, {} failed", passed, reports.len() - passed);
+        Ok(if passed == reports.len() { ExitCode::SUCCESS } else { ExitCode::FAILURE })
+    }
+}
+
+fn models(json: bool) -> Result<ExitCode> {
+    let infos = ModelName::ALL.into_iter().map(presets::preset_info).collect::<Result<Vec<_>>>()?;
+    if json {
+        println!("{}", serde_json::to_string_pretty(&infos)?);
+    } else {
+        println!("| {:<16} | {:<6} | {:>12} | {:>8} |", "model", "family", "params", "img size");
+        println!("|{:-<18}|{:-<8}|{:->14}|{:->10}|", "", "", "", "");
+        for i in &infos {
+            println!("| {:<16} | {:<6} | {:>12} | {:>8} |", i.name, i.family, i.params, i.image_size);
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn inspect(name: &str, weights: &std::path::Path, num_classes: Option<usize>) -> Result<ExitCode> {
+    type B = burn::backend::NdArray;
+    let device = Default::default();
+    let mut config = name.parse::<ModelName>()?.config();
+    if let Some(n) = num_classes {
+        config = config.with_num_classes(n);
+    }
+    let model = config.init::<B>(&device)?;
+    println!("model {name} ({} parameters), weights {}", num_parameters(&model), weights.display());
+    if weights.extension().is_some_and(|e| e == "bpk") {
+        let saved = read_pf_config(weights)?;
+        if saved != config {
+            println!("FAILED: the checkpoint was saved for another config:\n  saved:     {}\n  requested: {}", serde_json::to_string(&saved)?, serde_json::to_string(&config)?);
+            return Ok(ExitCode::FAILURE);
+        }
+        return match load_pf(model, weights) {
+            Ok(_) => {
+                println!("OK: pf checkpoint loaded strictly");
+                Ok(ExitCode::SUCCESS)
+            }
+            Err(e) => {
+                println!("FAILED: {e}");
+                Ok(ExitCode::FAILURE)
+            }
+        };
+    }
+    let (ckpt, report) = inspect_pytorch(&model, weights).with_context(|| format!("inspecting {}", weights.display()))?;
+    if let Some(w) = &ckpt.wrapper {
+        println!("state dict nested under `{w}`");
+    }
+    if ckpt.module_prefix {
+        println!("keys carried the `module.` prefix (stripped)");
+    }
+    if report.converted_from_f16 > 0 {
+        println!("{} tensors converted from half precision to f32", report.converted_from_f16);
+    }
+    print!("{report}");
+    if report.is_ok() {
+        println!("OK: the checkpoint loads strictly");
+        Ok(ExitCode::SUCCESS)
+    } else {
+        println!("FAILED: the checkpoint does not fit {name}");
+        Ok(ExitCode::FAILURE)
+    }
+}
+
+struct Check {
+    names: Vec<ModelName>,
+}
+
+impl Job for Check {
+    type Output = ExitCode;
+
+    fn run<B: AutodiffBackend>(self, device: B::Device) -> Result<ExitCode> {
+        println!("forward + backward at 224x224, batch 1, on {device:?}");
+        println!("| {:<16} | {:>12} | {:>10} | {:>12} | {:>8} |", "model", "params", "logits", "|d input|", "seconds");
+        println!("|{:-<18}|{:->14}|{:->12}|{:->14}|{:->10}|", "", "", "", "", "");
+        for name in self.names {
+            let r = presets::forward_backward::<B>(name, &device)?;
+            println!("| {:<16} | {:>12} | {:>10} | {:>12.4e} | {:>8.2} |", r.name, r.params, format!("{:?}", r.logits), r.grad_norm, r.seconds);
+        }
+        println!("all forward/backward checks passed");
+        Ok(ExitCode::SUCCESS)
+    }
+}

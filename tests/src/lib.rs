@@ -1,0 +1,13 @@
+//! Cross-crate tests of pf: parity with the reference fixtures, the full-size presets, weight
+//! loading and bad input. One test binary for the whole workspace's integration tests.
+
+#[cfg(test)]
+mod common;
+#[cfg(test)]
+mod inputs;
+#[cfg(test)]
+mod parity;
+#[cfg(test)]
+mod presets;
+#[cfg(test)]
+mod weights;

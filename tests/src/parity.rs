@@ -1,0 +1,37 @@
+//! Every fixture case against the reference's golden outputs, on each enabled backend.
+
+use burn::tensor::backend::AutodiffBackend;
+
+use crate::common::fixtures_dir;
+
+fn check_all<B: AutodiffBackend>(device: B::Device) {
+    let reports = pf_train::parity::run_all::<B>(&fixtures_dir(), &device, |r| println!("{r}")).expect("manifest");
+    assert!(reports.len() >= 12, "only {} cases ran", reports.len());
+    let failed: Vec<String> = reports.iter().filter(|r| !r.passed()).map(|r| r.to_string()).collect();
+    assert!(failed.is_empty(), "parity failures:\n{}", failed.join("\n"));
+}
+
+#[test]
+fn every_case_matches_the_reference_on_ndarray() {
+    check_all::<crate::common::CpuAd>(Default::default());
+}
+
+#[cfg(feature = "wgpu")]
+#[test]
+fn every_case_matches_the_reference_on_wgpu() {
+    check_all::<burn::backend::Autodiff<burn::backend::Wgpu>>(Default::default());
+}
+
+#[test]
+fn a_wrong_model_fails_the_comparison() {
+    // The comparison itself must be able to fail: perturb one weight file's model by loading a
+    // case under another case's expected outputs.
+    let dir = fixtures_dir();
+    let manifest = pf_train::fixtures::read_manifest(&dir).expect("manifest");
+    let mut case = manifest.cases.into_iter().find(|c| c.name == "resnet_max_eval").expect("case");
+    case.expected = "resnet_hybrid_eval.expected.safetensors".into();
+    case.config = serde_json::json!({"block": "max", "layers": [2, 2, 2, 2], "width_mult": 0.25, "num_classes": 10});
+    let report = pf_train::parity::run_case::<crate::common::CpuAd>(&dir, &case, &Default::default()).expect("runs");
+    assert!(!report.passed(), "{report}");
+    assert!(report.to_string().contains("logits:"), "{report}");
+}

@@ -1,0 +1,55 @@
+//! `cargo xtask <command> [--backend ndarray|wgpu|cuda] [args..]`: builds and runs the `pf`
+//! binary with the cargo feature of the chosen backend. Commands are those of `pf --help`;
+//! `bench` builds in release, everything else in the (dependency-optimised) dev profile that the
+//! tests share.
+
+use std::process::{Command, ExitCode};
+
+const BACKENDS: [&str; 3] = ["ndarray", "wgpu", "cuda"];
+
+fn main() -> ExitCode {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let Some(command) = args.first() else {
+        eprintln!("usage: cargo xtask <parity|models|inspect|check|...> [--backend ndarray|wgpu|cuda] [args..]");
+        eprintln!("       cargo xtask help   (lists pf's commands)");
+        return ExitCode::FAILURE;
+    };
+    let backend = match backend_of(&args) {
+        Ok(b) => b,
+        Err(e) => {
+            eprintln!("error: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+    let mut cmd = Command::new(cargo);
+    cmd.args(["run", "--quiet", "--package", "pf-train", "--bin", "pf", "--features", backend]);
+    if command == "bench" {
+        cmd.arg("--release");
+    }
+    cmd.arg("--").args(&args);
+    match cmd.status() {
+        Ok(status) => ExitCode::from(status.code().unwrap_or(1).clamp(0, 255) as u8),
+        Err(e) => {
+            eprintln!("error: cannot run cargo: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// The value of `--backend B` / `--backend=B`, default `ndarray`.
+fn backend_of(args: &[String]) -> Result<&str, String> {
+    let mut value = None;
+    for (i, arg) in args.iter().enumerate() {
+        if let Some(v) = arg.strip_prefix("--backend=") {
+            value = Some(v);
+        } else if arg == "--backend" {
+            value = Some(args.get(i + 1).ok_or("--backend needs a value: ndarray, wgpu or cuda")?.as_str());
+        }
+    }
+    let value = value.unwrap_or("ndarray");
+    BACKENDS
+        .into_iter()
+        .find(|b| *b == value)
+        .ok_or_else(|| format!("unknown backend `{value}`; known backends: {}", BACKENDS.join(", ")))
+}
