@@ -84,9 +84,12 @@ impl<B: Backend> BatchNorm2d<B> {
     fn batch_statistics(&self, x: &Tensor<B, 4>) -> (Tensor<B, 1>, Tensor<B, 1>) {
         let [n, c, h, w] = x.dims();
         let count = n * h * w;
-        let flat = x.clone().swap_dims(0, 1).reshape([c, count]);
-        let mean = flat.clone().mean_dim(1);
-        let var = (flat - mean.clone()).square().mean_dim(1).reshape([c]);
+        // Reduce one axis at a time: short sums keep f32 accurate on every backend (a single
+        // sum over n·h·w terms loses digits on GPU reductions), and equal group sizes make the
+        // mean of means the mean.
+        let per_channel = |t: Tensor<B, 4>| t.mean_dim(3).mean_dim(2).mean_dim(0);
+        let mean = per_channel(x.clone());
+        let var = per_channel((x.clone() - mean.clone()).square()).reshape([c]);
         let mean = mean.reshape([c]);
 
         let unbiased = if count > 1 { count as f64 / (count - 1) as f64 } else { 1.0 };

@@ -29,6 +29,9 @@ enum Command {
         /// Fixture directory with a manifest.json (default: the copy in the repository).
         #[arg(long)]
         fixtures: Option<PathBuf>,
+        /// Print the comparison of every tensor, not only the failing ones.
+        #[arg(long)]
+        verbose: bool,
     },
     /// List the named presets with their exact trainable parameter counts.
     Models {
@@ -66,7 +69,9 @@ fn main() -> ExitCode {
 
 fn run(cli: Cli) -> Result<ExitCode> {
     match cli.command {
-        Command::Parity { fixtures } => dispatch(cli.backend, Parity { dir: fixtures.unwrap_or_else(fixtures::default_dir), backend: cli.backend }),
+        Command::Parity { fixtures, verbose } => {
+            dispatch(cli.backend, Parity { dir: fixtures.unwrap_or_else(fixtures::default_dir), backend: cli.backend, verbose })
+        }
         Command::Models { json } => models(json),
         Command::Inspect { model, weights, num_classes } => inspect(&model, &weights, num_classes),
         Command::Check { models } => dispatch(cli.backend, Check { names: parse_names(&models)? }),
@@ -83,6 +88,7 @@ fn parse_names(names: &[String]) -> Result<Vec<ModelName>> {
 struct Parity {
     dir: PathBuf,
     backend: BackendKind,
+    verbose: bool,
 }
 
 impl Job for Parity {
@@ -90,7 +96,13 @@ impl Job for Parity {
 
     fn run<B: AutodiffBackend>(self, device: B::Device) -> Result<ExitCode> {
         println!("parity on {} ({:?}) against {}", self.backend.name(), device, self.dir.display());
-        let reports = parity::run_all::<B>(&self.dir, &device, |report| println!("{report}"))?;
+        let reports = parity::run_all::<B>(&self.dir, &device, |report| {
+            if self.verbose {
+                println!("{report:#}")
+            } else {
+                println!("{report}")
+            }
+        })?;
         let passed = reports.iter().filter(|r| r.passed()).count();
         println!("{} passed, {} failed", passed, reports.len() - passed);
         Ok(if passed == reports.len() { ExitCode::SUCCESS } else { ExitCode::FAILURE })

@@ -91,11 +91,13 @@ impl fmt::Display for CaseReport {
         if let Some(w) = self.worst() {
             write!(f, " worst {:.3e} <= bound {:.3e} ({:.4} of it) in {} [{} tensors]", w.worst_error, w.bound, w.ratio(), w.name, self.checks.len())?;
         }
-        for check in self.checks.iter().filter(|c| !c.passed()) {
+        // `{:#}` lists every tensor; `{}` only the failing ones.
+        let all = f.alternate();
+        for check in self.checks.iter().filter(|c| all || !c.passed()) {
             write!(
                 f,
-                "\n    {}: {} of {} elements outside the bound {:.3e}; worst error {:.3e} at flat index {}",
-                check.name, check.outside, check.numel, check.bound, check.worst_error, check.worst_index
+                "\n    {}: {} of {} elements outside the bound {:.3e}; worst error {:.3e} ({:.4} of the bound) at flat index {}",
+                check.name, check.outside, check.numel, check.bound, check.worst_error, check.ratio(), check.worst_index
             )?;
         }
         for error in &self.errors {
