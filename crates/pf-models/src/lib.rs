@@ -2,7 +2,7 @@
 //! ResNet (resnet_pf.py), ViT (vit_pf.py), PiT (pit_pf.py); the paper's named presets; loading
 //! the reference's PyTorch checkpoints and pf's own.
 //!
-//! ```ignore
+//! ```text
 //! let model = "resnet50_hybrid".parse::<ModelName>()?.config().with_num_classes(10).init::<B>(&device)?;
 //! let logits = model.forward(images)?;
 //! ```
