@@ -1,4 +1,5 @@
-//! The full-size presets against `reference_models.json`: exact parameter counts, and the state
+//! The full-size presets against `reference_models.json`: exact parameter counts, MACs at 224×224
+//! within 1%, and the state
 //! dict (after the key mapping used for loading) has exactly the reference's keys and shapes.
 
 use std::collections::BTreeMap;
@@ -14,7 +15,7 @@ fn reference() -> serde_json::Value {
 }
 
 #[test]
-fn every_preset_has_the_reference_state_dict_and_parameter_count() {
+fn every_preset_has_the_reference_state_dict_parameters_and_macs() {
     let reference = reference();
     let models = reference["models"].as_object().expect("models");
     let names: Vec<&str> = ModelName::ALL.iter().map(|m| m.as_str()).collect();
@@ -28,6 +29,9 @@ fn every_preset_has_the_reference_state_dict_and_parameter_count() {
         let expected = &models[name.as_str()];
         let model = name.config().init::<Cpu>(&Default::default()).expect("preset builds");
         assert_eq!(num_parameters(&model) as u64, expected["params"].as_u64().expect("params"), "{name}: parameter count");
+        let macs = model.cost([224, 224]).expect("224 fits every preset").macs as f64;
+        let want = expected["macs_224"].as_f64().expect("macs_224");
+        assert!((macs - want).abs() <= 0.01 * want, "{name}: {macs} MACs, reference {want}");
 
         let want: BTreeMap<String, Vec<usize>> = expected["state_dict"]
             .as_object()

@@ -5,6 +5,7 @@ use burn::nn::PaddingConfig2d;
 use burn::prelude::*;
 use burn::tensor::activation::relu;
 
+use crate::macs::{conv_cost, Cost};
 use crate::norm::{BatchNorm2d, BatchNorm2dConfig};
 
 /// `ConvBN(in, out, kernel, stride)` (`relu = false`) or `ConvBNReLU` (`relu = true`); padding
@@ -72,5 +73,10 @@ impl<B: Backend> ConvBn<B> {
         let [o, ..] = conv.weight.dims();
         let weight = conv.weight.val().reshape([1, o, c]).expand([n, o, c]);
         weight.matmul(x.reshape([n, c, h * w])).reshape([n, o, h, w])
+    }
+
+    /// Output size and cost on an `hw` map.
+    pub fn cost(&self, hw: [usize; 2]) -> ([usize; 2], Cost) {
+        conv_cost(&self.conv, hw)
     }
 }

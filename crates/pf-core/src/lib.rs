@@ -10,6 +10,7 @@
 
 pub mod conv;
 pub mod drop;
+pub mod macs;
 pub mod norm;
 pub mod resize;
 pub mod spatial;
@@ -17,6 +18,7 @@ pub mod transformer;
 
 pub use conv::{ConvBn, ConvBnConfig};
 pub use drop::DropPath;
+pub use macs::Cost;
 pub use norm::{BatchNorm2d, BatchNorm2dConfig};
 pub use resize::resize_bicubic;
 pub use spatial::{SpatialOp, SpatialOpConfig};

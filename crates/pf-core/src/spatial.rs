@@ -6,6 +6,7 @@ use burn::prelude::*;
 use pf_kernels::Pool2d;
 
 use crate::conv::{ConvBn, ConvBnConfig};
+use crate::macs::{pool_cost, Cost};
 
 /// Which spatial operation a bottleneck uses (`block` of resnet_pf.py's `ResNet`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -70,6 +71,19 @@ impl<B: Backend> SpatialOp<B> {
             Self::Conv(conv) => conv.forward(x),
             Self::MaxPool(pool) => pool.window().max_pool(x),
             Self::AvgPoolConv(op) => op.conv.forward(op.pool.forward(x)),
+        }
+    }
+
+    /// Output size and cost on a `width × hw` map.
+    pub fn cost(&self, width: usize, hw: [usize; 2]) -> ([usize; 2], Cost) {
+        match self {
+            Self::Conv(conv) => conv.cost(hw),
+            Self::MaxPool(p) => pool_cost(width, hw, p.kernel, p.stride, p.padding),
+            Self::AvgPoolConv(op) => {
+                let (hw, pool) = pool_cost(width, hw, 2, 2, 0);
+                let (hw, conv) = op.conv.cost(hw);
+                (hw, pool + conv)
+            }
         }
     }
 

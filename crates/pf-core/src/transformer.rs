@@ -8,6 +8,7 @@ use pf_kernels::{gelu, reference_gelu_max_pool_gelu};
 use serde::{Deserialize, Serialize};
 
 use crate::drop::DropPath;
+use crate::macs::{linear_cost, Cost};
 
 /// `attn_type` of the reference: `max` alternates attention and eff layers, `attn` is all attention.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -169,6 +170,24 @@ impl BlockConfig {
 }
 
 impl<B: Backend> Block<B> {
+    /// Cost on `tokens` tokens: linear layers, attention's two matmuls (`q·kᵀ`, `attn·v`), the
+    /// eff layer's 3×3 token pooling apart.
+    pub fn cost(&self, tokens: usize) -> Cost {
+        let mixer = match &self.attn {
+            TokenMixer::Attention(a) => {
+                let [dim, _] = a.proj.weight.dims();
+                let matmuls = Cost { macs: 2 * (tokens * tokens * dim) as u64, pool_reads: 0 };
+                linear_cost(&a.qkv, tokens) + matmuls + linear_cost(&a.proj, tokens)
+            }
+            TokenMixer::Eff(e) => {
+                let [_, wide] = e.qkv.weight.dims();
+                let pool = Cost { macs: 0, pool_reads: (tokens * wide * 9) as u64 };
+                linear_cost(&e.qkv, tokens) + pool + linear_cost(&e.proj, tokens)
+            }
+        };
+        mixer + linear_cost(&self.mlp.fc1, tokens) + linear_cost(&self.mlp.fc2, tokens)
+    }
+
     /// # Shapes
     /// - `x`: `[batch, height * width, dim]`, row-major grid of `grid = [height, width]`
     /// - output: same

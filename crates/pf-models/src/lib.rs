@@ -15,6 +15,7 @@ pub mod vit;
 pub mod weights;
 
 use burn::prelude::*;
+use pf_core::Cost;
 use serde::{Deserialize, Serialize};
 
 pub use error::ModelError;
@@ -127,6 +128,16 @@ impl<B: Backend> Model<B> {
             Self::Vit(m) => m.check_input(dims),
             Self::Pit(m) => m.check_input(dims),
         }
+    }
+
+    /// Work for one image of `hw` pixels (a ViT only takes the size it was built for).
+    pub fn cost(&self, hw: [usize; 2]) -> Result<Cost, ModelError> {
+        self.check_input([1, 3, hw[0], hw[1]])?;
+        Ok(match self {
+            Self::Resnet(m) => m.cost(hw),
+            Self::Vit(m) => m.cost(),
+            Self::Pit(m) => m.cost(hw),
+        })
     }
 
     /// # Shapes

@@ -6,7 +6,8 @@ use burn::module::Param;
 use burn::nn::conv::{Conv2d, Conv2dConfig};
 use burn::nn::{Dropout, DropoutConfig, Initializer, LayerNorm, LayerNormConfig, Linear, LinearConfig, PaddingConfig2d};
 use burn::prelude::*;
-use pf_core::{mixer_kind, resize_bicubic, AttnType, Block, BlockConfig};
+use pf_core::macs::{conv_cost, linear_cost};
+use pf_core::{mixer_kind, resize_bicubic, AttnType, Block, BlockConfig, Cost};
 use serde::{Deserialize, Serialize};
 
 use crate::error::ModelError;
@@ -161,6 +162,20 @@ impl<B: Backend> Pit<B> {
             return Err(ModelError::input("pit", format!("[batch, 3, H, W] with H, W >= {p}"), dims));
         }
         Ok(())
+    }
+
+    /// Cost of one `hw` image.
+    pub fn cost(&self, hw: [usize; 2]) -> Cost {
+        let (mut hw, mut total) = conv_cost(&self.patch_embed.conv, hw);
+        for (s, stage) in self.transformers.iter().enumerate() {
+            if s > 0 {
+                let (out, pool) = conv_cost(&self.pools[s - 1].conv, hw);
+                hw = out;
+                total = total + pool;
+            }
+            total = total + stage.blocks.iter().map(|b| b.cost(hw[0] * hw[1])).sum::<Cost>();
+        }
+        total + linear_cost(&self.head, 1)
     }
 
     /// # Shapes

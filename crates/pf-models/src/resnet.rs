@@ -4,7 +4,8 @@ use burn::nn::{Initializer, Linear, LinearConfig};
 use burn::prelude::*;
 use burn::tensor::activation::relu;
 use pf_core::spatial::MaxPool;
-use pf_core::{ConvBn, ConvBnConfig, SpatialOp, SpatialOpConfig};
+use pf_core::macs::{linear_cost, pool_cost};
+use pf_core::{ConvBn, ConvBnConfig, Cost, SpatialOp, SpatialOpConfig};
 use serde::{Deserialize, Serialize};
 
 use crate::error::ModelError;
@@ -62,6 +63,16 @@ pub struct Bottleneck<B: Backend> {
 }
 
 impl<B: Backend> Bottleneck<B> {
+    /// Output size and cost on an `hw` map.
+    pub fn cost(&self, hw: [usize; 2]) -> ([usize; 2], Cost) {
+        let (mid, reduce) = self.reduction_block.cost(hw);
+        let [width, ..] = self.reduction_block.conv.weight.dims();
+        let (out, spatial) = self.conv_block.cost(width, mid);
+        let (_, expand) = self.expansion_block.cost(out);
+        let down = self.downsample.as_ref().map(|d| d.cost(hw).1).unwrap_or_default();
+        (out, reduce + spatial + expand + down)
+    }
+
     /// # Shapes
     /// - `x`: `[batch, in, height, width]`
     /// - output: `[batch, 4 · planes, height / stride, width / stride]`
@@ -173,6 +184,20 @@ impl<B: Backend> ResNet<B> {
             return Err(ModelError::input("resnet", expected, dims));
         }
         Ok(())
+    }
+
+    /// Cost of one `hw` image.
+    pub fn cost(&self, hw: [usize; 2]) -> Cost {
+        let (hw, stem) = self.conv1.cost(hw);
+        let m = &self.maxpool;
+        let (mut hw, pool) = pool_cost(STEM_WIDTH, hw, m.kernel, m.stride, m.padding);
+        let mut total = stem + pool;
+        for block in [&self.layer1, &self.layer2, &self.layer3, &self.layer4].into_iter().flatten() {
+            let (out, cost) = block.cost(hw);
+            hw = out;
+            total = total + cost;
+        }
+        total + linear_cost(&self.fc, 1)
     }
 
     /// # Shapes

@@ -5,7 +5,8 @@ use burn::module::Param;
 use burn::nn::conv::{Conv2d, Conv2dConfig};
 use burn::nn::{Dropout, DropoutConfig, Initializer, LayerNorm, LayerNormConfig, Linear, LinearConfig};
 use burn::prelude::*;
-use pf_core::{mixer_kind, AttnType, Block, BlockConfig};
+use pf_core::macs::{conv_cost, linear_cost};
+use pf_core::{mixer_kind, AttnType, Block, BlockConfig, Cost};
 use serde::{Deserialize, Serialize};
 
 use crate::error::ModelError;
@@ -116,6 +117,13 @@ impl<B: Backend> Vit<B> {
             return Err(ModelError::input("vit", format!("[batch, 3, {s}, {s}] (the size it was built for)"), dims));
         }
         Ok(())
+    }
+
+    /// Cost of one image of the size the model is built for.
+    pub fn cost(&self) -> Cost {
+        let ([gh, gw], embed) = conv_cost(&self.patch_embed.proj, [self.img_size, self.img_size]);
+        let tokens = gh * gw;
+        embed + self.blocks.iter().map(|b| b.cost(tokens)).sum::<Cost>() + linear_cost(&self.head, 1)
     }
 
     /// # Shapes

@@ -114,10 +114,14 @@ fn models(json: bool) -> Result<ExitCode> {
     if json {
         println!("{}", serde_json::to_string_pretty(&infos)?);
     } else {
-        println!("| {:<16} | {:<6} | {:>12} | {:>8} |", "model", "family", "params", "img size");
-        println!("|{:-<18}|{:-<8}|{:->14}|{:->10}|", "", "", "", "");
+        println!("| {:<16} | {:<6} | {:>12} | {:>8} | {:>9} | {:>11} |", "model", "family", "params", "img size", "GMACs", "pool Greads");
+        println!("|{:-<18}|{:-<8}|{:->14}|{:->10}|{:->11}|{:->13}|", "", "", "", "", "", "");
         for i in &infos {
-            println!("| {:<16} | {:<6} | {:>12} | {:>8} |", i.name, i.family, i.params, i.image_size);
+            let g = |v: u64| v as f64 / 1e9;
+            println!(
+                "| {:<16} | {:<6} | {:>12} | {:>8} | {:>9.3} | {:>11.3} |",
+                i.name, i.family, i.params, i.image_size, g(i.macs), g(i.pool_reads)
+            );
         }
     }
     Ok(ExitCode::SUCCESS)

@@ -15,13 +15,21 @@ pub struct PresetInfo {
     pub family: String,
     pub params: usize,
     pub image_size: usize,
+    /// Multiply-accumulates of one image at `image_size` (convs, linears, attention matmuls).
+    pub macs: u64,
+    /// Pooling window positions visited, reported apart from the MACs.
+    pub pool_reads: u64,
 }
 
 /// Builds a preset (on the CPU backend) and counts its trainable parameters.
 pub fn preset_info(name: ModelName) -> Result<PresetInfo> {
     let config = name.config();
     let model = config.init::<burn::backend::NdArray>(&Default::default())?;
+    let s = config.image_size();
+    let cost = model.cost([s, s])?;
     Ok(PresetInfo {
+        macs: cost.macs,
+        pool_reads: cost.pool_reads,
         name: name.to_string(),
         family: config.family().to_string(),
         params: num_parameters(&model),
