@@ -3,8 +3,12 @@
 //!
 //! Every fused operation of pf is specified by a `reference_*` function written with plain Burn
 //! tensor ops. The reference runs on every backend and is what the models use where no fused
-//! kernel exists.
+//! kernel exists. [`FusedOps`] is the backend extension; `fused_*` call it.
 
+#[cfg(feature = "cube")]
+mod cube;
+pub mod ops;
 pub mod reference;
 
+pub use ops::{bn_relu_max_pool_backward, fused_bn_relu_max_pool, FusedOps};
 pub use reference::{gelu, reference_bn_relu_max_pool, reference_gelu_max_pool_gelu, Pool2d};

@@ -1,0 +1,124 @@
+//! The backend extension of pf's fused operations: `BN → ReLU → max-pool`.
+//!
+//! Backends without a kernel (NdArray) run the reference twin; CubeCL backends (wgpu, CUDA)
+//! run the kernel of `cube.rs`; `Autodiff<B>` differentiates the kernel with the window maxima
+//! the forward pass recorded.
+
+use burn::backend::autodiff::checkpoint::base::Checkpointer;
+use burn::backend::autodiff::checkpoint::strategy::CheckpointStrategy;
+use burn::backend::autodiff::grads::Gradients;
+use burn::backend::autodiff::ops::{Backward, Ops, OpsKind};
+use burn::backend::Autodiff;
+use burn::prelude::*;
+use burn::tensor::ops::{FloatTensor, IntTensor};
+use burn::tensor::{IndexingUpdateOp, TensorPrimitive};
+
+use crate::reference::{reference_bn_relu_max_pool, Pool2d};
+
+/// Backends that can run pf's fused operations. Every method has the reference twin as its
+/// default, so any backend may implement the trait with an empty body.
+pub trait FusedOps: Backend {
+    /// `max_pool(relu(x · scale[c] + shift[c]))` together with, for every output, the flat
+    /// index `h · W + w` of the input element that won its window (the first maximum, as
+    /// PyTorch). `None` where the backend has no kernel.
+    ///
+    /// # Shapes
+    /// - `x`: `[batch, channels, height, width]`, any strides; `scale`, `shift`: `[channels]`
+    /// - output: `[batch, channels, out_h, out_w]` twice
+    fn bn_relu_max_pool_with_indices(
+        _x: FloatTensor<Self>,
+        _scale: FloatTensor<Self>,
+        _shift: FloatTensor<Self>,
+        _pool: Pool2d,
+    ) -> Option<(FloatTensor<Self>, IntTensor<Self>)> {
+        None
+    }
+
+    /// `max_pool(relu(x · scale[c] + shift[c]))`.
+    fn bn_relu_max_pool(x: FloatTensor<Self>, scale: FloatTensor<Self>, shift: FloatTensor<Self>, pool: Pool2d) -> FloatTensor<Self> {
+        match Self::bn_relu_max_pool_with_indices(x.clone(), scale.clone(), shift.clone(), pool) {
+            Some((out, _)) => out,
+            None => {
+                let out = reference_bn_relu_max_pool::<Self>(float(x), float(scale), float(shift), pool);
+                out.into_primitive().tensor()
+            }
+        }
+    }
+}
+
+fn float<B: Backend, const D: usize>(t: FloatTensor<B>) -> Tensor<B, D> {
+    Tensor::from_primitive(TensorPrimitive::Float(t))
+}
+
+/// The fused `BN → ReLU → max-pool` on tensors; the reference twin is
+/// [`reference_bn_relu_max_pool`].
+pub fn fused_bn_relu_max_pool<B: FusedOps>(x: Tensor<B, 4>, scale: Tensor<B, 1>, shift: Tensor<B, 1>, pool: Pool2d) -> Tensor<B, 4> {
+    let out = B::bn_relu_max_pool(x.into_primitive().tensor(), scale.into_primitive().tensor(), shift.into_primitive().tensor(), pool);
+    float(out)
+}
+
+/// Gradients of `max_pool(relu(x · scale + shift))` for the output gradient `grad`, given the
+/// winning index of every window: the gradient reaches the winner where its pre-activation is
+/// positive. Plain ops, so any backend can run it.
+///
+/// # Shapes
+/// - `x`: `[n, c, h, w]`; `scale`, `shift`: `[c]`; `indices`, `grad`: `[n, c, oh, ow]`
+/// - output: gradients of `x`, `scale`, `shift`
+pub fn bn_relu_max_pool_backward<B: Backend>(
+    x: Tensor<B, 4>,
+    scale: Tensor<B, 1>,
+    shift: Tensor<B, 1>,
+    indices: Tensor<B, 4, Int>,
+    grad: Tensor<B, 4>,
+) -> (Tensor<B, 4>, Tensor<B, 1>, Tensor<B, 1>) {
+    let [n, c, h, w] = x.dims();
+    let [_, _, oh, ow] = grad.dims();
+    let indices = indices.reshape([n, c, oh * ow]);
+    let x_at = x.reshape([n, c, h * w]).gather(2, indices.clone());
+    let scale = scale.reshape([1, c, 1]);
+    let active = (x_at.clone() * scale.clone() + shift.reshape([1, c, 1])).greater_elem(0.0).float();
+    let g = grad.reshape([n, c, oh * ow]) * active;
+    let gx = Tensor::zeros([n, c, h * w], &g.device()).scatter(2, indices, g.clone() * scale, IndexingUpdateOp::Add);
+    let per_channel = |t: Tensor<B, 3>| t.sum_dim(2).sum_dim(0).reshape([c]);
+    (gx.reshape([n, c, h, w]), per_channel(g.clone() * x_at), per_channel(g))
+}
+
+impl FusedOps for burn::backend::NdArray {}
+
+#[derive(Debug)]
+struct BnReluMaxPoolBackward;
+
+impl<B: FusedOps> Backward<B, 3> for BnReluMaxPoolBackward {
+    type State = (FloatTensor<B>, FloatTensor<B>, FloatTensor<B>, IntTensor<B>);
+
+    fn backward(self, ops: Ops<Self::State, 3>, grads: &mut Gradients, _checkpointer: &mut Checkpointer) {
+        let [node_x, node_scale, node_shift] = ops.parents;
+        let grad = grads.consume::<B>(&ops.node);
+        let (x, scale, shift, indices) = ops.state;
+        let indices = Tensor::<B, 4, Int>::from_primitive(indices);
+        let (gx, gscale, gshift) = bn_relu_max_pool_backward(float::<B, 4>(x), float(scale), float(shift), indices, float(grad));
+        if let Some(node) = node_x {
+            grads.register::<B>(node.id, gx.into_primitive().tensor());
+        }
+        if let Some(node) = node_scale {
+            grads.register::<B>(node.id, gscale.into_primitive().tensor());
+        }
+        if let Some(node) = node_shift {
+            grads.register::<B>(node.id, gshift.into_primitive().tensor());
+        }
+    }
+}
+
+impl<B: FusedOps, C: CheckpointStrategy> FusedOps for Autodiff<B, C> {
+    fn bn_relu_max_pool(x: FloatTensor<Self>, scale: FloatTensor<Self>, shift: FloatTensor<Self>, pool: Pool2d) -> FloatTensor<Self> {
+        let Some((out, indices)) = B::bn_relu_max_pool_with_indices(x.primitive.clone(), scale.primitive.clone(), shift.primitive.clone(), pool)
+        else {
+            // No kernel below: differentiate the reference twin.
+            return reference_bn_relu_max_pool::<Self>(float(x), float(scale), float(shift), pool).into_primitive().tensor();
+        };
+        match BnReluMaxPoolBackward.prepare::<C>([x.node.clone(), scale.node.clone(), shift.node.clone()]).compute_bound().stateful() {
+            OpsKind::Tracked(prep) => prep.finish((x.primitive, scale.primitive, shift.primitive, indices), out),
+            OpsKind::UnTracked(prep) => prep.finish(out),
+        }
+    }
+}
