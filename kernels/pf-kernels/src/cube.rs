@@ -70,6 +70,8 @@ fn bn_relu_max_pool_kernel<F: Float, I: Int>(
 }
 
 impl<R: CubeRuntime, F: FloatElement, I: IntElement, BT: BoolElement> FusedOps for CubeBackend<R, F, I, BT> {
+    const HAS_KERNELS: bool = true;
+
     fn bn_relu_max_pool_with_indices(
         x: FloatTensor<Self>,
         scale: FloatTensor<Self>,
@@ -109,15 +111,12 @@ impl<R: CubeRuntime, F: FloatElement, I: IntElement, BT: BoolElement> FusedOps f
 #[cfg(all(test, feature = "wgpu"))]
 mod tests {
     use burn::backend::wgpu::WgpuRuntime;
-    use burn::backend::Autodiff;
+    use burn::backend::{Autodiff, Wgpu};
     use burn::prelude::*;
     use burn::tensor::Distribution;
     use burn_cubecl::CubeBackend;
 
-    use crate::{fused_bn_relu_max_pool, reference_bn_relu_max_pool, Pool2d};
-
-    type Cube = CubeBackend<WgpuRuntime, f32, i32, u32>;
-    type Ad = Autodiff<Cube>;
+    use crate::{fused_bn_relu_max_pool, reference_bn_relu_max_pool, FusedOps, Pool2d};
 
     /// A small deterministic generator, so that a failing case can be replayed.
     struct Lcg(u64);
@@ -128,7 +127,7 @@ mod tests {
         }
     }
 
-    fn assert_close(name: &str, case: usize, a: Tensor<Cube, 4>, b: Tensor<Cube, 4>) {
+    fn assert_close<B: Backend, const D: usize>(name: &str, case: usize, a: Tensor<B, D>, b: Tensor<B, D>) {
         let (a, b) = (a.into_data().to_vec::<f32>().unwrap(), b.into_data().to_vec::<f32>().unwrap());
         assert_eq!(a.len(), b.len(), "case {case}: {name} sizes");
         for (i, (x, y)) in a.iter().zip(&b).enumerate() {
@@ -136,9 +135,10 @@ mod tests {
         }
     }
 
-    #[test]
-    fn fused_matches_reference_outputs_and_gradients() {
-        let device = Default::default();
+    /// 200 random cases: outputs and the gradients of x, scale and shift, fused against the
+    /// reference twin on the same device.
+    fn fused_matches_reference<I: FusedOps>(device: I::Device) {
+        assert!(I::HAS_KERNELS, "the backend under test must run the kernel");
         let pools = [Pool2d::new(3, 1, 1), Pool2d::new(3, 2, 1), Pool2d::new(2, 2, 0), Pool2d::new(3, 2, 0), Pool2d::new(5, 1, 2)];
         let mut rng = Lcg(2022);
         let mut case = 0;
@@ -151,25 +151,34 @@ mod tests {
             }
             case += 1;
             // Strided on purpose: conv outputs are NHWC data viewed as NCHW.
-            let x = Tensor::<Ad, 4>::random([n, c, w, h], Distribution::Normal(0.0, 1.0), &device).swap_dims(2, 3);
+            let x = Tensor::<Autodiff<I>, 4>::random([n, c, w, h], Distribution::Normal(0.0, 1.0), &device).swap_dims(2, 3);
             let x = if case % 7 == 0 { -x.abs() - 0.1 } else { x };
-            let scale = Tensor::<Ad, 1>::random([c], Distribution::Uniform(-2.0, 2.0), &device);
-            let shift = Tensor::<Ad, 1>::random([c], Distribution::Uniform(-1.0, 1.0), &device);
+            let scale = Tensor::<Autodiff<I>, 1>::random([c], Distribution::Uniform(-2.0, 2.0), &device);
+            let shift = Tensor::<Autodiff<I>, 1>::random([c], Distribution::Uniform(-1.0, 1.0), &device);
             let (xd, sd, td) = (x.clone().detach().require_grad(), scale.clone().require_grad(), shift.clone().require_grad());
             let (xr, sr, tr) = (x.detach().require_grad(), scale.require_grad(), shift.require_grad());
 
             let fused = fused_bn_relu_max_pool(xd.clone(), sd.clone(), td.clone(), pool);
             let reference = reference_bn_relu_max_pool(xr.clone(), sr.clone(), tr.clone(), pool);
             assert_eq!(fused.dims(), reference.dims(), "case {case}");
-            let weights = Tensor::<Ad, 4>::random(fused.dims(), Distribution::Normal(0.0, 1.0), &device).detach();
+            let weights = Tensor::<Autodiff<I>, 4>::random(fused.dims(), Distribution::Normal(0.0, 1.0), &device).detach();
             assert_close("output", case, fused.clone().inner(), reference.clone().inner());
 
             let gf = (fused * weights.clone()).sum().backward();
             let gr = (reference * weights).sum().backward();
             assert_close("grad x", case, xd.grad(&gf).unwrap(), xr.grad(&gr).unwrap());
-            let as4 = |t: Tensor<Cube, 1>| t.reshape([1, 1, 1, c]);
-            assert_close("grad scale", case, as4(sd.grad(&gf).unwrap()), as4(sr.grad(&gr).unwrap()));
-            assert_close("grad shift", case, as4(td.grad(&gf).unwrap()), as4(tr.grad(&gr).unwrap()));
+            assert_close("grad scale", case, sd.grad(&gf).unwrap(), sr.grad(&gr).unwrap());
+            assert_close("grad shift", case, td.grad(&gf).unwrap(), tr.grad(&gr).unwrap());
         }
+    }
+
+    #[test]
+    fn cube_backend_matches_reference() {
+        fused_matches_reference::<CubeBackend<WgpuRuntime, f32, i32, u32>>(Default::default());
+    }
+
+    #[test]
+    fn wgpu_with_fusion_matches_reference() {
+        fused_matches_reference::<Wgpu>(Default::default());
     }
 }

@@ -7,6 +7,8 @@
 
 #[cfg(feature = "cube")]
 mod cube;
+#[cfg(feature = "cube")]
+mod fusion;
 pub mod ops;
 pub mod reference;
 

@@ -18,6 +18,9 @@ use crate::reference::{reference_bn_relu_max_pool, Pool2d};
 /// Backends that can run pf's fused operations. Every method has the reference twin as its
 /// default, so any backend may implement the trait with an empty body.
 pub trait FusedOps: Backend {
+    /// Whether `*_with_indices` run a kernel (and so return `Some`).
+    const HAS_KERNELS: bool = false;
+
     /// `max_pool(relu(x · scale[c] + shift[c]))` together with, for every output, the flat
     /// index `h · W + w` of the input element that won its window (the first maximum, as
     /// PyTorch). `None` where the backend has no kernel.
@@ -110,6 +113,8 @@ impl<B: FusedOps> Backward<B, 3> for BnReluMaxPoolBackward {
 }
 
 impl<B: FusedOps, C: CheckpointStrategy> FusedOps for Autodiff<B, C> {
+    const HAS_KERNELS: bool = B::HAS_KERNELS;
+
     fn bn_relu_max_pool(x: FloatTensor<Self>, scale: FloatTensor<Self>, shift: FloatTensor<Self>, pool: Pool2d) -> FloatTensor<Self> {
         let Some((out, indices)) = B::bn_relu_max_pool_with_indices(x.primitive.clone(), scale.primitive.clone(), shift.primitive.clone(), pool)
         else {
