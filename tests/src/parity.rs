@@ -1,11 +1,11 @@
 //! Every fixture case against the reference's golden outputs, on each enabled backend.
 
-use burn::tensor::backend::AutodiffBackend;
+use pf_kernels::FusedAutodiffBackend;
 
 use crate::common::fixtures_dir;
 
 /// Runs every case; all must pass except the named known failures, which must still run.
-fn check_all<B: AutodiffBackend>(device: B::Device, known_failures: &[&str]) {
+fn check_all<B: FusedAutodiffBackend>(device: B::Device, known_failures: &[&str]) {
     let reports = pf_train::parity::run_all::<B>(&fixtures_dir(), &device, |r| println!("{r}")).expect("manifest");
     assert!(reports.len() >= 12, "only {} cases ran", reports.len());
     let failed: Vec<String> =

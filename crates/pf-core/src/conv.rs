@@ -3,6 +3,7 @@
 use burn::nn::conv::{Conv2d, Conv2dConfig};
 use burn::nn::PaddingConfig2d;
 use burn::prelude::*;
+use pf_kernels::{fused_bn_relu_max_pool, FusedOps, Pool2d};
 use burn::tensor::activation::relu;
 
 use crate::macs::{conv_cost, Cost};
@@ -23,14 +24,14 @@ pub struct ConvBnConfig {
 
 /// The reference builds these as `nn.Sequential`: index 0 is the conv, 1 the norm.
 #[derive(Module, Debug)]
-pub struct ConvBn<B: Backend> {
+pub struct ConvBn<B: FusedOps> {
     pub conv: Conv2d<B>,
     pub bn: BatchNorm2d<B>,
     pub relu: bool,
 }
 
 impl ConvBnConfig {
-    pub fn init<B: Backend>(&self, device: &B::Device) -> ConvBn<B> {
+    pub fn init<B: FusedOps>(&self, device: &B::Device) -> ConvBn<B> {
         let p = self.padding.unwrap_or((self.kernel - 1) / 2);
         let conv = Conv2dConfig::new(self.channels, [self.kernel, self.kernel])
             .with_stride([self.stride, self.stride])
@@ -41,7 +42,7 @@ impl ConvBnConfig {
     }
 }
 
-impl<B: Backend> ConvBn<B> {
+impl<B: FusedOps> ConvBn<B> {
     /// # Shapes
     /// - `x`: `[batch, in, height, width]`
     /// - output: `[batch, out, height', width']`
@@ -52,6 +53,14 @@ impl<B: Backend> ConvBn<B> {
         } else {
             y
         }
+    }
+
+    /// `max_pool(ReLU(BN(conv(x))))` through the fused kernel where the backend has one (the
+    /// reference twin elsewhere): the conv output is read once, the pooled map written once.
+    pub fn forward_max_pool(&self, x: Tensor<B, 4>, pool: Pool2d) -> Tensor<B, 4> {
+        let y = self.conv_forward(x);
+        let (scale, shift) = self.bn.scale_shift(&y);
+        fused_bn_relu_max_pool(y, scale, shift, pool)
     }
 
     /// The convolution. A 1×1 convolution (most of a bottleneck) is a matrix product over the

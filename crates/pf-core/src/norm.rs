@@ -2,6 +2,7 @@
 
 use burn::module::{Param, RunningState};
 use burn::prelude::*;
+use pf_kernels::FusedOps;
 
 /// `nn.BatchNorm2d(num_features)`: eps 1e-5, momentum 0.1.
 #[derive(Config, Debug)]
@@ -21,7 +22,7 @@ pub struct BatchNorm2dConfig {
 /// batch variance. Eval mode normalises with the running statistics. Burn's own `BatchNorm`
 /// updates the running variance with the biased estimate, hence this module.
 #[derive(Module, Debug)]
-pub struct BatchNorm2d<B: Backend> {
+pub struct BatchNorm2d<B: FusedOps> {
     pub weight: Param<Tensor<B, 1>>,
     pub bias: Param<Tensor<B, 1>>,
     pub running_mean: RunningState<Tensor<B, 1>>,
@@ -31,7 +32,7 @@ pub struct BatchNorm2d<B: Backend> {
 }
 
 impl BatchNorm2dConfig {
-    pub fn init<B: Backend>(&self, device: &B::Device) -> BatchNorm2d<B> {
+    pub fn init<B: FusedOps>(&self, device: &B::Device) -> BatchNorm2d<B> {
         let c = self.num_features;
         BatchNorm2d {
             weight: Param::from_tensor(Tensor::ones([c], device)),
@@ -44,7 +45,7 @@ impl BatchNorm2dConfig {
     }
 }
 
-impl<B: Backend> BatchNorm2d<B> {
+impl<B: FusedOps> BatchNorm2d<B> {
     /// # Shapes
     /// - `x`: `[batch, channels, height, width]`
     /// - output: same

@@ -3,6 +3,7 @@
 
 use burn::nn::pool::{AvgPool2d, AvgPool2dConfig};
 use burn::prelude::*;
+use pf_kernels::FusedOps;
 use pf_kernels::Pool2d;
 
 use crate::conv::{ConvBn, ConvBnConfig};
@@ -36,20 +37,20 @@ impl MaxPool {
 
 /// `nn.Sequential(nn.AvgPool2d(2, 2), ConvBNReLU(width, width, 3))`.
 #[derive(Module, Debug)]
-pub struct AvgPoolConv<B: Backend> {
+pub struct AvgPoolConv<B: FusedOps> {
     pub pool: AvgPool2d,
     pub conv: ConvBn<B>,
 }
 
 #[derive(Module, Debug)]
-pub enum SpatialOp<B: Backend> {
+pub enum SpatialOp<B: FusedOps> {
     Conv(ConvBn<B>),
     MaxPool(MaxPool),
     AvgPoolConv(AvgPoolConv<B>),
 }
 
 impl SpatialOpConfig {
-    pub fn init<B: Backend>(&self, width: usize, stride: usize, device: &B::Device) -> SpatialOp<B> {
+    pub fn init<B: FusedOps>(&self, width: usize, stride: usize, device: &B::Device) -> SpatialOp<B> {
         let conv = |stride| ConvBnConfig::new([width, width], 3).with_stride(stride).init(device);
         match (self, stride) {
             (Self::Conv, _) => SpatialOp::Conv(conv(stride)),
@@ -62,7 +63,7 @@ impl SpatialOpConfig {
     }
 }
 
-impl<B: Backend> SpatialOp<B> {
+impl<B: FusedOps> SpatialOp<B> {
     /// # Shapes
     /// - `x`: `[batch, width, height, width]`
     /// - output: `[batch, width, height / stride, width / stride]`

@@ -3,6 +3,7 @@
 
 use burn::nn::{Dropout, DropoutConfig, LayerNorm, LayerNormConfig, Linear, LinearConfig};
 use burn::prelude::*;
+use pf_kernels::FusedOps;
 use burn::tensor::activation::softmax;
 use pf_kernels::{gelu, reference_gelu_max_pool_gelu};
 use serde::{Deserialize, Serialize};
@@ -37,7 +38,7 @@ pub fn mixer_kind(index_in_stage: usize, attn_type: AttnType) -> MixerKind {
 /// Multi-head self-attention of timm (`Attention`): one fused `qkv` projection, scale
 /// `head_dim^-0.5`, softmax, output projection.
 #[derive(Module, Debug)]
-pub struct Attention<B: Backend> {
+pub struct Attention<B: FusedOps> {
     pub qkv: Linear<B>,
     pub proj: Linear<B>,
     pub attn_drop: Dropout,
@@ -45,7 +46,7 @@ pub struct Attention<B: Backend> {
     pub num_heads: usize,
 }
 
-impl<B: Backend> Attention<B> {
+impl<B: FusedOps> Attention<B> {
     /// # Shapes
     /// - `x`: `[batch, tokens, dim]`
     /// - output: same
@@ -71,13 +72,13 @@ impl<B: Backend> Attention<B> {
 /// vit_pf.py). The reference takes the grid as `sqrt(tokens)` squared; pf pools over the real
 /// `height × width` grid, which is the same for square grids.
 #[derive(Module, Debug)]
-pub struct EffLayer<B: Backend> {
+pub struct EffLayer<B: FusedOps> {
     pub qkv: Linear<B>,
     pub proj: Linear<B>,
     pub proj_drop: Dropout,
 }
 
-impl<B: Backend> EffLayer<B> {
+impl<B: FusedOps> EffLayer<B> {
     /// # Shapes
     /// - `x`: `[batch, height * width, dim]`, row-major grid
     /// - output: same
@@ -88,20 +89,20 @@ impl<B: Backend> EffLayer<B> {
 }
 
 #[derive(Module, Debug)]
-pub enum TokenMixer<B: Backend> {
+pub enum TokenMixer<B: FusedOps> {
     Attention(Attention<B>),
     Eff(EffLayer<B>),
 }
 
 /// timm's `Mlp`: fc1 → GELU → dropout → fc2 → dropout.
 #[derive(Module, Debug)]
-pub struct Mlp<B: Backend> {
+pub struct Mlp<B: FusedOps> {
     pub fc1: Linear<B>,
     pub fc2: Linear<B>,
     pub drop: Dropout,
 }
 
-impl<B: Backend> Mlp<B> {
+impl<B: FusedOps> Mlp<B> {
     pub fn forward(&self, x: Tensor<B, 3>) -> Tensor<B, 3> {
         let x = self.drop.forward(gelu(self.fc1.forward(x)));
         self.drop.forward(self.fc2.forward(x))
@@ -131,7 +132,7 @@ const EFF_EXPANSION: usize = 3;
 const LAYER_NORM_EPS: f64 = 1e-6;
 
 #[derive(Module, Debug)]
-pub struct Block<B: Backend> {
+pub struct Block<B: FusedOps> {
     pub norm1: LayerNorm<B>,
     pub attn: TokenMixer<B>,
     pub norm2: LayerNorm<B>,
@@ -140,7 +141,7 @@ pub struct Block<B: Backend> {
 }
 
 impl BlockConfig {
-    pub fn init<B: Backend>(&self, device: &B::Device) -> Block<B> {
+    pub fn init<B: FusedOps>(&self, device: &B::Device) -> Block<B> {
         let d = self.dim;
         let linear = |i, o, bias| LinearConfig::new(i, o).with_bias(bias).init(device);
         let norm = || LayerNormConfig::new(d).with_epsilon(LAYER_NORM_EPS).init(device);
@@ -169,7 +170,7 @@ impl BlockConfig {
     }
 }
 
-impl<B: Backend> Block<B> {
+impl<B: FusedOps> Block<B> {
     /// Cost on `tokens` tokens: linear layers, attention's two matmuls (`q·kᵀ`, `attn·v`), the
     /// eff layer's 3×3 token pooling apart.
     pub fn cost(&self, tokens: usize) -> Cost {

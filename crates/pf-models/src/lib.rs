@@ -15,6 +15,7 @@ pub mod vit;
 pub mod weights;
 
 use burn::prelude::*;
+use pf_kernels::FusedOps;
 use pf_core::Cost;
 use serde::{Deserialize, Serialize};
 
@@ -102,7 +103,7 @@ impl ModelConfig {
         }
     }
 
-    pub fn init<B: Backend>(&self, device: &B::Device) -> Result<Model<B>, ModelError> {
+    pub fn init<B: FusedOps>(&self, device: &B::Device) -> Result<Model<B>, ModelError> {
         self.validate()?;
         Ok(match self {
             Self::Resnet(c) => Model::Resnet(c.init(device)),
@@ -114,13 +115,13 @@ impl ModelConfig {
 
 /// Any model of the three families; state-dict paths skip the variant name.
 #[derive(Module, Debug)]
-pub enum Model<B: Backend> {
+pub enum Model<B: FusedOps> {
     Resnet(ResNet<B>),
     Vit(Vit<B>),
     Pit(Pit<B>),
 }
 
-impl<B: Backend> Model<B> {
+impl<B: FusedOps> Model<B> {
     /// Checks that the model can take an input of these dimensions.
     pub fn check_input(&self, dims: [usize; 4]) -> Result<(), ModelError> {
         match self {

@@ -6,6 +6,7 @@ use burn::module::Param;
 use burn::nn::conv::{Conv2d, Conv2dConfig};
 use burn::nn::{Dropout, DropoutConfig, Initializer, LayerNorm, LayerNormConfig, Linear, LinearConfig, PaddingConfig2d};
 use burn::prelude::*;
+use pf_kernels::FusedOps;
 use pf_core::macs::{conv_cost, linear_cost};
 use pf_core::{mixer_kind, resize_bicubic, AttnType, Block, BlockConfig, Cost};
 use serde::{Deserialize, Serialize};
@@ -36,24 +37,24 @@ pub struct PitConfig {
 
 /// `conv_embedding`: a strided conv with bias.
 #[derive(Module, Debug)]
-pub struct ConvEmbedding<B: Backend> {
+pub struct ConvEmbedding<B: FusedOps> {
     pub conv: Conv2d<B>,
 }
 
 /// `conv_head_pooling`: depthwise conv, kernel 3, stride 2, padding 1, doubling the channels.
 #[derive(Module, Debug)]
-pub struct ConvHeadPooling<B: Backend> {
+pub struct ConvHeadPooling<B: FusedOps> {
     pub conv: Conv2d<B>,
 }
 
 /// One stage of blocks over a `[batch, C, H, W]` map (`Transformer` of pit_pf.py).
 #[derive(Module, Debug)]
-pub struct Transformer<B: Backend> {
+pub struct Transformer<B: FusedOps> {
     pub blocks: Vec<Block<B>>,
 }
 
 #[derive(Module, Debug)]
-pub struct Pit<B: Backend> {
+pub struct Pit<B: FusedOps> {
     pub patch_embed: ConvEmbedding<B>,
     pub pos_embed: Param<Tensor<B, 4>>,
     pub pos_drop: Dropout,
@@ -101,7 +102,7 @@ impl PitConfig {
         (self.image_size - self.patch_size) / self.stride + 1
     }
 
-    pub fn init<B: Backend>(&self, device: &B::Device) -> Pit<B> {
+    pub fn init<B: FusedOps>(&self, device: &B::Device) -> Pit<B> {
         let total: usize = self.depth.iter().sum();
         let mut index = 0;
         let transformers = self
@@ -154,7 +155,7 @@ impl PitConfig {
     }
 }
 
-impl<B: Backend> Pit<B> {
+impl<B: FusedOps> Pit<B> {
     pub fn check_input(&self, dims: [usize; 4]) -> Result<(), ModelError> {
         let [_, c, h, w] = dims;
         let p = self.patch_size;
@@ -198,7 +199,7 @@ impl<B: Backend> Pit<B> {
     }
 }
 
-impl<B: Backend> Transformer<B> {
+impl<B: FusedOps> Transformer<B> {
     /// # Shapes
     /// - `x`: `[batch, C, height, width]`
     /// - output: same

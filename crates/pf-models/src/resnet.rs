@@ -2,6 +2,7 @@
 
 use burn::nn::{Initializer, Linear, LinearConfig};
 use burn::prelude::*;
+use pf_kernels::FusedOps;
 use burn::tensor::activation::relu;
 use pf_core::spatial::MaxPool;
 use pf_core::macs::{linear_cost, pool_cost};
@@ -44,6 +45,10 @@ pub struct ResNetConfig {
     pub width_mult: f64,
     #[serde(default = "crate::default_num_classes")]
     pub num_classes: usize,
+    /// pf's switch: run `conv → BN → ReLU → max-pool` (the stem, stride-1 max/hybrid blocks)
+    /// through the fused kernel where the backend has one; `false` forces the reference ops.
+    #[serde(default = "crate::default_true")]
+    pub fused: bool,
 }
 
 fn default_width_mult() -> f64 {
@@ -55,14 +60,15 @@ const STEM_WIDTH: usize = 64;
 
 /// A bottleneck: 1×1 conv-BN-ReLU → spatial op → 1×1 conv-BN, plus the (projected) identity.
 #[derive(Module, Debug)]
-pub struct Bottleneck<B: Backend> {
+pub struct Bottleneck<B: FusedOps> {
     pub reduction_block: ConvBn<B>,
     pub conv_block: SpatialOp<B>,
     pub expansion_block: ConvBn<B>,
     pub downsample: Option<ConvBn<B>>,
+    pub fused: bool,
 }
 
-impl<B: Backend> Bottleneck<B> {
+impl<B: FusedOps> Bottleneck<B> {
     /// Output size and cost on an `hw` map.
     pub fn cost(&self, hw: [usize; 2]) -> ([usize; 2], Cost) {
         let (mid, reduce) = self.reduction_block.cost(hw);
@@ -77,8 +83,11 @@ impl<B: Backend> Bottleneck<B> {
     /// - `x`: `[batch, in, height, width]`
     /// - output: `[batch, 4 · planes, height / stride, width / stride]`
     pub fn forward(&self, x: Tensor<B, 4>) -> Tensor<B, 4> {
-        let out = self.reduction_block.forward(x.clone());
-        let out = self.expansion_block.forward(self.conv_block.forward(out));
+        let out = match &self.conv_block {
+            SpatialOp::MaxPool(pool) if self.fused => self.reduction_block.forward_max_pool(x.clone(), pool.window()),
+            op => op.forward(self.reduction_block.forward(x.clone())),
+        };
+        let out = self.expansion_block.forward(out);
         let identity = match &self.downsample {
             Some(down) => down.forward(x),
             None => x,
@@ -88,7 +97,7 @@ impl<B: Backend> Bottleneck<B> {
 }
 
 #[derive(Module, Debug)]
-pub struct ResNet<B: Backend> {
+pub struct ResNet<B: FusedOps> {
     pub conv1: ConvBn<B>,
     pub maxpool: MaxPool,
     pub layer1: Vec<Bottleneck<B>>,
@@ -98,11 +107,12 @@ pub struct ResNet<B: Backend> {
     pub fc: Linear<B>,
     /// Height and width must be multiples of this (32 for the hybrid block, see `check_input`).
     pub size_multiple: usize,
+    pub fused: bool,
 }
 
 impl ResNetConfig {
     pub fn new(block: BlockKind, layers: [usize; 4]) -> Self {
-        Self { block, layers, width_mult: 1.0, num_classes: crate::default_num_classes() }
+        Self { block, layers, width_mult: 1.0, num_classes: crate::default_num_classes(), fused: true }
     }
 
     pub fn validate(&self) -> Result<(), ModelError> {
@@ -119,7 +129,7 @@ impl ResNetConfig {
         Ok(())
     }
 
-    pub fn init<B: Backend>(&self, device: &B::Device) -> ResNet<B> {
+    pub fn init<B: FusedOps>(&self, device: &B::Device) -> ResNet<B> {
         let mut inplanes = STEM_WIDTH;
         let mut stage = |base: usize, blocks: usize, stride: usize| {
             let planes = (base as f64 * self.width_mult) as usize;
@@ -134,6 +144,7 @@ impl ResNetConfig {
                         conv_block: self.block.spatial().init(planes, stride, device),
                         expansion_block: conv_bn([planes, out], 1, 1, false, device),
                         downsample,
+                        fused: self.fused,
                     };
                     inplanes = out;
                     block
@@ -155,12 +166,13 @@ impl ResNetConfig {
             layer4,
             fc: LinearConfig::new(features, self.num_classes).init(device),
             size_multiple: if self.block == BlockKind::Hybrid { 32 } else { 1 },
+            fused: self.fused,
         }
     }
 }
 
 /// Conv-BN(-ReLU) with torchvision's initialisation (Kaiming normal, fan-out, ReLU gain).
-fn conv_bn<B: Backend>(channels: [usize; 2], kernel: usize, stride: usize, relu: bool, device: &B::Device) -> ConvBn<B> {
+fn conv_bn<B: FusedOps>(channels: [usize; 2], kernel: usize, stride: usize, relu: bool, device: &B::Device) -> ConvBn<B> {
     let mut block = ConvBnConfig::new(channels, kernel).with_stride(stride).with_relu(relu).init(device);
     let [o, i] = [channels[1], channels[0]];
     block.conv.weight = Initializer::KaimingNormal { gain: 2f64.sqrt(), fan_out_only: true }
@@ -168,7 +180,7 @@ fn conv_bn<B: Backend>(channels: [usize; 2], kernel: usize, stride: usize, relu:
     block
 }
 
-impl<B: Backend> ResNet<B> {
+impl<B: FusedOps> ResNet<B> {
     /// The reference's hybrid network adds a 2×2 avg-pooled branch to a strided 1×1 conv; they
     /// only agree in size when every stage input is even, i.e. height and width are multiples
     /// of 32 (the reference fails with a shape mismatch otherwise).
@@ -204,7 +216,11 @@ impl<B: Backend> ResNet<B> {
     /// - `x`: `[batch, 3, height, width]`
     /// - output: `[batch, num_classes]`
     pub fn forward(&self, x: Tensor<B, 4>) -> Tensor<B, 2> {
-        let x = self.maxpool.window().max_pool(self.conv1.forward(x));
+        let x = if self.fused {
+            self.conv1.forward_max_pool(x, self.maxpool.window())
+        } else {
+            self.maxpool.window().max_pool(self.conv1.forward(x))
+        };
         let x = [&self.layer1, &self.layer2, &self.layer3, &self.layer4]
             .into_iter()
             .flatten()

@@ -5,6 +5,7 @@ use burn::module::Param;
 use burn::nn::conv::{Conv2d, Conv2dConfig};
 use burn::nn::{Dropout, DropoutConfig, Initializer, LayerNorm, LayerNormConfig, Linear, LinearConfig};
 use burn::prelude::*;
+use pf_kernels::FusedOps;
 use pf_core::macs::{conv_cost, linear_cost};
 use pf_core::{mixer_kind, AttnType, Block, BlockConfig, Cost};
 use serde::{Deserialize, Serialize};
@@ -36,12 +37,12 @@ pub struct VitConfig {
 
 /// timm's `PatchEmbed`: a `patch_size`-strided conv, flattened to tokens.
 #[derive(Module, Debug)]
-pub struct PatchEmbed<B: Backend> {
+pub struct PatchEmbed<B: FusedOps> {
     pub proj: Conv2d<B>,
 }
 
 #[derive(Module, Debug)]
-pub struct Vit<B: Backend> {
+pub struct Vit<B: FusedOps> {
     pub patch_embed: PatchEmbed<B>,
     pub pos_embed: Param<Tensor<B, 3>>,
     pub pos_drop: Dropout,
@@ -80,7 +81,7 @@ impl VitConfig {
         self.img_size / self.patch_size
     }
 
-    pub fn init<B: Backend>(&self, device: &B::Device) -> Vit<B> {
+    pub fn init<B: FusedOps>(&self, device: &B::Device) -> Vit<B> {
         let (d, p) = (self.embed_dim, self.patch_size);
         let n = self.grid() * self.grid();
         let blocks = (0..self.depth)
@@ -108,7 +109,7 @@ impl VitConfig {
     }
 }
 
-impl<B: Backend> Vit<B> {
+impl<B: FusedOps> Vit<B> {
     /// A ViT is built for one image size (timm's `PatchEmbed` checks it too).
     pub fn check_input(&self, dims: [usize; 4]) -> Result<(), ModelError> {
         let [_, c, h, w] = dims;

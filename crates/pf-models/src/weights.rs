@@ -8,6 +8,7 @@ use std::sync::LazyLock;
 
 use burn::module::ParamId;
 use burn::prelude::*;
+use pf_kernels::FusedOps;
 use burn_store::pytorch::PytorchReader;
 use burn_store::{BurnpackStore, ModuleSnapshot, TensorSnapshot};
 use regex::Regex;
@@ -65,7 +66,7 @@ impl StateEntry {
 }
 
 /// The model's state dict as the reference would write it.
-pub fn state_dict<B: Backend>(model: &Model<B>) -> Vec<StateEntry> {
+pub fn state_dict<B: FusedOps>(model: &Model<B>) -> Vec<StateEntry> {
     model
         .collect(None, None, true)
         .into_iter()
@@ -90,7 +91,7 @@ pub fn state_dict<B: Backend>(model: &Model<B>) -> Vec<StateEntry> {
 }
 
 /// Trainable parameters (batch-norm running statistics are buffers and do not count).
-pub fn num_parameters<B: Backend>(model: &Model<B>) -> usize {
+pub fn num_parameters<B: FusedOps>(model: &Model<B>) -> usize {
     state_dict(model).iter().filter(|e| !e.buffer).map(StateEntry::numel).sum()
 }
 
@@ -194,7 +195,7 @@ impl fmt::Display for LoadReport {
 }
 
 /// Matches a checkpoint against the model's state dict; `Some(snapshots)` to apply when it fits.
-fn plan<B: Backend>(model: &Model<B>, ckpt: &Checkpoint) -> Result<(LoadReport, Vec<TensorSnapshot>), WeightsError> {
+fn plan<B: FusedOps>(model: &Model<B>, ckpt: &Checkpoint) -> Result<(LoadReport, Vec<TensorSnapshot>), WeightsError> {
     let mut report = LoadReport::default();
     let mut snapshots = Vec::new();
     let entries = state_dict(model);
@@ -250,7 +251,7 @@ fn transpose_2d(data: TensorData) -> TensorData {
 }
 
 /// Reports how a checkpoint fits the model without changing it.
-pub fn inspect_pytorch<B: Backend>(model: &Model<B>, path: &Path) -> Result<(Checkpoint, LoadReport), WeightsError> {
+pub fn inspect_pytorch<B: FusedOps>(model: &Model<B>, path: &Path) -> Result<(Checkpoint, LoadReport), WeightsError> {
     let ckpt = Checkpoint::read(path)?;
     let (report, _) = plan(model, &ckpt)?;
     Ok((ckpt, report))
@@ -258,7 +259,7 @@ pub fn inspect_pytorch<B: Backend>(model: &Model<B>, path: &Path) -> Result<(Che
 
 /// Loads a PyTorch checkpoint strictly: every model tensor present with the right shape, no
 /// unexpected tensor (`num_batches_tracked` aside); half precision is converted to f32.
-pub fn load_pytorch<B: Backend>(mut model: Model<B>, path: &Path) -> Result<(Model<B>, LoadReport), WeightsError> {
+pub fn load_pytorch<B: FusedOps>(mut model: Model<B>, path: &Path) -> Result<(Model<B>, LoadReport), WeightsError> {
     let ckpt = Checkpoint::read(path)?;
     let (report, snapshots) = plan(&model, &ckpt)?;
     if !report.is_ok() {
@@ -280,7 +281,7 @@ pub fn config_path(weights: &Path) -> PathBuf {
 }
 
 /// Saves the model as `<path>.bpk` (Burnpack) with its config as `<path>.json` beside it.
-pub fn save_pf<B: Backend>(model: &Model<B>, config: &ModelConfig, path: &Path) -> Result<PathBuf, WeightsError> {
+pub fn save_pf<B: FusedOps>(model: &Model<B>, config: &ModelConfig, path: &Path) -> Result<PathBuf, WeightsError> {
     let weights = path.with_extension("bpk");
     let write_err = |reason: String| WeightsError::Write { path: weights.clone(), reason };
     if let Some(dir) = weights.parent().filter(|d| !d.as_os_str().is_empty()) {
@@ -301,7 +302,7 @@ pub fn read_pf_config(weights: &Path) -> Result<ModelConfig, WeightsError> {
 }
 
 /// Loads a pf checkpoint strictly into a model of the same config.
-pub fn load_pf<B: Backend>(mut model: Model<B>, path: &Path) -> Result<Model<B>, WeightsError> {
+pub fn load_pf<B: FusedOps>(mut model: Model<B>, path: &Path) -> Result<Model<B>, WeightsError> {
     let read_err = |reason: String| WeightsError::Read { path: path.to_path_buf(), reason };
     if !path.is_file() {
         return Err(read_err("no such file".into()));
@@ -315,7 +316,7 @@ pub fn load_pf<B: Backend>(mut model: Model<B>, path: &Path) -> Result<Model<B>,
 }
 
 /// Loads either kind of checkpoint, by extension: `.bpk` is pf's own, anything else PyTorch.
-pub fn load_any<B: Backend>(model: Model<B>, path: &Path) -> Result<Model<B>, WeightsError> {
+pub fn load_any<B: FusedOps>(model: Model<B>, path: &Path) -> Result<Model<B>, WeightsError> {
     if path.extension().is_some_and(|e| e == "bpk") {
         load_pf(model, path)
     } else {

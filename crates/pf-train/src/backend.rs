@@ -1,7 +1,7 @@
 //! The backends pf is compiled with, chosen by cargo feature and picked at run time by name.
 
 use anyhow::{bail, Result};
-use burn::tensor::backend::AutodiffBackend;
+use pf_kernels::FusedAutodiffBackend;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
 pub enum BackendKind {
@@ -26,7 +26,7 @@ impl BackendKind {
 /// Work to run on whichever backend was picked.
 pub trait Job {
     type Output;
-    fn run<B: AutodiffBackend>(self, device: B::Device) -> Result<Self::Output>;
+    fn run<B: FusedAutodiffBackend>(self, device: B::Device) -> Result<Self::Output>;
 }
 
 pub type NdarrayBackend = burn::backend::Autodiff<burn::backend::NdArray>;

@@ -5,7 +5,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use anyhow::{Context, Result};
-use burn::tensor::backend::AutodiffBackend;
+use pf_kernels::FusedAutodiffBackend;
 use clap::{Parser, Subcommand};
 use pf_models::weights::{inspect_pytorch, load_pf, num_parameters, read_pf_config};
 use pf_models::ModelName;
@@ -94,7 +94,7 @@ struct Parity {
 impl Job for Parity {
     type Output = ExitCode;
 
-    fn run<B: AutodiffBackend>(self, device: B::Device) -> Result<ExitCode> {
+    fn run<B: FusedAutodiffBackend>(self, device: B::Device) -> Result<ExitCode> {
         println!("parity on {} ({:?}) against {}", self.backend.name(), device, self.dir.display());
         let reports = parity::run_all::<B>(&self.dir, &device, |report| {
             if self.verbose {
@@ -180,7 +180,7 @@ struct Check {
 impl Job for Check {
     type Output = ExitCode;
 
-    fn run<B: AutodiffBackend>(self, device: B::Device) -> Result<ExitCode> {
+    fn run<B: FusedAutodiffBackend>(self, device: B::Device) -> Result<ExitCode> {
         println!("forward + backward at 224x224, batch 1, on {device:?}");
         println!("| {:<16} | {:>12} | {:>10} | {:>12} | {:>8} |", "model", "params", "logits", "|d input|", "seconds");
         println!("|{:-<18}|{:->14}|{:->12}|{:->14}|{:->10}|", "", "", "", "", "");

@@ -9,7 +9,7 @@ use anyhow::{bail, Context, Result};
 use burn::module::{AutodiffModule, Module, ModuleVisitor, Param, ParamId};
 use burn::nn::loss::CrossEntropyLossConfig;
 use burn::prelude::*;
-use burn::tensor::backend::AutodiffBackend;
+use pf_kernels::FusedAutodiffBackend;
 use pf_models::weights::{is_ignored_key, load_pytorch, state_dict};
 
 use crate::fixtures::{read_expected, read_manifest, Case, Golden, Mode};
@@ -108,7 +108,7 @@ impl fmt::Display for CaseReport {
 }
 
 /// Runs every case of `dir/manifest.json`.
-pub fn run_all<B: AutodiffBackend>(dir: &Path, device: &B::Device, mut on_case: impl FnMut(&CaseReport)) -> Result<Vec<CaseReport>> {
+pub fn run_all<B: FusedAutodiffBackend>(dir: &Path, device: &B::Device, mut on_case: impl FnMut(&CaseReport)) -> Result<Vec<CaseReport>> {
     let manifest = read_manifest(dir)?;
     let mut reports = Vec::new();
     for case in &manifest.cases {
@@ -141,7 +141,7 @@ fn to_f32(data: TensorData) -> Vec<f32> {
 
 /// Runs one case: eval cases compare the logits; train cases also the loss, every parameter
 /// gradient and every batch-norm running statistic after the step.
-pub fn run_case<B: AutodiffBackend>(dir: &Path, case: &Case, device: &B::Device) -> Result<CaseReport> {
+pub fn run_case<B: FusedAutodiffBackend>(dir: &Path, case: &Case, device: &B::Device) -> Result<CaseReport> {
     let config = case.model_config()?;
     let expected = read_expected(&dir.join(&case.expected))?;
     let weights = dir.join(&case.weights);
@@ -182,7 +182,7 @@ pub fn run_case<B: AutodiffBackend>(dir: &Path, case: &Case, device: &B::Device)
     Ok(report)
 }
 
-fn check_gradients<B: AutodiffBackend>(
+fn check_gradients<B: FusedAutodiffBackend>(
     case: &Case,
     model: &pf_models::Model<B>,
     expected: &BTreeMap<String, Golden>,
@@ -213,7 +213,7 @@ fn check_gradients<B: AutodiffBackend>(
     Ok(())
 }
 
-fn check_statistics<B: AutodiffBackend>(
+fn check_statistics<B: FusedAutodiffBackend>(
     case: &Case,
     model: &pf_models::Model<B>,
     expected: &BTreeMap<String, Golden>,
@@ -245,12 +245,12 @@ fn transpose(data: TensorData) -> TensorData {
 }
 
 /// Gradients of every parameter, by id.
-struct GradCollector<'a, B: AutodiffBackend> {
+struct GradCollector<'a, B: FusedAutodiffBackend> {
     grads: &'a B::Gradients,
     out: HashMap<ParamId, TensorData>,
 }
 
-impl<'a, B: AutodiffBackend> GradCollector<'a, B> {
+impl<'a, B: FusedAutodiffBackend> GradCollector<'a, B> {
     fn collect(model: &pf_models::Model<B>, grads: &'a B::Gradients) -> HashMap<ParamId, TensorData> {
         let mut collector = Self { grads, out: HashMap::new() };
         model.visit(&mut collector);
@@ -258,7 +258,7 @@ impl<'a, B: AutodiffBackend> GradCollector<'a, B> {
     }
 }
 
-impl<B: AutodiffBackend> ModuleVisitor<B> for GradCollector<'_, B> {
+impl<B: FusedAutodiffBackend> ModuleVisitor<B> for GradCollector<'_, B> {
     fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<B, D>>) {
         if let Some(grad) = param.val().grad(self.grads) {
             self.out.insert(param.id, grad.into_data());
@@ -267,12 +267,12 @@ impl<B: AutodiffBackend> ModuleVisitor<B> for GradCollector<'_, B> {
 }
 
 /// The current value of a tensor of the model, by id.
-fn buffer_value<B: Backend>(model: &pf_models::Model<B>, id: ParamId) -> Option<TensorData> {
+fn buffer_value<B: pf_kernels::FusedOps>(model: &pf_models::Model<B>, id: ParamId) -> Option<TensorData> {
     struct Find {
         id: ParamId,
         out: Option<TensorData>,
     }
-    impl<B: Backend> ModuleVisitor<B> for Find {
+    impl<B: burn::prelude::Backend> ModuleVisitor<B> for Find {
         fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<B, D>>) {
             if param.id == self.id {
                 self.out = Some(param.val().into_data());

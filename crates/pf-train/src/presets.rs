@@ -4,7 +4,7 @@ use std::time::Instant;
 
 use anyhow::Result;
 use burn::prelude::*;
-use burn::tensor::backend::AutodiffBackend;
+use pf_kernels::FusedAutodiffBackend;
 use pf_models::weights::num_parameters;
 use pf_models::ModelName;
 use serde::Serialize;
@@ -48,7 +48,7 @@ pub struct CheckResult {
 
 /// One forward and backward pass at the preset's size (224×224), batch 1, as the reference's
 /// `__main__` does: `loss = output.sum(); loss.backward()`.
-pub fn forward_backward<B: AutodiffBackend>(name: ModelName, device: &B::Device) -> Result<CheckResult> {
+pub fn forward_backward<B: FusedAutodiffBackend>(name: ModelName, device: &B::Device) -> Result<CheckResult> {
     let config = name.config();
     let model = config.init::<B>(device)?;
     let s = config.image_size();

@@ -12,5 +12,5 @@ mod fusion;
 pub mod ops;
 pub mod reference;
 
-pub use ops::{bn_relu_max_pool_backward, fused_bn_relu_max_pool, FusedOps};
+pub use ops::{bn_relu_max_pool_backward, fused_bn_relu_max_pool, FusedAutodiffBackend, FusedOps};
 pub use reference::{gelu, reference_bn_relu_max_pool, reference_gelu_max_pool_gelu, Pool2d};

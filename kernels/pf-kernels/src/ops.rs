@@ -127,3 +127,9 @@ impl<B: FusedOps, C: CheckpointStrategy> FusedOps for Autodiff<B, C> {
         }
     }
 }
+
+/// An autodiff backend whose inner backend runs pf's fused operations too (training runs on
+/// the former, evaluation on the latter).
+pub trait FusedAutodiffBackend: burn::tensor::backend::AutodiffBackend<InnerBackend: FusedOps> + FusedOps {}
+
+impl<B: burn::tensor::backend::AutodiffBackend<InnerBackend: FusedOps> + FusedOps> FusedAutodiffBackend for B {}
