@@ -238,9 +238,11 @@ fn plan<B: FusedOps>(model: &Model<B>, ckpt: &Checkpoint) -> Result<(LoadReport,
     Ok((report, snapshots))
 }
 
-fn transpose_2d(data: TensorData) -> TensorData {
+/// Transposes a 2-D tensor's data to f32 `[cols, rows]`: between Burn's `Linear` layout
+/// `[in, out]` and PyTorch's `[out, in]`.
+pub fn transpose_2d(data: TensorData) -> TensorData {
     let [rows, cols] = [data.shape[0], data.shape[1]];
-    let values = data.to_vec::<f32>().expect("converted to f32");
+    let values = data.convert::<f32>().to_vec::<f32>().expect("converted to f32");
     let mut out = vec![0.0f32; values.len()];
     for r in 0..rows {
         for c in 0..cols {

@@ -10,7 +10,7 @@ use burn::module::{AutodiffModule, Module, ModuleVisitor, Param, ParamId};
 use burn::nn::loss::CrossEntropyLossConfig;
 use burn::prelude::*;
 use pf_kernels::FusedAutodiffBackend;
-use pf_models::weights::{is_ignored_key, load_pytorch, state_dict};
+use pf_models::weights::{is_ignored_key, load_pytorch, state_dict, transpose_2d};
 
 use crate::fixtures::{read_expected, read_manifest, Case, Golden, Mode};
 
@@ -200,7 +200,7 @@ fn check_gradients<B: FusedAutodiffBackend>(
         };
         seen.insert(name.clone());
         let values = match actual.get(&entry.id) {
-            Some(data) if entry.transposed => to_f32(transpose(data.clone())),
+            Some(data) if entry.transposed => to_f32(transpose_2d(data.clone())),
             Some(data) => to_f32(data.clone()),
             None => vec![0.0; entry.numel()],
         };
@@ -236,12 +236,6 @@ fn check_statistics<B: FusedAutodiffBackend>(
         report.checks.push(TensorCheck::new(name, &to_f32(data), golden, tol, golden.max_abs().max(1.0)));
     }
     Ok(())
-}
-
-fn transpose(data: TensorData) -> TensorData {
-    let [r, c] = [data.shape[0], data.shape[1]];
-    let v = to_f32(data);
-    TensorData::new((0..r * c).map(|i| v[(i % r) * c + i / r]).collect::<Vec<f32>>(), [c, r])
 }
 
 /// Gradients of every parameter, by id.
