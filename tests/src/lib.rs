@@ -10,4 +10,6 @@ mod parity;
 #[cfg(test)]
 mod presets;
 #[cfg(test)]
+mod train;
+#[cfg(test)]
 mod weights;

@@ -5,6 +5,7 @@ use burn::nn::PaddingConfig2d;
 use burn::prelude::*;
 use pf_kernels::{fused_bn_relu_max_pool, FusedOps, Pool2d};
 use burn::tensor::activation::relu;
+use burn::tensor::ops::PadMode;
 
 use crate::macs::{conv_cost, Cost};
 use crate::norm::{BatchNorm2d, BatchNorm2dConfig};
@@ -74,7 +75,13 @@ impl<B: FusedOps> ConvBn<B> {
             && conv.bias.is_none()
             && matches!(conv.padding, PaddingConfig2d::Valid | PaddingConfig2d::Explicit(0, 0, 0, 0));
         if !pointwise {
-            return conv.forward(x);
+            let plain = conv.groups == 1 && conv.dilation == [1, 1] && conv.bias.is_none();
+            return match conv.padding {
+                PaddingConfig2d::Explicit(top, left, bottom, right) if plain && !B::HAS_KERNELS && top == bottom && left == right => {
+                    conv2d_as_matmul(x, conv.weight.val(), conv.stride, [top, left])
+                }
+                _ => conv.forward(x),
+            };
         }
         let [sh, sw] = conv.stride;
         let x = if [sh, sw] == [1, 1] { x } else { x.slice(s![.., .., ..;sh as isize, ..;sw as isize]) };
@@ -87,5 +94,55 @@ impl<B: FusedOps> ConvBn<B> {
     /// Output size and cost on an `hw` map.
     pub fn cost(&self, hw: [usize; 2]) -> ([usize; 2], Cost) {
         conv_cost(&self.conv, hw)
+    }
+}
+
+/// A bias-free convolution as one matrix product over gathered windows (im2col). Backends
+/// without pf's kernels (NdArray) get it: their direct convolution, and above all its backward,
+/// is orders of magnitude slower than their matrix product. The `k·k` shifted, strided views of
+/// the padded input are stacked so that row `c·k·k + ky·k + kx` matches the weight's layout.
+///
+/// # Shapes
+/// - `x`: `[batch, in, height, width]`, `weight`: `[out, in, kh, kw]`
+/// - output: `[batch, out, height', width']`
+pub fn conv2d_as_matmul<B: Backend>(x: Tensor<B, 4>, weight: Tensor<B, 4>, stride: [usize; 2], padding: [usize; 2]) -> Tensor<B, 4> {
+    let [n, c, h, w] = x.dims();
+    let [o, _, kh, kw] = weight.dims();
+    let [sh, sw] = stride;
+    let [ph, pw] = padding;
+    let ho = (h + 2 * ph - kh) / sh + 1;
+    let wo = (w + 2 * pw - kw) / sw + 1;
+    let x = if ph + pw > 0 { x.pad((pw, pw, ph, ph), PadMode::Constant(0.0)) } else { x };
+    let windows = (0..kh)
+        .flat_map(|ky| (0..kw).map(move |kx| (ky, kx)))
+        .map(|(ky, kx)| {
+            let rows = ky..ky + sh * (ho - 1) + 1;
+            let cols = kx..kx + sw * (wo - 1) + 1;
+            x.clone().slice(s![.., .., rows;sh as isize, cols;sw as isize]).reshape([n, c, 1, ho * wo])
+        })
+        .collect::<Vec<_>>();
+    let columns = Tensor::cat(windows, 2).reshape([n, c * kh * kw, ho * wo]);
+    let weight = weight.reshape([1, o, c * kh * kw]).expand([n, o, c * kh * kw]);
+    weight.matmul(columns).reshape([n, o, ho, wo])
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use burn::tensor::module::conv2d;
+    use burn::tensor::ops::ConvOptions;
+    use burn::tensor::{Distribution, Tolerance};
+
+    #[test]
+    fn im2col_matches_the_direct_convolution() {
+        type B = burn::backend::NdArray;
+        let device = Default::default();
+        for (shape, kernel, stride, padding) in [([2, 3, 13, 9], 7, 2, 3), ([1, 4, 5, 5], 3, 1, 1), ([3, 2, 8, 6], 3, 2, 1), ([1, 1, 4, 4], 2, 2, 0)] {
+            let x = Tensor::<B, 4>::random(shape, Distribution::Normal(0.0, 1.0), &device);
+            let weight = Tensor::<B, 4>::random([5, shape[1], kernel, kernel], Distribution::Normal(0.0, 1.0), &device);
+            let direct = conv2d(x.clone(), weight.clone(), None, ConvOptions::new([stride; 2], [padding; 2], [1, 1], 1));
+            let gathered = conv2d_as_matmul(x, weight, [stride; 2], [padding; 2]);
+            gathered.into_data().assert_approx_eq::<f32>(&direct.into_data(), Tolerance::absolute(1e-4));
+        }
     }
 }

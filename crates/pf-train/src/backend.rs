@@ -35,16 +35,25 @@ pub type WgpuBackend = burn::backend::Autodiff<burn::backend::Wgpu>;
 #[cfg(feature = "cuda")]
 pub type CudaBackend = burn::backend::Autodiff<burn::backend::Cuda>;
 
-/// Runs `job` on the backend `kind`, or explains how to compile it in.
+/// Runs `job` on the backend `kind`'s default device, or explains how to compile it in.
 pub fn dispatch<J: Job>(kind: BackendKind, job: J) -> Result<J::Output> {
-    match kind {
-        BackendKind::Ndarray => job.run::<NdarrayBackend>(Default::default()),
+    dispatch_on(kind, None, job)
+}
+
+/// Runs `job` on device `index` of the backend `kind` (`None`: the backend's default device;
+/// for wgpu an index counts discrete GPUs, for CUDA devices as CUDA numbers them).
+pub fn dispatch_on<J: Job>(kind: BackendKind, index: Option<usize>, job: J) -> Result<J::Output> {
+    match (kind, index) {
+        (BackendKind::Ndarray, None | Some(0)) => job.run::<NdarrayBackend>(Default::default()),
+        (BackendKind::Ndarray, Some(i)) => bail!("the ndarray backend has one device (0), not {i}"),
         #[cfg(feature = "wgpu")]
-        BackendKind::Wgpu => job.run::<WgpuBackend>(Default::default()),
+        (BackendKind::Wgpu, None) => job.run::<WgpuBackend>(Default::default()),
+        #[cfg(feature = "wgpu")]
+        (BackendKind::Wgpu, Some(i)) => job.run::<WgpuBackend>(burn::backend::wgpu::WgpuDevice::DiscreteGpu(i)),
         #[cfg(feature = "cuda")]
-        BackendKind::Cuda => job.run::<CudaBackend>(Default::default()),
+        (BackendKind::Cuda, i) => job.run::<CudaBackend>(burn::backend::cuda::CudaDevice::new(i.unwrap_or(0))),
         #[allow(unreachable_patterns)]
-        other => bail!(
+        (other, _) => bail!(
             "this pf was built without the `{0}` backend; rebuild with `--features {0}` (or use `cargo xtask ... --backend {0}`)",
             other.name()
         ),

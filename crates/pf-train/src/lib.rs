@@ -2,6 +2,30 @@
 //! implementation of "Learning Features with Parameter-Free Layers" (Han et al., ICLR 2022).
 
 pub mod backend;
+pub mod bench;
+pub mod checkpoint;
+pub mod data;
+pub mod eval;
 pub mod fixtures;
+pub mod mix;
+pub mod optim;
 pub mod parity;
 pub mod presets;
+pub mod randaugment;
+pub mod recipe;
+pub mod report;
+pub mod train;
+
+/// The repository root, where the built-in dataset and recipes live.
+pub fn repo_root() -> std::path::PathBuf {
+    std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../..")
+}
+
+/// A relative path as given if it exists from here, else from the repository root.
+pub fn resolve(path: &std::path::Path) -> std::path::PathBuf {
+    if path.is_relative() && !path.exists() && repo_root().join(path).exists() {
+        repo_root().join(path)
+    } else {
+        path.to_path_buf()
+    }
+}

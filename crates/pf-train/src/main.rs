@@ -9,8 +9,11 @@ use pf_kernels::FusedAutodiffBackend;
 use clap::{Parser, Subcommand};
 use pf_models::weights::{inspect_pytorch, load_pf, num_parameters, read_pf_config};
 use pf_models::ModelName;
-use pf_train::backend::{dispatch, BackendKind, Job};
+use pf_train::backend::{dispatch, dispatch_on, BackendKind, Job};
 use pf_train::{fixtures, parity, presets};
+
+mod run;
+use run::{BenchCli, EvalCli, TrainCli};
 
 #[derive(Parser)]
 #[command(name = "pf", version, about = "Parameter-free networks (Han et al., ICLR 2022) in Rust on Burn")]
@@ -48,6 +51,13 @@ enum Command {
         #[arg(long)]
         num_classes: Option<usize>,
     },
+    /// Train a model with a recipe (default: the built-in digits run, on CPU in minutes).
+    Train(TrainCli),
+    /// Top-1 / top-5 of a checkpoint (pf's own or the reference's .pth) on an image folder.
+    Eval(EvalCli),
+    /// Benchmarks: the paper's table (params, FLOPs, latency, throughput) or, with --kernels,
+    /// the fused kernels against their reference twins.
+    Bench(BenchCli),
     /// One forward and backward pass at 224×224 for every preset (or the listed ones).
     Check {
         /// Comma-separated preset names (default: all).
@@ -74,6 +84,12 @@ fn run(cli: Cli) -> Result<ExitCode> {
         }
         Command::Models { json } => models(json),
         Command::Inspect { model, weights, num_classes } => inspect(&model, &weights, num_classes),
+        Command::Train(args) => {
+            let job = args.into_job()?;
+            dispatch_on(cli.backend, job.device, job)
+        }
+        Command::Eval(args) => dispatch(cli.backend, args),
+        Command::Bench(args) => dispatch(cli.backend, args.with_backend(cli.backend)),
         Command::Check { models } => dispatch(cli.backend, Check { names: parse_names(&models)? }),
     }
 }

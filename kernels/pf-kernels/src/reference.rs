@@ -1,6 +1,7 @@
 //! Plain-ops reference twins: the specification of the fused kernels.
 
-use burn::tensor::{backend::Backend, module::max_pool2d, Tensor};
+use burn::tensor::ops::PadMode;
+use burn::tensor::{backend::Backend, s, Tensor};
 
 /// Window of a 2-D pooling: square kernel, stride and padding (`nn.MaxPool2d(k, s, p)`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
@@ -20,20 +21,27 @@ impl Pool2d {
         (input + 2 * self.padding).saturating_sub(self.kernel) / self.stride + 1
     }
 
-    /// Max-pool with `-inf` padding (padding never wins), as `nn.MaxPool2d`.
+    /// Max-pool with `-inf` padding (padding never wins), as `nn.MaxPool2d`: the first maximum
+    /// of a window (row-major) wins, and only it receives the gradient.
+    ///
+    /// Written as a running maximum over the `k·k` shifted, strided views of the padded input.
+    /// That is exact, ties included (`max_pair` keeps its left operand on a tie, and the views
+    /// come in window order), differentiable by any autodiff backend, and on NdArray two orders
+    /// of magnitude faster than Burn 0.21's `max_pool2d`, which indexes element by element.
     ///
     /// # Shapes
     /// - `x`: `[batch, channels, height, width]`
     /// - output: `[batch, channels, output_len(height), output_len(width)]`
     pub fn max_pool<B: Backend>(&self, x: Tensor<B, 4>) -> Tensor<B, 4> {
-        max_pool2d(
-            x,
-            [self.kernel, self.kernel],
-            [self.stride, self.stride],
-            [self.padding, self.padding],
-            [1, 1],
-            false,
-        )
+        let [_, _, h, w] = x.dims();
+        let (k, s, p) = (self.kernel, self.stride, self.padding);
+        let (oh, ow) = (self.output_len(h), self.output_len(w));
+        let x = if p > 0 { x.pad((p, p, p, p), PadMode::Constant(f32::NEG_INFINITY)) } else { x };
+        let mut windows = (0..k).flat_map(|ky| (0..k).map(move |kx| (ky, kx))).map(|(ky, kx)| {
+            x.clone().slice(s![.., .., ky..ky + s * (oh - 1) + 1;s as isize, kx..kx + s * (ow - 1) + 1;s as isize])
+        });
+        let first = windows.next().expect("a pooling window holds at least one element");
+        windows.fold(first, |acc, next| acc.max_pair(next))
     }
 }
 
@@ -75,4 +83,30 @@ pub fn reference_gelu_max_pool_gelu<B: Backend>(tokens: Tensor<B, 3>, grid: [usi
     let x = gelu(tokens).reshape([batch, height, width, channels]).permute([0, 3, 1, 2]);
     let x = Pool2d::new(3, 1, 1).max_pool(x);
     gelu(x.permute([0, 2, 3, 1]).reshape([batch, n, channels]))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use burn::backend::{Autodiff, NdArray};
+    use burn::tensor::module::max_pool2d;
+    use burn::tensor::{Distribution, Tolerance};
+
+    type B = Autodiff<NdArray>;
+
+    #[test]
+    fn shifted_max_pool_equals_burns_max_pool_with_its_gradient() {
+        let device = Default::default();
+        for (shape, pool) in [([2, 3, 13, 9], Pool2d::new(3, 1, 1)), ([1, 2, 8, 8], Pool2d::new(3, 2, 1)), ([2, 1, 7, 5], Pool2d::new(2, 2, 0)), ([1, 1, 1, 1], Pool2d::new(3, 1, 1))] {
+            // Rounded values make ties frequent: the first maximum must take the gradient.
+            let x = Tensor::<B, 4>::random(shape, Distribution::Normal(0.0, 2.0), &device).round().require_grad();
+            let weights = Tensor::<B, 4>::random([shape[0], shape[1], pool.output_len(shape[2]), pool.output_len(shape[3])], Distribution::Default, &device);
+            let ours = pool.max_pool(x.clone());
+            let burns = max_pool2d(x.clone(), [pool.kernel; 2], [pool.stride; 2], [pool.padding; 2], [1, 1], false);
+            ours.clone().into_data().assert_eq(&burns.clone().into_data(), true);
+            let g1 = x.grad(&(ours * weights.clone()).sum().backward()).unwrap();
+            let g2 = x.grad(&(burns * weights).sum().backward()).unwrap();
+            g1.into_data().assert_approx_eq::<f32>(&g2.into_data(), Tolerance::absolute(1e-6));
+        }
+    }
 }

@@ -1,0 +1,120 @@
+//! Training checkpoints: model, optimizer state, recipe, epoch and history, written atomically.
+//!
+//! A checkpoint is a folder `OUT/checkpoints/epoch-NNNN`. It is written under a temporary name
+//! and renamed when complete; then the pointer file `OUT/checkpoints/latest` is replaced by a
+//! rename too. A crash at any moment leaves `latest` naming a complete checkpoint (or no
+//! checkpoint at all), never a half-written one. Older checkpoints are removed afterwards.
+//!
+//! The random state is not a stream to save: every random draw of a run is a function of the
+//! recipe's seed, the epoch and the position in the epoch (see [`crate::data`]), and the
+//! backend's generator is reseeded from them at the start of each epoch.
+
+use std::path::{Path, PathBuf};
+
+use anyhow::{bail, Context, Result};
+use burn::module::Module;
+use burn::record::{FullPrecisionSettings, NamedMpkFileRecorder, Recorder};
+use pf_kernels::FusedAutodiffBackend;
+use pf_models::{Model, ModelConfig};
+use serde::{Deserialize, Serialize};
+
+use crate::optim::GroupedOptimizer;
+use crate::recipe::Recipe;
+
+/// One epoch of the training log.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct EpochRecord {
+    /// 1-based.
+    pub epoch: usize,
+    pub lr: f64,
+    pub train_loss: f64,
+    pub train_top1: f64,
+    pub train_top5: f64,
+    pub val_loss: f64,
+    pub val_top1: f64,
+    pub val_top5: f64,
+    /// Unreadable images left out this epoch (train and val).
+    pub skipped: usize,
+    pub seconds: f64,
+    pub images_per_second: f64,
+}
+
+/// Everything but the tensors.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct TrainState {
+    /// Epochs completed.
+    pub epoch: usize,
+    pub recipe: Recipe,
+    pub config: ModelConfig,
+    pub classes: Vec<String>,
+    pub history: Vec<EpochRecord>,
+}
+
+fn recorder() -> NamedMpkFileRecorder<FullPrecisionSettings> {
+    NamedMpkFileRecorder::new()
+}
+
+fn checkpoints(out: &Path) -> PathBuf {
+    out.join("checkpoints")
+}
+
+/// Writes the checkpoint of `state.epoch` and makes it the latest.
+pub fn write<B: FusedAutodiffBackend>(out: &Path, state: &TrainState, model: &Model<B>, optim: &GroupedOptimizer<B>) -> Result<PathBuf> {
+    let root = checkpoints(out);
+    let name = format!("epoch-{:04}", state.epoch);
+    let partial = root.join(format!(".partial-{name}"));
+    let done = root.join(&name);
+    if partial.exists() {
+        std::fs::remove_dir_all(&partial).with_context(|| format!("removing {}", partial.display()))?;
+    }
+    std::fs::create_dir_all(&partial).with_context(|| format!("creating {}", partial.display()))?;
+    recorder().record(model.clone().into_record(), partial.join("model")).with_context(|| format!("writing the model into {}", partial.display()))?;
+    optim.save(&partial)?;
+    std::fs::write(partial.join("state.json"), serde_json::to_string_pretty(state)?)?;
+    if done.exists() {
+        std::fs::remove_dir_all(&done).with_context(|| format!("removing {}", done.display()))?;
+    }
+    std::fs::rename(&partial, &done).with_context(|| format!("renaming {} to {}", partial.display(), done.display()))?;
+    replace_file(&root.join("latest"), name.as_bytes())?;
+    for entry in std::fs::read_dir(&root)?.flatten() {
+        let path = entry.path();
+        let old = path.file_name().is_some_and(|n| n.to_string_lossy().starts_with("epoch-") && *n != *name);
+        if old && path.is_dir() {
+            std::fs::remove_dir_all(&path).with_context(|| format!("removing old checkpoint {}", path.display()))?;
+        }
+    }
+    Ok(done)
+}
+
+/// Writes `bytes` to `path` through a temporary file and a rename.
+pub fn replace_file(path: &Path, bytes: &[u8]) -> Result<()> {
+    let tmp = path.with_extension("partial");
+    std::fs::write(&tmp, bytes).with_context(|| format!("writing {}", tmp.display()))?;
+    std::fs::rename(&tmp, path).with_context(|| format!("renaming {} to {}", tmp.display(), path.display()))
+}
+
+/// The latest complete checkpoint of a run, if any.
+pub fn latest(out: &Path) -> Result<Option<PathBuf>> {
+    let pointer = checkpoints(out).join("latest");
+    if !pointer.exists() {
+        return Ok(None);
+    }
+    let name = std::fs::read_to_string(&pointer).with_context(|| format!("reading {}", pointer.display()))?;
+    let dir = checkpoints(out).join(name.trim());
+    if !dir.join("state.json").is_file() {
+        bail!("{} names {}, which is not a complete checkpoint", pointer.display(), dir.display());
+    }
+    Ok(Some(dir))
+}
+
+pub fn read_state(dir: &Path) -> Result<TrainState> {
+    let path = dir.join("state.json");
+    let text = std::fs::read_to_string(&path).with_context(|| format!("reading {}", path.display()))?;
+    serde_json::from_str(&text).with_context(|| format!("{} is not a pf training state", path.display()))
+}
+
+/// Loads the checkpoint's weights, running statistics and parameter ids into `model`.
+pub fn load_model<B: FusedAutodiffBackend>(model: Model<B>, dir: &Path, device: &B::Device) -> Result<Model<B>> {
+    let record = recorder().load(dir.join("model"), device).with_context(|| format!("reading the model of checkpoint {}", dir.display()))?;
+    Ok(model.load_record(record))
+}

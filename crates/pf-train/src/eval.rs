@@ -1,0 +1,112 @@
+//! Top-1 / top-5 evaluation of a model on an image folder with timm's eval transform.
+
+use anyhow::Result;
+use burn::prelude::*;
+use burn::tensor::ElementConversion;
+use indicatif::{ProgressBar, ProgressStyle};
+use pf_kernels::FusedOps;
+use pf_models::Model;
+use serde::{Deserialize, Serialize};
+
+use crate::data::{Batch, EvalTransform, ImageFolder, Loader};
+use crate::mix::{smoothed_one_hot, soft_target_cross_entropy, top_k_correct};
+
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct EvalResult {
+    /// Images evaluated (unreadable ones left out).
+    pub images: usize,
+    /// Mean cross-entropy.
+    pub loss: f64,
+    /// Percentages.
+    pub top1: f64,
+    pub top5: f64,
+    /// Images that could not be decoded.
+    pub skipped: usize,
+}
+
+/// Accumulates loss and top-k over batches.
+#[derive(Clone, Debug, Default)]
+pub struct Meter {
+    pub images: usize,
+    loss_sum: f64,
+    top1: usize,
+    top5: usize,
+}
+
+impl Meter {
+    /// Adds a batch: its mean loss and its logits (`[n, classes]` row-major).
+    pub fn add(&mut self, loss: f64, logits: &[f32], classes: usize, labels: &[usize]) {
+        let correct = top_k_correct(logits, classes, labels, &[1, 5]);
+        self.images += labels.len();
+        self.loss_sum += loss * labels.len() as f64;
+        self.top1 += correct[0];
+        self.top5 += correct[1];
+    }
+
+    pub fn loss(&self) -> f64 {
+        self.loss_sum / self.images.max(1) as f64
+    }
+
+    pub fn top1(&self) -> f64 {
+        100.0 * self.top1 as f64 / self.images.max(1) as f64
+    }
+
+    pub fn top5(&self) -> f64 {
+        100.0 * self.top5 as f64 / self.images.max(1) as f64
+    }
+}
+
+/// A batch of the loader as tensors: images `[n, 3, s, s]`.
+pub fn images_tensor<B: Backend>(batch: &Batch, images: Vec<f32>, device: &B::Device) -> Tensor<B, 4> {
+    let s = batch.size;
+    Tensor::from_data(TensorData::new(images, [batch.len(), 3, s, s]), device)
+}
+
+pub fn progress_bar(len: usize, visible: bool, prefix: String) -> ProgressBar {
+    if !visible {
+        return ProgressBar::hidden();
+    }
+    let bar = ProgressBar::new(len as u64);
+    bar.set_style(
+        ProgressStyle::with_template("{prefix} [{bar:30}] {pos}/{len} {elapsed_precise}<{eta_precise} {msg}")
+            .unwrap_or_else(|_| ProgressStyle::default_bar())
+            .progress_chars("=> "),
+    );
+    bar.set_prefix(prefix);
+    bar
+}
+
+/// Prints a warning for every unreadable image of the batch; returns how many there were.
+pub fn warn_skipped(bar: &ProgressBar, batch: &Batch) -> usize {
+    for (path, reason) in &batch.skipped {
+        bar.println(format!("warning: skipped unreadable image {}: {reason}", path.display()));
+    }
+    batch.skipped.len()
+}
+
+/// Evaluates `model` (in eval mode: a backend without autodiff) on every image of `data`.
+pub fn evaluate<B: FusedOps>(model: &Model<B>, data: &ImageFolder, transform: &EvalTransform, batch_size: usize, workers: usize, device: &B::Device, progress: bool) -> Result<EvalResult> {
+    let classes = data.classes.len();
+    let order = (0..data.len()).collect::<Vec<_>>();
+    let bar = progress_bar(data.len().div_ceil(batch_size), progress, "eval".into());
+    let loader = Loader { dataset: data, workers, prefetch: 2 * workers };
+    let mut meter = Meter::default();
+    let mut skipped = 0;
+    loader.run(&order, batch_size, false, &|image, _| transform.apply(image), transform.size, |mut batch| -> Result<()> {
+        bar.inc(1);
+        skipped += warn_skipped(&bar, &batch);
+        if batch.is_empty() {
+            return Ok(());
+        }
+        let images = std::mem::take(&mut batch.images);
+        let logits = model.forward(images_tensor::<B>(&batch, images, device))?;
+        let targets = Tensor::<B, 2>::from_data(TensorData::new(smoothed_one_hot(&batch.labels, classes, 0.0), [batch.len(), classes]), device);
+        let loss = soft_target_cross_entropy(logits.clone(), targets).into_scalar().elem::<f64>();
+        let logits = logits.into_data().convert::<f32>().to_vec::<f32>().map_err(|e| anyhow::anyhow!("reading logits: {e:?}"))?;
+        meter.add(loss, &logits, classes, &batch.labels);
+        bar.set_message(format!("top-1 {:.2}%", meter.top1()));
+        Ok(())
+    })?;
+    bar.finish_and_clear();
+    Ok(EvalResult { images: meter.images, loss: meter.loss(), top1: meter.top1(), top5: meter.top5(), skipped })
+}

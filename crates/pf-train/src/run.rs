@@ -1,0 +1,325 @@
+//! `pf train` and `pf eval`: flags, defaults, and the jobs they dispatch.
+
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+
+use anyhow::{bail, Context, Result};
+use pf_kernels::FusedAutodiffBackend;
+use pf_models::weights::{load_any, read_pf_config};
+use pf_models::{ModelConfig, ModelName};
+use pf_train::backend::{BackendKind, Job};
+use pf_train::bench::{bench_bn_relu_max_pool, bench_model, draw_chart, kernel_note, markdown_table, Budget, BN_RELU_POOL_CASES};
+use pf_train::data::{EvalTransform, ImageFolder, Interpolation, Normalize};
+use pf_train::eval::evaluate;
+use pf_train::recipe::{ModelSpec, Recipe};
+use pf_train::train::{train, TrainArgs, TrainSummary};
+use pf_train::{checkpoint, resolve};
+
+#[derive(clap::Args)]
+pub struct TrainCli {
+    /// Built-in recipe (digits, r50-step-90, deit-300) or a recipe file.
+    #[arg(long, default_value = "digits")]
+    recipe: String,
+    /// Preset to train instead of the recipe's model.
+    #[arg(long)]
+    model: Option<String>,
+    /// Dataset root with train/ and val/ (default: the recipe's).
+    #[arg(long)]
+    data: Option<PathBuf>,
+    /// Device indices; several train data-parallel.
+    #[arg(long, value_delimiter = ',')]
+    devices: Vec<usize>,
+    #[arg(long)]
+    epochs: Option<usize>,
+    #[arg(long)]
+    batch_size: Option<usize>,
+    /// Learning rate for the recipe's reference batch (`lr_batch`), before linear scaling.
+    #[arg(long)]
+    lr: Option<f64>,
+    #[arg(long)]
+    seed: Option<u64>,
+    /// Decoding threads.
+    #[arg(long)]
+    workers: Option<usize>,
+    /// Output folder (default: runs/<recipe>).
+    #[arg(long)]
+    out: Option<PathBuf>,
+    /// Continue the run in --out from its latest checkpoint.
+    #[arg(long)]
+    resume: bool,
+    /// Train on an evenly spread slice of this many images (a quick look).
+    #[arg(long)]
+    train_limit: Option<usize>,
+    /// Validate on an evenly spread slice of this many images.
+    #[arg(long)]
+    val_limit: Option<usize>,
+    /// Stop after this many epochs; the run stays resumable.
+    #[arg(long)]
+    stop_after: Option<usize>,
+    /// No progress bars (logs only).
+    #[arg(long)]
+    quiet: bool,
+}
+
+pub struct TrainJob {
+    args: TrainArgs,
+    pub device: Option<usize>,
+}
+
+impl TrainCli {
+    pub fn into_job(self) -> Result<TrainJob> {
+        let mut recipe = Recipe::load(&self.recipe)?;
+        if let Some(name) = self.model {
+            name.parse::<ModelName>()?;
+            recipe.model = ModelSpec::Preset(name);
+        }
+        recipe.epochs = self.epochs.unwrap_or(recipe.epochs);
+        recipe.batch_size = self.batch_size.unwrap_or(recipe.batch_size);
+        recipe.lr = self.lr.unwrap_or(recipe.lr);
+        recipe.seed = self.seed.unwrap_or(recipe.seed);
+        recipe.workers = self.workers.unwrap_or(recipe.workers);
+        recipe.validate().context("the recipe after the command-line overrides")?;
+        let data = match self.data.or_else(|| recipe.data.clone()) {
+            Some(d) => resolve(&d),
+            None => bail!("recipe {} names no dataset; pass --data DIR (with DIR/train and DIR/val)", recipe.name),
+        };
+        let device = match self.devices.as_slice() {
+            [] => None,
+            [one] => Some(*one),
+            several => bail!(
+                "data-parallel training over several devices ({several:?}) is not available in this version of pf; train on one device with --devices N"
+            ),
+        };
+        let out = self.out.unwrap_or_else(|| PathBuf::from("runs").join(&recipe.name));
+        let args = TrainArgs {
+            recipe,
+            data,
+            out,
+            resume: self.resume,
+            train_limit: self.train_limit,
+            val_limit: self.val_limit,
+            stop_after: self.stop_after,
+            progress: !self.quiet,
+        };
+        Ok(TrainJob { args, device })
+    }
+}
+
+impl Job for TrainJob {
+    type Output = ExitCode;
+
+    fn run<B: FusedAutodiffBackend>(self, device: B::Device) -> Result<ExitCode> {
+        println!("recipe {}: {}", self.args.recipe.name, self.args.recipe.description);
+        println!("data {}, device {device:?}", self.args.data.display());
+        let summary = train::<B>(&self.args, &device)?;
+        if summary.history.len() == summary.recipe.epochs {
+            println!(
+                "done: val top-1 {:.2}%, top-5 {:.2}%; model saved as {} (config beside it); logs in {}",
+                summary.final_val.top1,
+                summary.final_val.top5,
+                summary.model.display(),
+                self.args.out.display()
+            );
+        } else {
+            println!("stopped after epoch {} of {}; continue with --resume --out {}", summary.history.len(), summary.recipe.epochs, self.args.out.display());
+        }
+        Ok(ExitCode::SUCCESS)
+    }
+}
+
+#[derive(clap::Args)]
+pub struct EvalCli {
+    /// Preset name; required for PyTorch checkpoints, checked against the config of pf's own.
+    #[arg(long)]
+    model: Option<String>,
+    /// A pf checkpoint (.bpk with its .json config) or a PyTorch checkpoint.
+    #[arg(long)]
+    weights: PathBuf,
+    /// Image folder: a `val` folder or its parent (default: the training run's dataset).
+    #[arg(long)]
+    data: Option<PathBuf>,
+    #[arg(long, default_value_t = 64)]
+    batch_size: usize,
+    /// Number of classes of a PyTorch checkpoint (default: the preset's).
+    #[arg(long)]
+    num_classes: Option<usize>,
+    /// Input size (default: the training run's, else the model's).
+    #[arg(long)]
+    image_size: Option<usize>,
+    /// Centre-crop fraction (default: the training run's, else 0.875).
+    #[arg(long)]
+    crop_pct: Option<f64>,
+    #[arg(long, default_value_t = 4)]
+    workers: usize,
+    /// Also write the result as JSON to this file.
+    #[arg(long)]
+    json: Option<PathBuf>,
+    #[arg(long)]
+    quiet: bool,
+}
+
+/// The training summary written beside a pf model, if any.
+fn training_summary(weights: &Path) -> Result<Option<TrainSummary>> {
+    let path = weights.with_file_name("train.json");
+    if !path.is_file() {
+        return Ok(None);
+    }
+    let text = std::fs::read_to_string(&path).with_context(|| format!("reading {}", path.display()))?;
+    Ok(Some(serde_json::from_str(&text).with_context(|| format!("{} is not a pf training summary", path.display()))?))
+}
+
+impl EvalCli {
+    fn config(&self) -> Result<ModelConfig> {
+        let preset = self.model.as_deref().map(|n| n.parse::<ModelName>().map(|m| m.config())).transpose()?;
+        if self.weights.extension().is_some_and(|e| e == "bpk") {
+            let saved = read_pf_config(&self.weights)?;
+            if let Some(p) = preset {
+                let p = self.num_classes.map_or(p.clone(), |n| p.with_num_classes(n));
+                if p != saved {
+                    bail!("{} was saved for another model:\n  saved:     {}\n  requested: {}", self.weights.display(), serde_json::to_string(&saved)?, serde_json::to_string(&p)?);
+                }
+            }
+            return Ok(saved);
+        }
+        let Some(config) = preset else { bail!("--model NAME is required for a PyTorch checkpoint ({})", ModelName::known()) };
+        Ok(self.num_classes.map_or(config.clone(), |n| config.with_num_classes(n)))
+    }
+}
+
+impl Job for EvalCli {
+    type Output = ExitCode;
+
+    fn run<B: FusedAutodiffBackend>(self, device: B::Device) -> Result<ExitCode> {
+        if !self.weights.is_file() {
+            bail!("weights file {} does not exist", self.weights.display());
+        }
+        let config = self.config()?;
+        let summary = training_summary(&self.weights)?.filter(|_| self.weights.extension().is_some_and(|e| e == "bpk"));
+        let mut transform = match &summary {
+            Some(s) => s.recipe.eval_transform.clone(),
+            None => EvalTransform { size: config.image_size(), crop_pct: 0.875, interpolation: Interpolation::Bicubic, normalize: Normalize::default() },
+        };
+        transform.size = self.image_size.unwrap_or(transform.size);
+        transform.crop_pct = self.crop_pct.unwrap_or(transform.crop_pct);
+        let data = match (&self.data, &summary) {
+            (Some(d), _) => resolve(d),
+            (None, Some(s)) => s.data.clone(),
+            (None, None) => bail!("pass --data DIR (a val folder or its parent)"),
+        };
+        let dataset = ImageFolder::split(&data, "val")?;
+        if let Some(s) = &summary {
+            dataset.check_classes(&s.classes)?;
+        }
+        if dataset.classes.len() != config.num_classes() {
+            bail!("{} has {} classes but the model predicts {}", dataset.root.display(), dataset.classes.len(), config.num_classes());
+        }
+        let model = load_any(config.init::<B::InnerBackend>(&device)?, &self.weights)?;
+        println!(
+            "eval {} on {} ({} images), {}px crop_pct {}, device {device:?}",
+            self.weights.display(),
+            dataset.root.display(),
+            dataset.len(),
+            transform.size,
+            transform.crop_pct
+        );
+        let result = evaluate(&model, &dataset, &transform, self.batch_size, self.workers, &device, !self.quiet)?;
+        println!("top-1 {:.2}%  top-5 {:.2}%  loss {:.4}  ({} images, {} unreadable skipped)", result.top1, result.top5, result.loss, result.images, result.skipped);
+        if let Some(path) = &self.json {
+            checkpoint::replace_file(path, serde_json::to_string_pretty(&result)?.as_bytes())?;
+        }
+        Ok(ExitCode::SUCCESS)
+    }
+}
+
+#[derive(clap::Args)]
+pub struct BenchCli {
+    /// Time the fused kernels against their reference twins instead of the models.
+    #[arg(long)]
+    kernels: bool,
+    /// Comma-separated presets (default: resnet50, resnet50_max, resnet50_hybrid, vit_s_max, pit_s_max).
+    #[arg(long, value_delimiter = ',')]
+    models: Vec<String>,
+    /// Batch size of the throughput measurements.
+    #[arg(long, default_value_t = 16)]
+    batch: usize,
+    /// Write the records as JSON to this file.
+    #[arg(long)]
+    json: Option<PathBuf>,
+    /// Draw latency and throughput as a bar chart (SVG) in this file.
+    #[arg(long)]
+    chart: Option<PathBuf>,
+    /// Timed runs per case (at least; more while under --seconds).
+    #[arg(long, default_value_t = 5)]
+    runs: usize,
+    /// Time budget per case in seconds.
+    #[arg(long, default_value_t = 5.0)]
+    seconds: f64,
+    #[arg(skip = BackendKind::Ndarray)]
+    backend: BackendKind,
+}
+
+impl BenchCli {
+    pub fn with_backend(mut self, backend: BackendKind) -> Self {
+        self.backend = backend;
+        self
+    }
+
+    fn budget(&self) -> Budget {
+        Budget { warmup: 2, min_runs: self.runs.max(1), max_runs: self.runs.max(1) * 10, time: std::time::Duration::from_secs_f64(self.seconds) }
+    }
+}
+
+impl Job for BenchCli {
+    type Output = ExitCode;
+
+    fn run<B: FusedAutodiffBackend>(self, device: B::Device) -> Result<ExitCode> {
+        if self.batch == 0 {
+            bail!("--batch must be at least 1");
+        }
+        let budget = self.budget();
+        let json = if self.kernels {
+            println!("kernels on {} ({device:?}); {}; median of >= {} runs, device synchronised", self.backend.name(), kernel_note::<B>(), budget.min_runs);
+            println!("| op | shape | pass | reference (ms) | fused (ms) | speedup |\n|---|---|---|---:|---:|---:|");
+            let records = bench_bn_relu_max_pool::<B>(&device, &BN_RELU_POOL_CASES, budget, |r| {
+                println!("| {} | {:?} | {} | {:.3} | {:.3} | {:.2}x |", r.op, r.shape, r.pass, r.reference_ms, r.fused_ms, r.speedup)
+            })?;
+            if self.chart.is_some() {
+                bail!("--chart draws the model table; the kernel bench writes --json only");
+            }
+            serde_json::to_string_pretty(&serde_json::json!({ "backend": self.backend.name(), "device": format!("{device:?}"), "kernels": records }))?
+        } else {
+            let names = if self.models.is_empty() {
+                vec![ModelName::Resnet50, ModelName::Resnet50Max, ModelName::Resnet50Hybrid, ModelName::VitSMax, ModelName::PitSMax]
+            } else {
+                self.models.iter().map(|n| n.parse::<ModelName>()).collect::<Result<Vec<_>, _>>()?
+            };
+            println!("models on {} ({device:?}); latency at batch 1, throughput at batch {}; median of >= {} runs, device synchronised", self.backend.name(), self.batch, budget.min_runs);
+            let mut records = Vec::new();
+            for name in names {
+                eprintln!("measuring {name} ...");
+                records.push(bench_model::<B>(name, self.batch, &device, budget)?);
+            }
+            print!("{}", markdown_table(&records));
+            let ratio = |a: &str, b: &str| {
+                let find = |n: &str| records.iter().find(|r| r.name == n).map(|r| r.latency_ms);
+                find(a).zip(find(b)).map(|(x, y)| x / y)
+            };
+            for (other, paper) in [("resnet50_max", 1.28), ("resnet50_hybrid", 1.19)] {
+                if let Some(r) = ratio("resnet50", other) {
+                    println!("latency resnet50 / {other}: {r:.2} (paper, V100: {paper})");
+                }
+            }
+            if let Some(path) = &self.chart {
+                let title = format!("pf on {} ({device:?})", self.backend.name());
+                draw_chart(path, &title, &records).map_err(|e| anyhow::anyhow!("drawing {}: {e}", path.display()))?;
+                println!("chart written to {}", path.display());
+            }
+            serde_json::to_string_pretty(&serde_json::json!({ "backend": self.backend.name(), "device": format!("{device:?}"), "batch": self.batch, "models": records }))?
+        };
+        if let Some(path) = &self.json {
+            checkpoint::replace_file(path, json.as_bytes())?;
+            println!("records written to {}", path.display());
+        }
+        Ok(ExitCode::SUCCESS)
+    }
+}

@@ -1,0 +1,239 @@
+//! The training loop: a recipe, an image folder, checkpoints every epoch, exact resume.
+
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use anyhow::{anyhow, bail, Context, Result};
+use burn::module::AutodiffModule;
+use burn::prelude::*;
+use burn::tensor::ElementConversion;
+use pf_kernels::FusedAutodiffBackend;
+use pf_models::weights::{num_parameters, save_pf};
+use pf_models::Model;
+use serde::Serialize;
+
+use crate::checkpoint::{self, EpochRecord, TrainState};
+use crate::data::{epoch_order, sample_rng, ImageFolder, Loader};
+use crate::eval::{evaluate, images_tensor, progress_bar, warn_skipped, EvalResult, Meter};
+use crate::mix::{mix_batch, soft_target_cross_entropy};
+use crate::optim::GroupedOptimizer;
+use crate::recipe::Recipe;
+use crate::report;
+
+/// Where the sample streams of the mixing draws start, apart from the images' streams.
+const MIX_STREAM: usize = 1 << 39;
+
+pub struct TrainArgs {
+    pub recipe: Recipe,
+    /// Dataset root (`train/` and `val/` inside).
+    pub data: PathBuf,
+    pub out: PathBuf,
+    pub resume: bool,
+    /// Use an evenly spread slice of this many training images.
+    pub train_limit: Option<usize>,
+    /// Use an evenly spread slice of this many validation images.
+    pub val_limit: Option<usize>,
+    /// Stop after this many epochs of this invocation (the run stays resumable).
+    pub stop_after: Option<usize>,
+    pub progress: bool,
+}
+
+/// What `train.json` beside the final model records: enough for `eval` to reproduce the number.
+#[derive(Debug, Serialize, serde::Deserialize)]
+pub struct TrainSummary {
+    pub recipe: Recipe,
+    /// The dataset root it was trained on.
+    pub data: PathBuf,
+    pub classes: Vec<String>,
+    pub params: usize,
+    pub history: Vec<EpochRecord>,
+    pub final_val: EvalResult,
+    pub model: PathBuf,
+}
+
+pub fn train<B: FusedAutodiffBackend>(args: &TrainArgs, device: &B::Device) -> Result<TrainSummary> {
+    let recipe = &args.recipe;
+    let mut train_set = ImageFolder::split(&args.data, "train")?;
+    let val_dir = args.data.join("val");
+    if !val_dir.is_dir() {
+        bail!("validation folder {} does not exist (expected DIR/train and DIR/val)", val_dir.display());
+    }
+    let mut val_set = ImageFolder::open(&val_dir)?;
+    val_set.check_classes(&train_set.classes)?;
+    if let Some(n) = args.train_limit {
+        train_set = train_set.subsample(n);
+    }
+    if let Some(n) = args.val_limit {
+        val_set = val_set.subsample(n);
+    }
+    if train_set.len() < recipe.batch_size {
+        bail!("{} training images are fewer than one batch of {}", train_set.len(), recipe.batch_size);
+    }
+    let classes = train_set.classes.clone();
+    let config = recipe.model_config(classes.len())?;
+    if recipe.amp {
+        println!("note: the recipe asks for mixed precision; Burn 0.21 has no autocast, so pf trains in f32");
+    }
+
+    std::fs::create_dir_all(&args.out).with_context(|| format!("creating {}", args.out.display()))?;
+    B::seed(device, recipe.seed);
+    let mut model = config.init::<B>(device)?;
+    let mut state = TrainState { epoch: 0, recipe: recipe.clone(), config: config.clone(), classes: classes.clone(), history: Vec::new() };
+    let latest = checkpoint::latest(&args.out)?;
+    let mut optim = match (&latest, args.resume) {
+        (Some(dir), true) => {
+            let saved = checkpoint::read_state(dir)?;
+            check_resumable(&saved, &state)?;
+            model = checkpoint::load_model(model, dir, device)?;
+            let optim = GroupedOptimizer::new(recipe, &model).load(dir, device)?;
+            println!("resuming from {} (epoch {} of {})", dir.display(), saved.epoch, recipe.epochs);
+            state.epoch = saved.epoch;
+            state.history = saved.history;
+            optim
+        }
+        (Some(dir), false) => bail!(
+            "{} already holds a training run (latest checkpoint {}); pass --resume to continue it or choose another --out",
+            args.out.display(),
+            dir.display()
+        ),
+        (None, true) => bail!("--resume: {} holds no checkpoint to resume from", args.out.display()),
+        (None, false) => GroupedOptimizer::new(recipe, &model),
+    };
+    println!(
+        "training {} ({} parameters, {} without weight decay) on {} images of {} classes, validating on {}; output in {}",
+        config.family(),
+        num_parameters(&model),
+        optim.groups().no_decay.len(),
+        train_set.len(),
+        classes.len(),
+        val_set.len(),
+        args.out.display()
+    );
+
+    let mut epochs_run = 0;
+    while state.epoch < recipe.epochs && args.stop_after.is_none_or(|n| epochs_run < n) {
+        let epoch = state.epoch;
+        let started = Instant::now();
+        let lr = recipe.lr_at(epoch);
+        let (next, train_meter, skipped) = train_epoch(model, &mut optim, recipe, &train_set, epoch, lr, device, args.progress, &args.out)?;
+        model = next;
+        let val = evaluate(&model.valid(), &val_set, &recipe.eval_transform, recipe.batch_size, recipe.workers, device, args.progress)?;
+        let seconds = started.elapsed().as_secs_f64();
+        let record = EpochRecord {
+            epoch: epoch + 1,
+            lr,
+            train_loss: train_meter.loss(),
+            train_top1: train_meter.top1(),
+            train_top5: train_meter.top5(),
+            val_loss: val.loss,
+            val_top1: val.top1,
+            val_top5: val.top5,
+            skipped: skipped + val.skipped,
+            seconds,
+            images_per_second: train_meter.images as f64 / seconds,
+        };
+        println!(
+            "epoch {:>3}/{}  lr {:.3e}  train loss {:.4} top-1 {:.2}%  val loss {:.4} top-1 {:.2}% top-5 {:.2}%  {:.0} s{}",
+            record.epoch,
+            recipe.epochs,
+            lr,
+            record.train_loss,
+            record.train_top1,
+            record.val_loss,
+            record.val_top1,
+            record.val_top5,
+            seconds,
+            if record.skipped > 0 { format!("  ({} unreadable images skipped)", record.skipped) } else { String::new() }
+        );
+        state.epoch += 1;
+        state.history.push(record);
+        report::write_logs(&args.out, &state.history)?;
+        checkpoint::write(&args.out, &state, &model, &optim)?;
+        epochs_run += 1;
+    }
+
+    let model_path = args.out.join("model");
+    let final_val = match state.history.last() {
+        Some(r) => EvalResult { images: val_set.len(), loss: r.val_loss, top1: r.val_top1, top5: r.val_top5, skipped: 0 },
+        None => EvalResult::default(),
+    };
+    let weights = save_pf(&model, &config, &model_path)?;
+    let summary = TrainSummary { recipe: recipe.clone(), data: args.data.clone(), classes, params: num_parameters(&model), history: state.history, final_val, model: weights };
+    checkpoint::replace_file(&args.out.join("train.json"), serde_json::to_string_pretty(&summary)?.as_bytes())?;
+    Ok(summary)
+}
+
+fn check_resumable(saved: &TrainState, now: &TrainState) -> Result<()> {
+    // The number of epochs may grow on resume; everything else must be the run's own.
+    let mut recipe = saved.recipe.clone();
+    recipe.epochs = now.recipe.epochs;
+    if recipe != now.recipe || saved.config != now.config || saved.classes != now.classes {
+        bail!(
+            "the checkpoint was written by another recipe, model or dataset:\n  saved:  {}\n  now:    {}",
+            serde_json::to_string(&(&saved.recipe, &saved.config))?,
+            serde_json::to_string(&(&now.recipe, &now.config))?
+        );
+    }
+    Ok(())
+}
+
+/// One epoch over the training set; returns the model, the epoch's meter and the number of
+/// unreadable images.
+#[allow(clippy::too_many_arguments)]
+fn train_epoch<B: FusedAutodiffBackend>(
+    model: Model<B>,
+    optim: &mut GroupedOptimizer<B>,
+    recipe: &Recipe,
+    data: &ImageFolder,
+    epoch: usize,
+    lr: f64,
+    device: &B::Device,
+    progress: bool,
+    out: &Path,
+) -> Result<(Model<B>, Meter, usize)> {
+    // Dropout and drop-path draw from the backend's generator: reseed it per epoch so that a
+    // resumed run draws what an uninterrupted one would.
+    B::seed(device, recipe.seed.wrapping_mul(0x9e37_79b9_7f4a_7c15).wrapping_add(epoch as u64 + 1));
+    let classes = data.classes.len();
+    let order = epoch_order(data.len(), recipe.seed, epoch);
+    let steps = data.len() / recipe.batch_size;
+    let bar = progress_bar(steps, progress, format!("epoch {}/{}", epoch + 1, recipe.epochs));
+    let transform = &recipe.train_transform;
+    let loader = Loader { dataset: data, workers: recipe.workers, prefetch: 2 * recipe.workers };
+    let mut meter = Meter::default();
+    let mut skipped = 0;
+    let mut slot = Some(model);
+    let mut step = 0;
+    loader.run(&order, recipe.batch_size, true, &|image, position| transform.apply(image, &mut sample_rng(recipe.seed, epoch, position)), transform.size, |mut batch| -> Result<()> {
+        step += 1;
+        bar.inc(1);
+        skipped += warn_skipped(&bar, &batch);
+        if batch.is_empty() {
+            return Ok(());
+        }
+        let mut images = std::mem::take(&mut batch.images);
+        let dims = [batch.len(), 3, batch.size, batch.size];
+        let mut rng = sample_rng(recipe.seed, epoch, MIX_STREAM + step);
+        let (targets, _) = mix_batch(&mut images, dims, &batch.labels, classes, recipe.label_smoothing, &recipe.mix, &mut rng);
+        let model = slot.take().ok_or_else(|| anyhow!("the model was lost after a failed step"))?;
+        let logits = model.forward(images_tensor::<B>(&batch, images, device))?;
+        let targets = Tensor::<B, 2>::from_data(TensorData::new(targets, [batch.len(), classes]), device);
+        let loss = soft_target_cross_entropy(logits.clone(), targets);
+        let value = loss.clone().into_scalar().elem::<f64>();
+        if !value.is_finite() {
+            let keep = match checkpoint::latest(out)? {
+                Some(dir) => format!("the last good checkpoint is {}", dir.display()),
+                None => "no checkpoint was written yet".to_string(),
+            };
+            bail!("the loss became {value} at epoch {}, step {step} (lr {lr:.3e}); training stopped, {keep}", epoch + 1);
+        }
+        let logits = logits.detach().into_data().convert::<f32>().to_vec::<f32>().map_err(|e| anyhow!("reading logits: {e:?}"))?;
+        meter.add(value, &logits, classes, &batch.labels);
+        slot = Some(optim.step(lr, model, loss.backward()));
+        bar.set_message(format!("loss {:.4} top-1 {:.2}% lr {lr:.2e}", meter.loss(), meter.top1()));
+        Ok(())
+    })?;
+    bar.finish_and_clear();
+    let model = slot.ok_or_else(|| anyhow!("the model was lost after a failed step"))?;
+    Ok((model, meter, skipped))
+}

@@ -1,0 +1,180 @@
+//! Training end to end on slices of the built-in digits: learning, exact resume, atomic
+//! checkpoints, the non-finite-loss stop, unreadable images and missing folders.
+
+use std::path::{Path, PathBuf};
+
+use burn::module::Module;
+use burn::prelude::*;
+use pf_models::weights::{load_pf, read_pf_config};
+use pf_train::checkpoint;
+use pf_train::data::ImageFolder;
+use pf_train::eval::evaluate;
+use pf_train::recipe::{Recipe, ScheduleSpec};
+use pf_train::train::{train, TrainArgs};
+
+use crate::common::{scratch, Cpu, CpuAd};
+
+fn digits() -> PathBuf {
+    pf_train::repo_root().join("data/mnist10k")
+}
+
+/// A copy of `per_class` images of every digit per split.
+fn digits_slice(dir: &Path, per_class: usize) -> PathBuf {
+    for split in ["train", "val"] {
+        let source = ImageFolder::open(&digits().join(split)).expect("the built-in digits");
+        for (class, name) in source.classes.iter().enumerate() {
+            let target = dir.join(split).join(name);
+            std::fs::create_dir_all(&target).unwrap();
+            for (path, _) in source.samples.iter().filter(|(_, c)| *c == class).take(per_class) {
+                std::fs::copy(path, target.join(path.file_name().unwrap())).unwrap();
+            }
+        }
+    }
+    dir.to_path_buf()
+}
+
+fn small_recipe(epochs: usize) -> Recipe {
+    let mut recipe = Recipe::load("digits").unwrap();
+    recipe.epochs = epochs;
+    recipe.batch_size = 32;
+    recipe.workers = 2;
+    recipe
+}
+
+fn args(recipe: Recipe, data: &Path, out: &Path) -> TrainArgs {
+    TrainArgs { recipe, data: data.to_path_buf(), out: out.to_path_buf(), resume: false, train_limit: None, val_limit: None, stop_after: None, progress: false }
+}
+
+/// Every parameter of a saved pf model, in module order.
+fn weights_of(model_path: &Path) -> Vec<Vec<f32>> {
+    struct Collect(Vec<Vec<f32>>);
+    impl burn::module::ModuleVisitor<Cpu> for Collect {
+        fn visit_float<const D: usize>(&mut self, param: &burn::module::Param<Tensor<Cpu, D>>) {
+            self.0.push(param.val().into_data().to_vec().unwrap());
+        }
+    }
+    let config = read_pf_config(model_path).unwrap();
+    let model = load_pf(config.init::<Cpu>(&Default::default()).unwrap(), model_path).unwrap();
+    let mut c = Collect(Vec::new());
+    model.visit(&mut c);
+    c.0
+}
+
+#[test]
+fn a_short_run_learns_the_digits() {
+    let dir = scratch("learns");
+    let data = digits_slice(&dir.join("data"), 60);
+    let mut recipe = small_recipe(2);
+    recipe.batch_size = 24;
+    let summary = train::<CpuAd>(&args(recipe, &data, &dir.join("run")), &Default::default()).unwrap();
+    let [first, last] = [&summary.history[0], &summary.history[1]];
+    assert!(last.train_loss < first.train_loss, "loss did not fall: {} → {}", first.train_loss, last.train_loss);
+    assert!(last.val_top1 > 40.0, "val top-1 {}% is near chance (10%)", last.val_top1);
+    // The saved model reproduces the logged number.
+    let model_path = dir.join("run/model.bpk");
+    let model = load_pf(read_pf_config(&model_path).unwrap().init::<Cpu>(&Default::default()).unwrap(), &model_path).unwrap();
+    let val = ImageFolder::open(&data.join("val")).unwrap();
+    let result = evaluate(&model, &val, &summary.recipe.eval_transform, summary.recipe.batch_size, 2, &Default::default(), false).unwrap();
+    assert_eq!(result.top1, last.val_top1);
+    for file in ["metrics.csv", "metrics.json", "curves.svg", "train.json", "model.json"] {
+        assert!(dir.join("run").join(file).is_file(), "{file} missing");
+    }
+}
+
+#[test]
+fn an_interrupted_and_resumed_run_ends_with_the_same_weights() {
+    let dir = scratch("resume");
+    let data = digits_slice(&dir.join("data"), 16);
+    let recipe = small_recipe(3);
+    let straight = dir.join("straight");
+    train::<CpuAd>(&args(recipe.clone(), &data, &straight), &Default::default()).unwrap();
+
+    let resumed = dir.join("resumed");
+    let mut first = args(recipe.clone(), &data, &resumed);
+    first.stop_after = Some(1);
+    assert_eq!(train::<CpuAd>(&first, &Default::default()).unwrap().history.len(), 1);
+    // A second start without --resume refuses to overwrite the run.
+    let err = train::<CpuAd>(&args(recipe.clone(), &data, &resumed), &Default::default()).unwrap_err().to_string();
+    assert!(err.contains("--resume"), "{err}");
+    let mut rest = args(recipe, &data, &resumed);
+    rest.resume = true;
+    let summary = train::<CpuAd>(&rest, &Default::default()).unwrap();
+    assert_eq!(summary.history.len(), 3);
+
+    let a = weights_of(&straight.join("model.bpk"));
+    let b = weights_of(&resumed.join("model.bpk"));
+    assert!(!a.is_empty() && a.len() == b.len());
+    for (i, (x, y)) in a.iter().zip(&b).enumerate() {
+        assert!(x == y, "parameter {i} differs between the uninterrupted and the resumed run");
+    }
+}
+
+#[test]
+fn checkpoints_are_atomic() {
+    let dir = scratch("atomic");
+    let data = digits_slice(&dir.join("data"), 8);
+    let out = dir.join("run");
+    let mut first = args(small_recipe(2), &data, &out);
+    first.stop_after = Some(1);
+    train::<CpuAd>(&first, &Default::default()).unwrap();
+    let latest = checkpoint::latest(&out).unwrap().unwrap();
+    assert!(latest.ends_with("epoch-0001"));
+
+    // A crash while writing epoch 2 leaves a partial folder and a partial pointer behind.
+    let partial = out.join("checkpoints/.partial-epoch-0002");
+    std::fs::create_dir_all(&partial).unwrap();
+    std::fs::write(partial.join("model.mpk"), b"half a model").unwrap();
+    std::fs::write(out.join("checkpoints/latest.partial"), b"epoch-00").unwrap();
+    assert_eq!(checkpoint::latest(&out).unwrap().unwrap(), latest);
+
+    let mut rest = args(small_recipe(2), &data, &out);
+    rest.resume = true;
+    assert_eq!(train::<CpuAd>(&rest, &Default::default()).unwrap().history.len(), 2);
+    assert!(checkpoint::latest(&out).unwrap().unwrap().ends_with("epoch-0002"));
+    assert!(!partial.exists() && !out.join("checkpoints/epoch-0001").exists());
+}
+
+#[test]
+fn a_non_finite_loss_stops_the_run_and_keeps_the_last_good_checkpoint() {
+    let dir = scratch("nan");
+    let data = digits_slice(&dir.join("data"), 8);
+    let out = dir.join("run");
+    let mut recipe = small_recipe(3);
+    // Epoch 1 trains normally, epoch 2 with a learning rate 1e30 times larger.
+    recipe.schedule = ScheduleSpec::Step { every: 1, gamma: 1e30 };
+    let err = train::<CpuAd>(&args(recipe, &data, &out), &Default::default()).unwrap_err().to_string();
+    assert!(err.contains("loss became") && err.contains("epoch 2"), "{err}");
+    assert!(err.contains("epoch-0001"), "{err}");
+    let latest = checkpoint::latest(&out).unwrap().unwrap();
+    assert_eq!(checkpoint::read_state(&latest).unwrap().epoch, 1);
+    let model = pf_train::recipe::Recipe::load("digits").unwrap().model_config(10).unwrap().init::<CpuAd>(&Default::default()).unwrap();
+    checkpoint::load_model(model, &latest, &Default::default()).unwrap();
+}
+
+#[test]
+fn unreadable_images_are_skipped_and_counted() {
+    let dir = scratch("corrupt");
+    let data = digits_slice(&dir.join("data"), 8);
+    std::fs::write(data.join("train/3/broken.png"), b"\x89PNG\r\n\x1a\nnot really").unwrap();
+    std::fs::write(data.join("val/7/empty.jpg"), b"").unwrap();
+    let mut recipe = small_recipe(1);
+    recipe.batch_size = 9;
+    let summary = train::<CpuAd>(&args(recipe, &data, &dir.join("run")), &Default::default()).unwrap();
+    assert_eq!(summary.history[0].skipped, 2);
+}
+
+#[test]
+fn missing_or_empty_folders_are_named() {
+    let dir = scratch("missing");
+    let err = train::<CpuAd>(&args(small_recipe(1), &dir.join("nowhere"), &dir.join("run")), &Default::default()).unwrap_err().to_string();
+    assert!(err.contains("nowhere") && err.contains("does not exist"), "{err}");
+    let data = digits_slice(&dir.join("data"), 2);
+    std::fs::create_dir_all(data.join("train/empty_class")).unwrap();
+    let err = train::<CpuAd>(&args(small_recipe(1), &data, &dir.join("run")), &Default::default()).unwrap_err().to_string();
+    assert!(err.contains("empty_class"), "{err}");
+    std::fs::remove_dir_all(data.join("val")).unwrap();
+    std::fs::remove_dir_all(data.join("train/empty_class")).unwrap();
+    let err = train::<CpuAd>(&args(small_recipe(1), &data, &dir.join("run")), &Default::default()).unwrap_err().to_string();
+    assert!(err.contains("val"), "{err}");
+    assert!(!dir.join("run/checkpoints").exists(), "a failed start wrote a checkpoint");
+}
