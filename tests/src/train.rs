@@ -81,13 +81,18 @@ fn a_short_run_learns_the_digits() {
     }
 }
 
+/// Burn 0.21's NdArray training is not bitwise reproducible: two uninterrupted runs with the
+/// same seed, data and batches agree on the first step and drift apart in the 7th digit from the
+/// second (measured with one thread for rayon and for the matrix products). So the resumed run
+/// is held to the same weights as the uninterrupted one up to that drift, and everything a resume
+/// restores (epoch, history, data order, learning rate, optimizer state) is checked exactly.
 #[test]
 fn an_interrupted_and_resumed_run_ends_with_the_same_weights() {
     let dir = scratch("resume");
     let data = digits_slice(&dir.join("data"), 16);
     let recipe = small_recipe(3);
     let straight = dir.join("straight");
-    train::<CpuAd>(&args(recipe.clone(), &data, &straight), &Default::default()).unwrap();
+    let full = train::<CpuAd>(&args(recipe.clone(), &data, &straight), &Default::default()).unwrap();
 
     let resumed = dir.join("resumed");
     let mut first = args(recipe.clone(), &data, &resumed);
@@ -96,17 +101,64 @@ fn an_interrupted_and_resumed_run_ends_with_the_same_weights() {
     // A second start without --resume refuses to overwrite the run.
     let err = train::<CpuAd>(&args(recipe.clone(), &data, &resumed), &Default::default()).unwrap_err().to_string();
     assert!(err.contains("--resume"), "{err}");
+    // A resume with another recipe is refused too.
+    let mut other = args(Recipe { seed: 7, ..recipe.clone() }, &data, &resumed);
+    other.resume = true;
+    assert!(train::<CpuAd>(&other, &Default::default()).is_err());
+
     let mut rest = args(recipe, &data, &resumed);
     rest.resume = true;
     let summary = train::<CpuAd>(&rest, &Default::default()).unwrap();
     assert_eq!(summary.history.len(), 3);
+    for (a, b) in full.history.iter().zip(&summary.history) {
+        assert_eq!((a.epoch, a.lr), (b.epoch, b.lr));
+        assert!((a.train_loss - b.train_loss).abs() < 1e-2 * a.train_loss, "epoch {}: train loss {} vs {}", a.epoch, a.train_loss, b.train_loss);
+    }
 
     let a = weights_of(&straight.join("model.bpk"));
     let b = weights_of(&resumed.join("model.bpk"));
     assert!(!a.is_empty() && a.len() == b.len());
-    for (i, (x, y)) in a.iter().zip(&b).enumerate() {
-        assert!(x == y, "parameter {i} differs between the uninterrupted and the resumed run");
+    let (mut diff, mut norm) = (0.0f64, 0.0f64);
+    for (x, y) in a.iter().zip(&b) {
+        diff += x.iter().zip(y).map(|(p, q)| ((p - q) as f64).powi(2)).sum::<f64>();
+        norm += x.iter().map(|p| (*p as f64).powi(2)).sum::<f64>();
     }
+    // A lost optimizer state or a different batch order moves the weights by tens of percent.
+    let relative = (diff / norm).sqrt();
+    assert!(relative < 0.02, "resumed weights are {relative:.4} (relative L2) away from the uninterrupted run's");
+}
+
+/// What a resume loads is exactly what was saved: weights, running statistics, parameter ids
+/// and the optimizer's momentum.
+#[test]
+fn a_checkpoint_restores_model_and_optimizer_exactly() {
+    let dir = scratch("restore");
+    let data = digits_slice(&dir.join("data"), 8);
+    let out = dir.join("run");
+    let mut first = args(small_recipe(2), &data, &out);
+    first.stop_after = Some(1);
+    train::<CpuAd>(&first, &Default::default()).unwrap();
+    let latest = checkpoint::latest(&out).unwrap().unwrap();
+    let state = checkpoint::read_state(&latest).unwrap();
+    let device = Default::default();
+    let load = || {
+        let model = checkpoint::load_model(state.config.init::<CpuAd>(&device).unwrap(), &latest, &device).unwrap();
+        let optim = pf_train::optim::GroupedOptimizer::new(&state.recipe, &model).load(&latest, &device).unwrap();
+        (model, optim)
+    };
+    let (model, optim) = load();
+    // Write the loaded state again and compare the files byte for byte.
+    let again = dir.join("again");
+    std::fs::create_dir_all(&again).unwrap();
+    let state_two = checkpoint::TrainState { epoch: 1, ..state.clone() };
+    let written = checkpoint::write(&again, &state_two, &model, &optim).unwrap();
+    for file in ["model.mpk", "optim-decay.mpk", "optim-no-decay.mpk"] {
+        let a = std::fs::read(latest.join(file)).unwrap();
+        let b = std::fs::read(written.join(file)).unwrap();
+        assert!(a == b, "{file} changed in a load/save round trip");
+    }
+    let momentum = std::fs::metadata(latest.join("optim-decay.mpk")).unwrap().len();
+    assert!(momentum > 100_000, "the optimizer state ({momentum} bytes) holds no momentum");
 }
 
 #[test]
@@ -140,8 +192,8 @@ fn a_non_finite_loss_stops_the_run_and_keeps_the_last_good_checkpoint() {
     let data = digits_slice(&dir.join("data"), 8);
     let out = dir.join("run");
     let mut recipe = small_recipe(3);
-    // Epoch 1 trains normally, epoch 2 with a learning rate 1e30 times larger.
-    recipe.schedule = ScheduleSpec::Step { every: 1, gamma: 1e30 };
+    // Epoch 1 trains normally, epoch 2 with a learning rate 1e60 times larger (infinite in f32).
+    recipe.schedule = ScheduleSpec::Step { every: 1, gamma: 1e60 };
     let err = train::<CpuAd>(&args(recipe, &data, &out), &Default::default()).unwrap_err().to_string();
     assert!(err.contains("loss became") && err.contains("epoch 2"), "{err}");
     assert!(err.contains("epoch-0001"), "{err}");
@@ -178,3 +230,4 @@ fn missing_or_empty_folders_are_named() {
     assert!(err.contains("val"), "{err}");
     assert!(!dir.join("run/checkpoints").exists(), "a failed start wrote a checkpoint");
 }
+
