@@ -1,4 +1,5 @@
-//! The backend extension of pf's fused operations: `BN → ReLU → max-pool`.
+//! The backend extension of pf's fused operations: `BN → ReLU → max-pool` and the eff layer's
+//! `GELU → max-pool → GELU` over tokens.
 //!
 //! Backends without a kernel (NdArray) run the reference twin; CubeCL backends (wgpu, CUDA)
 //! run the kernel of `cube.rs`; `Autodiff<B>` differentiates the kernel with the window maxima
@@ -13,7 +14,7 @@ use burn::prelude::*;
 use burn::tensor::ops::{FloatTensor, IntTensor};
 use burn::tensor::{IndexingUpdateOp, TensorPrimitive};
 
-use crate::reference::{reference_bn_relu_max_pool, Pool2d};
+use crate::reference::{gelu, gelu_derivative, reference_bn_relu_max_pool, reference_gelu_max_pool_gelu, Pool2d};
 
 /// Backends that can run pf's fused operations. Every method has the reference twin as its
 /// default, so any backend may implement the trait with an empty body.
@@ -45,6 +46,26 @@ pub trait FusedOps: Backend {
                 let out = reference_bn_relu_max_pool::<Self>(float(x), float(scale), float(shift), pool);
                 out.into_primitive().tensor()
             }
+        }
+    }
+
+    /// `gelu(max_pool3x3(gelu(tokens)))` over the `[height, width]` token grid (stride 1,
+    /// padding 1), together with, for every output, the token index `h · W + w` of the input
+    /// element that won its window (the first maximum, as PyTorch). `None` where the backend
+    /// has no kernel.
+    ///
+    /// # Shapes
+    /// - `tokens`: `[batch, height * width, channels]`, any strides
+    /// - output: same shape, twice
+    fn gelu_max_pool_gelu_with_indices(_tokens: FloatTensor<Self>, _grid: [usize; 2]) -> Option<(FloatTensor<Self>, IntTensor<Self>)> {
+        None
+    }
+
+    /// `gelu(max_pool3x3(gelu(tokens)))` over the `[height, width]` token grid.
+    fn gelu_max_pool_gelu(tokens: FloatTensor<Self>, grid: [usize; 2]) -> FloatTensor<Self> {
+        match Self::gelu_max_pool_gelu_with_indices(tokens.clone(), grid) {
+            Some((out, _)) => out,
+            None => reference_gelu_max_pool_gelu::<Self>(float(tokens), grid).into_primitive().tensor(),
         }
     }
 }
@@ -86,6 +107,32 @@ pub fn bn_relu_max_pool_backward<B: Backend>(
     (gx.reshape([n, c, h, w]), per_channel(g.clone() * x_at), per_channel(g))
 }
 
+/// The fused `GELU → 3×3 max-pool → GELU` of the eff layer on tokens; the reference twin is
+/// [`reference_gelu_max_pool_gelu`].
+///
+/// # Shapes
+/// - `tokens`: `[batch, height * width, channels]`, row-major grid `[height, width]`
+/// - output: same
+pub fn fused_gelu_max_pool_gelu<B: FusedOps>(tokens: Tensor<B, 3>, grid: [usize; 2]) -> Tensor<B, 3> {
+    let [_, n, _] = tokens.dims();
+    let [height, width] = grid;
+    assert_eq!(n, height * width, "token count {n} is not the grid {height}x{width}");
+    float(B::gelu_max_pool_gelu(tokens.into_primitive().tensor(), grid))
+}
+
+/// Gradient of `gelu(max_pool(gelu(tokens)))` for the output gradient `grad`, given the
+/// winning token of every window: `grad · gelu'(m) · gelu'(x)` reaches the winner `x`, where
+/// `m = gelu(x)` is the window's maximum. Plain ops, so any backend can run it.
+///
+/// # Shapes
+/// - `tokens`, `indices`, `grad`: `[batch, height * width, channels]`
+/// - output: gradient of `tokens`, same shape
+pub fn gelu_max_pool_gelu_backward<B: Backend>(tokens: Tensor<B, 3>, indices: Tensor<B, 3, Int>, grad: Tensor<B, 3>) -> Tensor<B, 3> {
+    let winners = tokens.clone().gather(1, indices.clone());
+    let g = grad * gelu_derivative(gelu(winners.clone())) * gelu_derivative(winners);
+    Tensor::zeros(tokens.dims(), &g.device()).scatter(1, indices, g, IndexingUpdateOp::Add)
+}
+
 impl FusedOps for burn::backend::NdArray {}
 
 #[derive(Debug)]
@@ -124,6 +171,35 @@ impl<B: FusedOps, C: CheckpointStrategy> FusedOps for Autodiff<B, C> {
         match BnReluMaxPoolBackward.prepare::<C>([x.node.clone(), scale.node.clone(), shift.node.clone()]).compute_bound().stateful() {
             OpsKind::Tracked(prep) => prep.finish((x.primitive, scale.primitive, shift.primitive, indices), out),
             OpsKind::UnTracked(prep) => prep.finish(out),
+        }
+    }
+
+    fn gelu_max_pool_gelu(tokens: FloatTensor<Self>, grid: [usize; 2]) -> FloatTensor<Self> {
+        let Some((out, indices)) = B::gelu_max_pool_gelu_with_indices(tokens.primitive.clone(), grid) else {
+            // No kernel below: differentiate the reference twin.
+            return reference_gelu_max_pool_gelu::<Self>(float(tokens), grid).into_primitive().tensor();
+        };
+        match GeluMaxPoolGeluBackward.prepare::<C>([tokens.node.clone()]).compute_bound().stateful() {
+            OpsKind::Tracked(prep) => prep.finish((tokens.primitive, indices), out),
+            OpsKind::UnTracked(prep) => prep.finish(out),
+        }
+    }
+}
+
+#[derive(Debug)]
+struct GeluMaxPoolGeluBackward;
+
+impl<B: FusedOps> Backward<B, 1> for GeluMaxPoolGeluBackward {
+    type State = (FloatTensor<B>, IntTensor<B>);
+
+    fn backward(self, ops: Ops<Self::State, 1>, grads: &mut Gradients, _checkpointer: &mut Checkpointer) {
+        let [node_tokens] = ops.parents;
+        let grad = grads.consume::<B>(&ops.node);
+        let (tokens, indices) = ops.state;
+        if let Some(node) = node_tokens {
+            let indices = Tensor::<B, 3, Int>::from_primitive(indices);
+            let g = gelu_max_pool_gelu_backward(float::<B, 3>(tokens), indices, float(grad));
+            grads.register::<B>(node.id, g.into_primitive().tensor());
         }
     }
 }

@@ -1,0 +1,110 @@
+//! Test helpers: a replayable random generator and double-precision GELU, the ground truth
+//! the kernels' float arithmetic is measured against.
+
+/// A small deterministic generator, so that a failing case can be replayed.
+pub struct Lcg(pub u64);
+
+impl Lcg {
+    fn next(&mut self) -> u64 {
+        self.0 = self.0.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+        self.0 >> 33
+    }
+
+    pub fn below(&mut self, n: usize) -> usize {
+        (self.next() as usize) % n
+    }
+
+    /// Uniform in `(0, 1)`.
+    pub fn uniform(&mut self) -> f64 {
+        (self.next() as f64 + 0.5) / (1u64 << 31) as f64
+    }
+
+    /// Standard normal (Box–Muller).
+    pub fn normal(&mut self) -> f64 {
+        let (u, v) = (self.uniform(), self.uniform());
+        (-2.0 * u.ln()).sqrt() * (core::f64::consts::TAU * v).cos()
+    }
+}
+
+/// The error function in double precision (relative error below 1e-15): the Maclaurin series
+/// below 1.5, where its alternating terms lose hardly a digit, and erfc's continued fraction
+/// (80 terms) above.
+pub fn erf64(x: f64) -> f64 {
+    let a = x.abs();
+    let e = if a < 1.5 {
+        let (mut term, mut sum, mut n) = (a, a, 0.0);
+        while term.abs() > 1e-17 * sum {
+            n += 1.0;
+            term *= -a * a / n;
+            sum += term / (2.0 * n + 1.0);
+        }
+        sum * core::f64::consts::FRAC_2_SQRT_PI
+    } else {
+        let mut f = a;
+        for k in (1..=80).rev() {
+            f = a + (k as f64 / 2.0) / f;
+        }
+        1.0 - (-a * a).exp() / (f * core::f64::consts::PI.sqrt())
+    };
+    e.copysign(x)
+}
+
+pub fn gelu64(x: f64) -> f64 {
+    0.5 * x * (1.0 + erf64(x * core::f64::consts::FRAC_1_SQRT_2))
+}
+
+pub fn gelu_derivative64(x: f64) -> f64 {
+    let density = (-0.5 * x * x).exp() / (core::f64::consts::TAU).sqrt();
+    0.5 * (1.0 + erf64(x * core::f64::consts::FRAC_1_SQRT_2)) + x * density
+}
+
+/// The values of the 3×3 window (stride 1, padding 1) around `token` of channel `c` in
+/// `[batch, height · width, channels]` data, with their token indices, in row-major order.
+pub fn window(xs: &[f32], [_, n, channels]: [usize; 3], [height, width]: [usize; 2], b: usize, token: usize, c: usize) -> Vec<(usize, f32)> {
+    let (oh, ow) = (token / width, token % width);
+    let mut out = Vec::with_capacity(9);
+    for ih in oh.saturating_sub(1)..(oh + 2).min(height) {
+        for iw in ow.saturating_sub(1)..(ow + 2).min(width) {
+            let t = ih * width + iw;
+            out.push((t, xs[(b * n + t) * channels + c]));
+        }
+    }
+    out
+}
+
+/// Whether some window's maximum after GELU is a near tie (within `gap · (1 + |max|)`) between
+/// different input values, one of which passes a non-negligible gradient. Either winner is
+/// then right, and two implementations may differ in rounding and pick different ones.
+pub fn has_near_tie(xs: &[f32], dims: [usize; 3], grid: [usize; 2], gap: f64) -> bool {
+    let [batch, n, channels] = dims;
+    (0..batch).any(|b| {
+        (0..n).any(|t| {
+            (0..channels).any(|c| {
+                let values: Vec<f64> = window(xs, dims, grid, b, t, c).into_iter().map(|(_, x)| x as f64).collect();
+                let max = values.iter().map(|&x| gelu64(x)).fold(f64::NEG_INFINITY, f64::max);
+                let near: Vec<f64> = values.into_iter().filter(|&x| gelu64(x) >= max - gap * (1.0 + max.abs())).collect();
+                let distinct = near.iter().any(|&x| x != near[0]);
+                distinct && near.iter().any(|&x| gelu_derivative64(x).abs() >= 1e-6)
+            })
+        })
+    })
+}
+
+#[test]
+fn erf64_is_accurate() {
+    // Values of erf to 17 digits (mpmath, 40-digit arithmetic).
+    for (x, e) in [
+        (1e-3, 1.1283787909692364e-3),
+        (0.5, 0.52049987781304654),
+        (1.0, 0.84270079294971487),
+        (2.0, 0.99532226501895273),
+        (1.499, 0.96598603765185667),
+        (1.5, 0.96610514647531073),
+        (2.999, 0.99997776983140017),
+        (3.0, 0.99997790950300141),
+        (4.5, 0.99999999980338396),
+    ] {
+        assert!((erf64(x) - e).abs() <= 1e-15 * e, "erf64({x}) = {}, expected {e}", erf64(x));
+        assert_eq!(erf64(-x), -erf64(x));
+    }
+}
