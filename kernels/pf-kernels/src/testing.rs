@@ -1,5 +1,5 @@
-//! Test helpers: a replayable random generator and double-precision GELU, the ground truth
-//! the kernels' float arithmetic is measured against.
+//! Test helpers: a replayable random generator, double-precision erf and GELU (the ground
+//! truth the kernels' float arithmetic is measured against) and the token grid's windows.
 
 /// A small deterministic generator, so that a failing case can be replayed.
 pub struct Lcg(pub u64);
@@ -10,6 +10,7 @@ impl Lcg {
         self.0 >> 33
     }
 
+    #[cfg_attr(not(feature = "wgpu"), allow(dead_code))]
     pub fn below(&mut self, n: usize) -> usize {
         (self.next() as usize) % n
     }
@@ -53,41 +54,17 @@ pub fn gelu64(x: f64) -> f64 {
     0.5 * x * (1.0 + erf64(x * core::f64::consts::FRAC_1_SQRT_2))
 }
 
-pub fn gelu_derivative64(x: f64) -> f64 {
-    let density = (-0.5 * x * x).exp() / (core::f64::consts::TAU).sqrt();
-    0.5 * (1.0 + erf64(x * core::f64::consts::FRAC_1_SQRT_2)) + x * density
-}
-
 /// The values of the 3×3 window (stride 1, padding 1) around `token` of channel `c` in
-/// `[batch, height · width, channels]` data, with their token indices, in row-major order.
-pub fn window(xs: &[f32], [_, n, channels]: [usize; 3], [height, width]: [usize; 2], b: usize, token: usize, c: usize) -> Vec<(usize, f32)> {
+/// `[batch, height · width, channels]` data, in row-major order.
+pub fn window(xs: &[f32], [_, n, channels]: [usize; 3], [height, width]: [usize; 2], b: usize, token: usize, c: usize) -> Vec<f32> {
     let (oh, ow) = (token / width, token % width);
     let mut out = Vec::with_capacity(9);
     for ih in oh.saturating_sub(1)..(oh + 2).min(height) {
         for iw in ow.saturating_sub(1)..(ow + 2).min(width) {
-            let t = ih * width + iw;
-            out.push((t, xs[(b * n + t) * channels + c]));
+            out.push(xs[(b * n + ih * width + iw) * channels + c]);
         }
     }
     out
-}
-
-/// Whether some window's maximum after GELU is a near tie (within `gap · (1 + |max|)`) between
-/// different input values, one of which passes a non-negligible gradient. Either winner is
-/// then right, and two implementations may differ in rounding and pick different ones.
-pub fn has_near_tie(xs: &[f32], dims: [usize; 3], grid: [usize; 2], gap: f64) -> bool {
-    let [batch, n, channels] = dims;
-    (0..batch).any(|b| {
-        (0..n).any(|t| {
-            (0..channels).any(|c| {
-                let values: Vec<f64> = window(xs, dims, grid, b, t, c).into_iter().map(|(_, x)| x as f64).collect();
-                let max = values.iter().map(|&x| gelu64(x)).fold(f64::NEG_INFINITY, f64::max);
-                let near: Vec<f64> = values.into_iter().filter(|&x| gelu64(x) >= max - gap * (1.0 + max.abs())).collect();
-                let distinct = near.iter().any(|&x| x != near[0]);
-                distinct && near.iter().any(|&x| gelu_derivative64(x).abs() >= 1e-6)
-            })
-        })
-    })
 }
 
 #[test]

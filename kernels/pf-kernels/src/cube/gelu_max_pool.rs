@@ -201,10 +201,30 @@ mod tests {
     use burn::prelude::*;
     use burn_cubecl::CubeBackend;
 
-    use crate::testing::{has_near_tie, Lcg};
+    use crate::testing::{erf64, gelu64, window, Lcg};
     use crate::{fused_gelu_max_pool_gelu, reference_gelu_max_pool_gelu, FusedOps};
 
     type Cube = CubeBackend<WgpuRuntime, f32, i32, u32>;
+
+    fn gelu_derivative64(x: f64) -> f64 {
+        let density = (-0.5 * x * x).exp() / core::f64::consts::TAU.sqrt();
+        0.5 * (1.0 + erf64(x * core::f64::consts::FRAC_1_SQRT_2)) + x * density
+    }
+
+    /// Whether some window's maximum after GELU is a near tie (within `gap · (1 + |max|)`) between
+    /// different input values, one of which passes a non-negligible gradient. Either winner is
+    /// then right, and two implementations may differ in rounding and pick different ones.
+    fn has_near_tie(xs: &[f32], dims: [usize; 3], grid: [usize; 2], gap: f64) -> bool {
+        let [batch, n, channels] = dims;
+        (0..batch * n * channels).any(|i| {
+            let (c, t, b) = (i % channels, (i / channels) % n, i / (channels * n));
+            let values = window(xs, dims, grid, b, t, c);
+            let max = values.iter().map(|&x| gelu64(x as f64)).fold(f64::NEG_INFINITY, f64::max);
+            let near: Vec<f32> = values.into_iter().filter(|&x| gelu64(x as f64) >= max - gap * (1.0 + max.abs())).collect();
+            let distinct = near.iter().any(|&x| x != near[0]);
+            distinct && near.iter().any(|&x| gelu_derivative64(x as f64).abs() >= 1e-6)
+        })
+    }
 
     const GRIDS: [[usize; 2]; 6] = [[1, 1], [7, 7], [14, 14], [27, 27], [5, 9], [13, 4]];
     const CHANNELS: [usize; 7] = [1, 2, 3, 5, 8, 17, 24];
