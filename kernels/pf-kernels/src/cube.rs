@@ -111,7 +111,7 @@ impl<R: CubeRuntime, F: FloatElement, I: IntElement, BT: BoolElement> FusedOps f
     }
 
     fn gelu_max_pool_gelu_with_indices(tokens: FloatTensor<Self>, grid: [usize; 2]) -> Option<(FloatTensor<Self>, IntTensor<Self>)> {
-        Some(gelu_max_pool::gelu_max_pool_gelu::<R, F, I, BT>(tokens, grid))
+        Some(gelu_max_pool::gelu_max_pool_gelu::<R, I>(tokens, grid))
     }
 }
 

@@ -1,13 +1,12 @@
 //! The eff layer's `GELU → 3×3 max-pool (stride 1, padding 1) → GELU` in token layout: one
 //! pass over `[batch, height · width, channels]`, no rearrangement to `[batch, channels, h, w]`.
 
-use burn::tensor::ops::{FloatTensor, IntTensor};
 use burn::tensor::TensorMetadata;
 use burn_cubecl::cubecl;
 use burn_cubecl::cubecl::{calculate_cube_count_elemwise, prelude::*};
-use burn_cubecl::element::BoolElement;
 use burn_cubecl::ops::numeric::empty_device_contiguous_dtype;
-use burn_cubecl::{CubeBackend, CubeRuntime, FloatElement, IntElement};
+use burn_cubecl::tensor::CubeTensor;
+use burn_cubecl::{CubeRuntime, IntElement};
 
 /// The error function to float precision (relative error below 1e-7 in f32, measured against
 /// a 40-digit erf on a dense grid of [0, 6]). CubeCL's own `erf` is a polyfill on wgpu with an
@@ -26,29 +25,29 @@ pub(crate) fn erf<F: Float>(x: F) -> F {
     let mut e = F::new(1.0);
     if a < F::new(1.0) {
         let u = a * a;
-        let mut q = F::new(-9.667044651e-6);
-        q = q * u + F::new(1.126595889e-4);
-        q = q * u + F::new(-8.484080317e-4);
-        q = q * u + F::new(5.221031606e-3);
-        q = q * u + F::new(-2.686543018e-2);
-        q = q * u + F::new(1.128378212e-1);
-        q = q * u + F::new(-3.761263788e-1);
-        q = q * u + F::new(1.283791661e-1);
+        let mut q = F::new(-9.667045e-6);
+        q = q * u + F::new(1.1265959e-4);
+        q = q * u + F::new(-8.4840803e-4);
+        q = q * u + F::new(5.2210316e-3);
+        q = q * u + F::new(-2.686543e-2);
+        q = q * u + F::new(1.1283782e-1);
+        q = q * u + F::new(-3.7612638e-1);
+        q = q * u + F::new(1.2837917e-1);
         e = a + a * q;
     } else if a < F::new(4.0) {
         let s = (a - F::new(2.5)) * F::new(0.6666667);
-        let mut r = F::new(-3.566417945e-5);
-        r = r * s + F::new(9.629120177e-5);
-        r = r * s + F::new(-1.474161400e-4);
-        r = r * s + F::new(3.681510861e-4);
-        r = r * s + F::new(-1.013662550e-3);
-        r = r * s + F::new(2.425638959e-3);
-        r = r * s + F::new(-5.568837747e-3);
-        r = r * s + F::new(1.248412300e-2);
-        r = r * s + F::new(-2.700545825e-2);
-        r = r * s + F::new(5.611094832e-2);
-        r = r * s + F::new(-1.115210205e-1);
-        r = r * s + F::new(2.108063549e-1);
+        let mut r = F::new(-3.566418e-5);
+        r = r * s + F::new(9.62912e-5);
+        r = r * s + F::new(-1.4741614e-4);
+        r = r * s + F::new(3.681511e-4);
+        r = r * s + F::new(-1.0136625e-3);
+        r = r * s + F::new(2.425639e-3);
+        r = r * s + F::new(-5.5688377e-3);
+        r = r * s + F::new(1.2484123e-2);
+        r = r * s + F::new(-2.7005458e-2);
+        r = r * s + F::new(5.611095e-2);
+        r = r * s + F::new(-1.1152102e-1);
+        r = r * s + F::new(2.1080635e-1);
         e = F::new(1.0) - F::exp(F::new(0.0) - a * a) * r;
     }
     if x < F::new(0.0) {
@@ -116,10 +115,7 @@ fn gelu_max_pool_gelu_kernel<F: Float, I: Int>(
 
 /// Launches the kernel on `tokens` (`[batch, height · width, channels]`, any strides); returns
 /// the contiguous output and the winners' token indices, both of the same shape.
-pub(crate) fn gelu_max_pool_gelu<R: CubeRuntime, F: FloatElement, I: IntElement, BT: BoolElement>(
-    tokens: FloatTensor<CubeBackend<R, F, I, BT>>,
-    grid: [usize; 2],
-) -> (FloatTensor<CubeBackend<R, F, I, BT>>, IntTensor<CubeBackend<R, F, I, BT>>) {
+pub(crate) fn gelu_max_pool_gelu<R: CubeRuntime, I: IntElement>(tokens: CubeTensor<R>, grid: [usize; 2]) -> (CubeTensor<R>, CubeTensor<R>) {
     let shape = tokens.shape();
     let [_, n, _] = shape.dims::<3>();
     let [height, width] = grid;
@@ -152,6 +148,7 @@ pub(crate) fn gelu_max_pool_gelu<R: CubeRuntime, F: FloatElement, I: IntElement,
 mod erf_tests {
     use burn::backend::wgpu::WgpuRuntime;
     use burn::tensor::{Tensor as BurnTensor, TensorData, TensorPrimitive};
+    use burn_cubecl::CubeBackend;
 
     use super::*;
     use crate::testing::erf64;
