@@ -3,9 +3,8 @@
 
 use burn::nn::{Dropout, DropoutConfig, LayerNorm, LayerNormConfig, Linear, LinearConfig};
 use burn::prelude::*;
-use pf_kernels::FusedOps;
 use burn::tensor::activation::softmax;
-use pf_kernels::{gelu, reference_gelu_max_pool_gelu};
+use pf_kernels::{fused_gelu_max_pool_gelu, gelu, reference_gelu_max_pool_gelu, FusedOps};
 use serde::{Deserialize, Serialize};
 
 use crate::drop::DropPath;
@@ -76,6 +75,9 @@ pub struct EffLayer<B: FusedOps> {
     pub qkv: Linear<B>,
     pub proj: Linear<B>,
     pub proj_drop: Dropout,
+    /// Run `GELU → max-pool → GELU` through the fused kernel where the backend has one;
+    /// `false` forces the reference ops.
+    pub fused: bool,
 }
 
 impl<B: FusedOps> EffLayer<B> {
@@ -83,7 +85,8 @@ impl<B: FusedOps> EffLayer<B> {
     /// - `x`: `[batch, height * width, dim]`, row-major grid
     /// - output: same
     pub fn forward(&self, x: Tensor<B, 3>, grid: [usize; 2]) -> Tensor<B, 3> {
-        let x = reference_gelu_max_pool_gelu(self.qkv.forward(x), grid);
+        let x = self.qkv.forward(x);
+        let x = if self.fused { fused_gelu_max_pool_gelu(x, grid) } else { reference_gelu_max_pool_gelu(x, grid) };
         self.proj_drop.forward(self.proj.forward(x))
     }
 }
@@ -124,6 +127,10 @@ pub struct BlockConfig {
     pub attn_drop: f64,
     #[config(default = 0.0)]
     pub drop_path: f64,
+    /// The eff layer's `GELU → max-pool → GELU` through the fused kernel where the backend has
+    /// one; `false` forces the reference ops.
+    #[config(default = true)]
+    pub fused: bool,
 }
 
 /// The eff layer widens the tokens threefold (`EffLayer(dim, mlp_ratio=3)` in vit_pf.py).
@@ -157,6 +164,7 @@ impl BlockConfig {
                 qkv: linear(d, EFF_EXPANSION * d, true),
                 proj: linear(EFF_EXPANSION * d, d, true),
                 proj_drop: DropoutConfig::new(self.drop).init(),
+                fused: self.fused,
             }),
         };
         let hidden = (d as f64 * self.mlp_ratio) as usize;

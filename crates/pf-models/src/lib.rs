@@ -153,3 +153,43 @@ impl<B: FusedOps> Model<B> {
         })
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use burn::backend::NdArray;
+    use pf_core::transformer::TokenMixer;
+    use pf_core::Block;
+
+    use super::*;
+
+    /// The `fused` flag of every eff layer among `blocks`.
+    fn eff_switches<'a>(blocks: impl Iterator<Item = &'a Block<NdArray>>) -> Vec<bool> {
+        blocks
+            .filter_map(|b| match &b.attn {
+                TokenMixer::Eff(eff) => Some(eff.fused),
+                TokenMixer::Attention(_) => None,
+            })
+            .collect()
+    }
+
+    /// Configs written before the `fused` switch existed (the fixtures') run the fused eff layer;
+    /// `false` reaches every eff layer of ViT and PiT.
+    #[test]
+    fn fused_switch_defaults_on_and_reaches_every_eff_layer() {
+        let device = Default::default();
+        let vit = r#"{"img_size": 32, "patch_size": 8, "embed_dim": 8, "depth": 4, "num_heads": 2, "mlp_ratio": 2.0, "attn_type": "max"}"#;
+        let vit: VitConfig = serde_json::from_str(vit).expect("vit config");
+        assert!(vit.fused);
+        assert_eq!(eff_switches(vit.init::<NdArray>(&device).blocks.iter()), [true, true]);
+        let vit = VitConfig { fused: false, ..vit };
+        assert_eq!(eff_switches(vit.init::<NdArray>(&device).blocks.iter()), [false, false]);
+
+        let pit = r#"{"image_size": 64, "patch_size": 16, "stride": 8, "base_dims": [4, 4], "depth": [2, 3], "heads": [1, 2],
+                      "mlp_ratio": 2.0, "attn_type": "max"}"#;
+        let pit: PitConfig = serde_json::from_str(pit).expect("pit config");
+        assert!(pit.fused);
+        let pit = PitConfig { fused: false, ..pit };
+        let model = pit.init::<NdArray>(&device);
+        assert_eq!(eff_switches(model.transformers.iter().flat_map(|t| t.blocks.iter())), [false, false]);
+    }
+}

@@ -33,6 +33,10 @@ pub struct PitConfig {
     pub attn_drop_rate: f64,
     #[serde(default)]
     pub drop_path_rate: f64,
+    /// pf's switch: run the eff layers' `GELU → max-pool → GELU` through the fused kernel where
+    /// the backend has one; `false` forces the reference ops.
+    #[serde(default = "crate::default_true")]
+    pub fused: bool,
 }
 
 /// `conv_embedding`: a strided conv with bias.
@@ -118,6 +122,7 @@ impl PitConfig {
                             .with_drop(self.drop_rate)
                             .with_attn_drop(self.attn_drop_rate)
                             .with_drop_path(drop_path)
+                            .with_fused(self.fused)
                             .init(device)
                     })
                     .collect();

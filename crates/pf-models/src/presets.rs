@@ -76,6 +76,7 @@ impl ModelName {
                 drop_rate: 0.0,
                 attn_drop_rate: 0.0,
                 drop_path_rate: 0.0,
+                fused: true,
             })
         };
         let pit = |patch_size, stride, base: usize, depth: [usize; 3], heads: [usize; 3], attn_type| {
@@ -92,6 +93,7 @@ impl ModelName {
                 drop_rate: 0.0,
                 attn_drop_rate: 0.0,
                 drop_path_rate: 0.0,
+                fused: true,
             })
         };
         match self {

@@ -33,6 +33,10 @@ pub struct VitConfig {
     pub attn_drop_rate: f64,
     #[serde(default)]
     pub drop_path_rate: f64,
+    /// pf's switch: run the eff layers' `GELU → max-pool → GELU` through the fused kernel where
+    /// the backend has one; `false` forces the reference ops.
+    #[serde(default = "crate::default_true")]
+    pub fused: bool,
 }
 
 /// timm's `PatchEmbed`: a `patch_size`-strided conv, flattened to tokens.
@@ -91,6 +95,7 @@ impl VitConfig {
                     .with_drop(self.drop_rate)
                     .with_attn_drop(self.attn_drop_rate)
                     .with_drop_path(self.drop_path(i))
+                    .with_fused(self.fused)
                     .init(device)
             })
             .collect();

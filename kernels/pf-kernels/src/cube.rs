@@ -1,4 +1,7 @@
-//! CubeCL kernels (wgpu, CUDA): one pass over the conv output for `BN → ReLU → max-pool`.
+//! CubeCL kernels (wgpu, CUDA): one pass over the conv output for `BN → ReLU → max-pool`, and
+//! one over the eff layer's tokens for `GELU → max-pool → GELU` (`gelu_max_pool`).
+
+mod gelu_max_pool;
 
 use burn::tensor::ops::{FloatTensor, IntTensor};
 use burn::tensor::{Shape, TensorMetadata};
@@ -106,6 +109,10 @@ impl<R: CubeRuntime, F: FloatElement, I: IntElement, BT: BoolElement> FusedOps f
         );
         Some((out, indices))
     }
+
+    fn gelu_max_pool_gelu_with_indices(tokens: FloatTensor<Self>, grid: [usize; 2]) -> Option<(FloatTensor<Self>, IntTensor<Self>)> {
+        Some(gelu_max_pool::gelu_max_pool_gelu::<R, I>(tokens, grid))
+    }
 }
 
 #[cfg(all(test, feature = "wgpu"))]
@@ -116,16 +123,8 @@ mod tests {
     use burn::tensor::Distribution;
     use burn_cubecl::CubeBackend;
 
+    use crate::testing::Lcg;
     use crate::{fused_bn_relu_max_pool, reference_bn_relu_max_pool, FusedOps, Pool2d};
-
-    /// A small deterministic generator, so that a failing case can be replayed.
-    struct Lcg(u64);
-    impl Lcg {
-        fn below(&mut self, n: usize) -> usize {
-            self.0 = self.0.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
-            ((self.0 >> 33) as usize) % n
-        }
-    }
 
     fn assert_close<B: Backend, const D: usize>(name: &str, case: usize, a: Tensor<B, D>, b: Tensor<B, D>) {
         let (a, b) = (a.into_data().to_vec::<f32>().unwrap(), b.into_data().to_vec::<f32>().unwrap());

@@ -11,6 +11,11 @@ mod cube;
 mod fusion;
 pub mod ops;
 pub mod reference;
+#[cfg(test)]
+mod testing;
 
-pub use ops::{bn_relu_max_pool_backward, fused_bn_relu_max_pool, FusedAutodiffBackend, FusedOps};
-pub use reference::{gelu, reference_bn_relu_max_pool, reference_gelu_max_pool_gelu, Pool2d};
+pub use ops::{
+    bn_relu_max_pool_backward, fused_bn_relu_max_pool, fused_gelu_max_pool_gelu, gelu_max_pool_gelu_backward, FusedAutodiffBackend,
+    FusedOps,
+};
+pub use reference::{gelu, gelu_derivative, reference_bn_relu_max_pool, reference_gelu_max_pool_gelu, Pool2d};

@@ -1,4 +1,5 @@
-//! The backend extension of pf's fused operations: `BN → ReLU → max-pool`.
+//! The backend extension of pf's fused operations: `BN → ReLU → max-pool` and the eff layer's
+//! `GELU → max-pool → GELU` over tokens.
 //!
 //! Backends without a kernel (NdArray) run the reference twin; CubeCL backends (wgpu, CUDA)
 //! run the kernel of `cube.rs`; `Autodiff<B>` differentiates the kernel with the window maxima
@@ -13,7 +14,7 @@ use burn::prelude::*;
 use burn::tensor::ops::{FloatTensor, IntTensor};
 use burn::tensor::{IndexingUpdateOp, TensorPrimitive};
 
-use crate::reference::{reference_bn_relu_max_pool, Pool2d};
+use crate::reference::{gelu, gelu_derivative, reference_bn_relu_max_pool, reference_gelu_max_pool_gelu, Pool2d};
 
 /// Backends that can run pf's fused operations. Every method has the reference twin as its
 /// default, so any backend may implement the trait with an empty body.
@@ -45,6 +46,26 @@ pub trait FusedOps: Backend {
                 let out = reference_bn_relu_max_pool::<Self>(float(x), float(scale), float(shift), pool);
                 out.into_primitive().tensor()
             }
+        }
+    }
+
+    /// `gelu(max_pool3x3(gelu(tokens)))` over the `[height, width]` token grid (stride 1,
+    /// padding 1), together with, for every output, the token index `h · W + w` of the input
+    /// element that won its window (the first maximum, as PyTorch). `None` where the backend
+    /// has no kernel.
+    ///
+    /// # Shapes
+    /// - `tokens`: `[batch, height * width, channels]`, any strides
+    /// - output: same shape, twice
+    fn gelu_max_pool_gelu_with_indices(_tokens: FloatTensor<Self>, _grid: [usize; 2]) -> Option<(FloatTensor<Self>, IntTensor<Self>)> {
+        None
+    }
+
+    /// `gelu(max_pool3x3(gelu(tokens)))` over the `[height, width]` token grid.
+    fn gelu_max_pool_gelu(tokens: FloatTensor<Self>, grid: [usize; 2]) -> FloatTensor<Self> {
+        match Self::gelu_max_pool_gelu_with_indices(tokens.clone(), grid) {
+            Some((out, _)) => out,
+            None => reference_gelu_max_pool_gelu::<Self>(float(tokens), grid).into_primitive().tensor(),
         }
     }
 }
@@ -84,6 +105,32 @@ pub fn bn_relu_max_pool_backward<B: Backend>(
     let gx = Tensor::zeros([n, c, h * w], &g.device()).scatter(2, indices, g.clone() * scale, IndexingUpdateOp::Add);
     let per_channel = |t: Tensor<B, 3>| t.sum_dim(2).sum_dim(0).reshape([c]);
     (gx.reshape([n, c, h, w]), per_channel(g.clone() * x_at), per_channel(g))
+}
+
+/// The fused `GELU → 3×3 max-pool → GELU` of the eff layer on tokens; the reference twin is
+/// [`reference_gelu_max_pool_gelu`].
+///
+/// # Shapes
+/// - `tokens`: `[batch, height * width, channels]`, row-major grid `[height, width]`
+/// - output: same
+pub fn fused_gelu_max_pool_gelu<B: FusedOps>(tokens: Tensor<B, 3>, grid: [usize; 2]) -> Tensor<B, 3> {
+    let [_, n, _] = tokens.dims();
+    let [height, width] = grid;
+    assert_eq!(n, height * width, "token count {n} is not the grid {height}x{width}");
+    float(B::gelu_max_pool_gelu(tokens.into_primitive().tensor(), grid))
+}
+
+/// Gradient of `gelu(max_pool(gelu(tokens)))` for the output gradient `grad`, given the
+/// winning token of every window: `grad · gelu'(m) · gelu'(x)` reaches the winner `x`, where
+/// `m = gelu(x)` is the window's maximum. Plain ops, so any backend can run it.
+///
+/// # Shapes
+/// - `tokens`, `indices`, `grad`: `[batch, height * width, channels]`
+/// - output: gradient of `tokens`, same shape
+pub fn gelu_max_pool_gelu_backward<B: Backend>(tokens: Tensor<B, 3>, indices: Tensor<B, 3, Int>, grad: Tensor<B, 3>) -> Tensor<B, 3> {
+    let winners = tokens.clone().gather(1, indices.clone());
+    let g = grad * gelu_derivative(gelu(winners.clone())) * gelu_derivative(winners);
+    Tensor::zeros(tokens.dims(), &g.device()).scatter(1, indices, g, IndexingUpdateOp::Add)
 }
 
 impl FusedOps for burn::backend::NdArray {}
@@ -126,6 +173,35 @@ impl<B: FusedOps, C: CheckpointStrategy> FusedOps for Autodiff<B, C> {
             OpsKind::UnTracked(prep) => prep.finish(out),
         }
     }
+
+    fn gelu_max_pool_gelu(tokens: FloatTensor<Self>, grid: [usize; 2]) -> FloatTensor<Self> {
+        let Some((out, indices)) = B::gelu_max_pool_gelu_with_indices(tokens.primitive.clone(), grid) else {
+            // No kernel below: differentiate the reference twin.
+            return reference_gelu_max_pool_gelu::<Self>(float(tokens), grid).into_primitive().tensor();
+        };
+        match GeluMaxPoolGeluBackward.prepare::<C>([tokens.node.clone()]).compute_bound().stateful() {
+            OpsKind::Tracked(prep) => prep.finish((tokens.primitive, indices), out),
+            OpsKind::UnTracked(prep) => prep.finish(out),
+        }
+    }
+}
+
+#[derive(Debug)]
+struct GeluMaxPoolGeluBackward;
+
+impl<B: FusedOps> Backward<B, 1> for GeluMaxPoolGeluBackward {
+    type State = (FloatTensor<B>, IntTensor<B>);
+
+    fn backward(self, ops: Ops<Self::State, 1>, grads: &mut Gradients, _checkpointer: &mut Checkpointer) {
+        let [node_tokens] = ops.parents;
+        let grad = grads.consume::<B>(&ops.node);
+        let (tokens, indices) = ops.state;
+        if let Some(node) = node_tokens {
+            let indices = Tensor::<B, 3, Int>::from_primitive(indices);
+            let g = gelu_max_pool_gelu_backward(float::<B, 3>(tokens), indices, float(grad));
+            grads.register::<B>(node.id, g.into_primitive().tensor());
+        }
+    }
 }
 
 /// An autodiff backend whose inner backend runs pf's fused operations too (training runs on
@@ -133,3 +209,112 @@ impl<B: FusedOps, C: CheckpointStrategy> FusedOps for Autodiff<B, C> {
 pub trait FusedAutodiffBackend: burn::tensor::backend::AutodiffBackend<InnerBackend: FusedOps> + FusedOps {}
 
 impl<B: burn::tensor::backend::AutodiffBackend<InnerBackend: FusedOps> + FusedOps> FusedAutodiffBackend for B {}
+
+#[cfg(test)]
+mod tests {
+    use burn::backend::{Autodiff, NdArray};
+    use burn::tensor::module::max_pool2d_with_indices;
+
+    use super::*;
+    use crate::testing::{gelu64, window, Lcg};
+
+    type Ad = Autodiff<NdArray>;
+
+    /// `gelu(max_pool3x3(gelu(x)))` in double precision, the specification written out.
+    fn gelu_max_pool_gelu64(xs: &[f32], dims: [usize; 3], grid: [usize; 2]) -> Vec<f64> {
+        let [batch, n, channels] = dims;
+        let mut out = Vec::with_capacity(xs.len());
+        for b in 0..batch {
+            for t in 0..n {
+                for c in 0..channels {
+                    let max = window(xs, dims, grid, b, t, c).into_iter().map(|x| gelu64(x as f64)).fold(f64::NEG_INFINITY, f64::max);
+                    out.push(gelu64(max));
+                }
+            }
+        }
+        out
+    }
+
+    /// Whether every window's two largest GELU values are at least `gap` apart, so that a
+    /// finite difference of step below `gap / 2` never changes a winner.
+    fn well_separated(xs: &[f32], dims: [usize; 3], grid: [usize; 2], gap: f64) -> bool {
+        let [batch, n, channels] = dims;
+        (0..batch * n * channels).all(|i| {
+            let (c, t, b) = (i % channels, (i / channels) % n, i / (channels * n));
+            let mut values: Vec<f64> = window(xs, dims, grid, b, t, c).into_iter().map(|x| gelu64(x as f64)).collect();
+            values.sort_by(|a, b| b.total_cmp(a));
+            values.len() < 2 || values[0] - values[1] >= gap
+        })
+    }
+
+    fn draw(rng: &mut Lcg, dims: [usize; 3], grid: [usize; 2]) -> Vec<f32> {
+        loop {
+            let xs: Vec<f32> = (0..dims.iter().product()).map(|_| (1.5 * rng.normal()) as f32).collect();
+            if well_separated(&xs, dims, grid, 0.01) {
+                return xs;
+            }
+        }
+    }
+
+    /// Without a kernel (NdArray) `fused_gelu_max_pool_gelu` differentiates the reference twin:
+    /// its output and token gradient against the double-precision specification and central
+    /// finite differences of it.
+    #[test]
+    fn ndarray_gradient_matches_finite_differences() {
+        let device = Default::default();
+        let mut rng = Lcg(7);
+        for (dims, grid) in [([2, 12, 3], [3, 4]), ([1, 10, 2], [5, 2]), ([3, 1, 4], [1, 1]), ([1, 9, 1], [1, 9])] {
+            let xs = draw(&mut rng, dims, grid);
+            let ws: Vec<f64> = (0..xs.len()).map(|_| rng.normal()).collect();
+            let loss = |xs: &[f32]| -> f64 { gelu_max_pool_gelu64(xs, dims, grid).iter().zip(&ws).map(|(y, w)| y * w).sum() };
+
+            let tokens = Tensor::<Ad, 3>::from_data(TensorData::new(xs.clone(), dims), &device).require_grad();
+            let weights = Tensor::<Ad, 3>::from_data(TensorData::new(ws.iter().map(|&w| w as f32).collect(), dims), &device);
+            let out = fused_gelu_max_pool_gelu(tokens.clone(), grid);
+            let grads = (out.clone() * weights).sum().backward();
+            let grad = tokens.grad(&grads).unwrap().into_data().to_vec::<f32>().unwrap();
+            let out = out.inner().into_data().to_vec::<f32>().unwrap();
+
+            for (i, (y, truth)) in out.iter().zip(gelu_max_pool_gelu64(&xs, dims, grid)).enumerate() {
+                assert!((*y as f64 - truth).abs() <= 1e-6 * (1.0 + truth.abs()), "{dims:?}: output[{i}] = {y}, expected {truth}");
+            }
+            let h = 1e-3f32;
+            for i in 0..xs.len() {
+                let (mut plus, mut minus) = (xs.clone(), xs.clone());
+                plus[i] += h;
+                minus[i] -= h;
+                let fd = (loss(&plus) - loss(&minus)) / (plus[i] as f64 - minus[i] as f64);
+                let g = grad[i] as f64;
+                assert!((g - fd).abs() <= 1e-4 * (1.0 + fd.abs()), "{dims:?}: grad[{i}] = {g}, finite difference {fd}");
+            }
+        }
+    }
+
+    /// `gelu_max_pool_gelu_backward`, which differentiates the kernels, given the winners of
+    /// Burn's own max-pool, against the autodiff gradient of the reference twin.
+    #[test]
+    fn backward_matches_reference_gradient() {
+        let device = Default::default();
+        let mut rng = Lcg(11);
+        for (batch, grid, channels) in [(2, [7, 7], 5), (1, [5, 9], 3), (3, [13, 4], 1), (1, [1, 1], 2)] {
+            let [height, width] = grid;
+            let dims = [batch, height * width, channels];
+            let xs: Vec<f32> = (0..dims.iter().product()).map(|_| (2.0 * rng.normal()) as f32).collect();
+            let ws: Vec<f32> = (0..xs.len()).map(|_| rng.normal() as f32).collect();
+            let tokens = Tensor::<Ad, 3>::from_data(TensorData::new(xs, dims), &device).require_grad();
+            let weights = Tensor::<Ad, 3>::from_data(TensorData::new(ws, dims), &device);
+            let grads = (reference_gelu_max_pool_gelu(tokens.clone(), grid) * weights.clone()).sum().backward();
+            let expected = tokens.grad(&grads).unwrap();
+
+            let x = tokens.inner();
+            let nchw = gelu(x.clone()).reshape([batch, height, width, channels]).permute([0, 3, 1, 2]);
+            let (_, indices) = max_pool2d_with_indices(nchw, [3, 3], [1, 1], [1, 1], [1, 1], false);
+            let indices = indices.permute([0, 2, 3, 1]).reshape(dims);
+            let got = gelu_max_pool_gelu_backward(x, indices, weights.inner());
+            let (got, expected) = (got.into_data().to_vec::<f32>().unwrap(), expected.into_data().to_vec::<f32>().unwrap());
+            for (i, (g, e)) in got.iter().zip(&expected).enumerate() {
+                assert!((g - e).abs() <= 1e-5 * (1.0 + e.abs()), "{dims:?}: grad[{i}] = {g}, reference {e}");
+            }
+        }
+    }
+}

@@ -52,6 +52,16 @@ pub fn gelu<B: Backend, const D: usize>(x: Tensor<B, D>) -> Tensor<B, D> {
     x * cdf
 }
 
+/// The exact derivative of [`gelu`]: `Φ(x) + x · φ(x)`, the normal distribution's CDF and
+/// density.
+pub fn gelu_derivative<B: Backend, const D: usize>(x: Tensor<B, D>) -> Tensor<B, D> {
+    let cdf = x.clone().div_scalar(core::f64::consts::SQRT_2).erf().add_scalar(1.0).mul_scalar(0.5);
+    // 1/√(2π) = (2/√π) · (1/√2) / 2
+    let frac_1_sqrt_2pi = core::f64::consts::FRAC_2_SQRT_PI * core::f64::consts::FRAC_1_SQRT_2 * 0.5;
+    let density = x.clone().powi_scalar(2).mul_scalar(-0.5).exp().mul_scalar(frac_1_sqrt_2pi);
+    cdf + x * density
+}
+
 /// `max_pool( relu( x · scale[c] + shift[c] ) )`: a batch norm folded into a per-channel affine map,
 /// then ReLU and max-pool (the stem and the stride-1 parameter-free bottlenecks of ResNet-max).
 ///

@@ -1,0 +1,327 @@
+//! The eff layer's `GELU → 3×3 max-pool (stride 1, padding 1) → GELU` in token layout: one
+//! pass over `[batch, height · width, channels]`, no rearrangement to `[batch, channels, h, w]`.
+
+use burn::tensor::TensorMetadata;
+use burn_cubecl::cubecl;
+use burn_cubecl::cubecl::{calculate_cube_count_elemwise, prelude::*};
+use burn_cubecl::ops::numeric::empty_device_contiguous_dtype;
+use burn_cubecl::tensor::CubeTensor;
+use burn_cubecl::{CubeRuntime, IntElement};
+
+/// The error function to float precision (relative error below 1e-7 in f32, measured against
+/// a 40-digit erf on a dense grid of [0, 6]). CubeCL's own `erf` is a polyfill on wgpu with an
+/// absolute error of 1.5e-7 (Abramowitz–Stegun 7.1.26), too coarse for this kernel.
+///
+/// - `|x| < 1`: `erf(x) = x + x · q(x²)`, `q` a degree-7 Chebyshev fit of `erf(x)/x − 1`
+///   (the dominant `x` stays exact, so the rounding of `q` hardly shows);
+/// - `1 ≤ |x| < 4`: `erf(x) = 1 − exp(−x²) · r(s)`, `r` a degree-11 Chebyshev fit of
+///   `erfc(x) · exp(x²)` in `s = (x − 2.5) / 1.5`;
+/// - `|x| ≥ 4`: `erfc(x) < 1.6e-8` rounds away, `erf(x) = ±1`.
+///
+/// The coefficients were fitted for pf with mpmath's `chebyfit` (40 digits) and rounded to f32.
+#[cube]
+pub(crate) fn erf<F: Float>(x: F) -> F {
+    let a = F::abs(x);
+    let mut e = F::new(1.0);
+    if a < F::new(1.0) {
+        let u = a * a;
+        let mut q = F::new(-9.667045e-6);
+        q = q * u + F::new(1.1265959e-4);
+        q = q * u + F::new(-8.4840803e-4);
+        q = q * u + F::new(5.2210316e-3);
+        q = q * u + F::new(-2.686543e-2);
+        q = q * u + F::new(1.1283782e-1);
+        q = q * u + F::new(-3.7612638e-1);
+        q = q * u + F::new(1.2837917e-1);
+        e = a + a * q;
+    } else if a < F::new(4.0) {
+        let s = (a - F::new(2.5)) * F::new(0.6666667);
+        let mut r = F::new(-3.566418e-5);
+        r = r * s + F::new(9.62912e-5);
+        r = r * s + F::new(-1.4741614e-4);
+        r = r * s + F::new(3.681511e-4);
+        r = r * s + F::new(-1.0136625e-3);
+        r = r * s + F::new(2.425639e-3);
+        r = r * s + F::new(-5.5688377e-3);
+        r = r * s + F::new(1.2484123e-2);
+        r = r * s + F::new(-2.7005458e-2);
+        r = r * s + F::new(5.611095e-2);
+        r = r * s + F::new(-1.1152102e-1);
+        r = r * s + F::new(2.1080635e-1);
+        e = F::new(1.0) - F::exp(F::new(0.0) - a * a) * r;
+    }
+    if x < F::new(0.0) {
+        e = F::new(0.0) - e;
+    }
+    e
+}
+
+/// Exact GELU, `x · (1 + erf(x / √2)) / 2`, the formula of the reference twin.
+#[cube]
+pub(crate) fn gelu<F: Float>(x: F) -> F {
+    x * (F::new(1.0) + erf::<F>(x * F::new(core::f32::consts::FRAC_1_SQRT_2))) * F::new(0.5)
+}
+
+/// One thread per output `(b, token, c)`: GELU of the (up to) nine grid neighbours of `token`
+/// in channel `c`, the first maximum in row-major window order (strictly greater wins, as
+/// PyTorch's max-pool), GELU of it, and the winner's token index. Positions outside the grid
+/// are skipped, never compared. Neighbouring threads read neighbouring channels.
+#[cube(launch)]
+fn gelu_max_pool_gelu_kernel<F: Float, I: Int>(
+    tokens: &Tensor<F>,
+    out: &mut Tensor<F>,
+    indices: &mut Tensor<I>,
+    height: usize,
+    width: usize,
+    #[define(F, I)] _dtypes: [StorageType; 2],
+) {
+    let pos = ABSOLUTE_POS;
+    if pos >= out.len() {
+        terminate!();
+    }
+    let channels = out.shape(2);
+    let c = pos % channels;
+    let rest = pos / channels;
+    let token = rest % out.shape(1);
+    let b = rest / out.shape(1);
+    let (oh, ow) = (token / width, token % width);
+    let base = b * tokens.stride(0) + c * tokens.stride(2);
+
+    // GELU's minimum is about -0.17, so any real element beats -1.
+    let mut best = F::new(-1.0);
+    let mut best_index = 0usize;
+    #[unroll]
+    for kh in 0..3usize {
+        // Unsigned arithmetic: row `oh + kh − 1` exists when `oh + kh ∈ [1, height]`.
+        let ph = oh + kh;
+        if ph >= 1 && ph <= height {
+            #[unroll]
+            for kw in 0..3usize {
+                let pw = ow + kw;
+                if pw >= 1 && pw <= width {
+                    let t = (ph - 1) * width + (pw - 1);
+                    let v = gelu::<F>(tokens[base + t * tokens.stride(1)]);
+                    if v > best {
+                        best = v;
+                        best_index = t;
+                    }
+                }
+            }
+        }
+    }
+    out[pos] = gelu::<F>(best);
+    indices[pos] = I::cast_from(best_index);
+}
+
+/// Launches the kernel on `tokens` (`[batch, height · width, channels]`, any strides); returns
+/// the contiguous output and the winners' token indices, both of the same shape.
+pub(crate) fn gelu_max_pool_gelu<R: CubeRuntime, I: IntElement>(tokens: CubeTensor<R>, grid: [usize; 2]) -> (CubeTensor<R>, CubeTensor<R>) {
+    let shape = tokens.shape();
+    let [_, n, _] = shape.dims::<3>();
+    let [height, width] = grid;
+    assert_eq!(n, height * width, "token count {n} is not the grid {height}x{width}");
+    let client = tokens.client.clone();
+    let out = empty_device_contiguous_dtype(client.clone(), tokens.device.clone(), shape.clone(), tokens.dtype);
+    let indices = empty_device_contiguous_dtype(client.clone(), tokens.device.clone(), shape, I::dtype());
+    let units = out.meta.num_elements();
+    if units == 0 {
+        return (out, indices);
+    }
+    let cube_dim = CubeDim::new(&client, units);
+    let cube_count = calculate_cube_count_elemwise(&client, units, cube_dim);
+    let dtypes = [tokens.dtype.into(), indices.dtype.into()];
+    gelu_max_pool_gelu_kernel::launch::<R>(
+        &client,
+        cube_count,
+        cube_dim,
+        tokens.into_tensor_arg(),
+        out.clone().into_tensor_arg(),
+        indices.clone().into_tensor_arg(),
+        height,
+        width,
+        dtypes,
+    );
+    (out, indices)
+}
+
+#[cfg(all(test, feature = "wgpu"))]
+mod erf_tests {
+    use burn::backend::wgpu::WgpuRuntime;
+    use burn::tensor::{Tensor as BurnTensor, TensorData, TensorPrimitive};
+    use burn_cubecl::CubeBackend;
+
+    use super::*;
+    use crate::testing::erf64;
+
+    type Cube = CubeBackend<WgpuRuntime, f32, i32, u32>;
+
+    #[cube(launch)]
+    fn erf_kernel<F: Float>(x: &Tensor<F>, out: &mut Tensor<F>, #[define(F)] _dtype: StorageType) {
+        if ABSOLUTE_POS < out.len() {
+            out[ABSOLUTE_POS] = erf::<F>(x[ABSOLUTE_POS]);
+        }
+    }
+
+    /// The kernel's erf against the double-precision one: relative error below 1e-7 on a dense
+    /// grid of [-6, 6] and on tiny arguments.
+    #[test]
+    fn erf_is_float_accurate() {
+        let device = Default::default();
+        let mut xs: Vec<f32> = (-120_000..=120_000).map(|i| i as f32 * 5e-5).collect();
+        xs.extend([1e-30f32, 1e-10, 1e-5, 3.9999, 4.0, 4.0001, 20.0].iter().flat_map(|&x| [x, -x]));
+        let x = BurnTensor::<Cube, 1>::from_data(TensorData::new(xs.clone(), [xs.len()]), &device).into_primitive().tensor();
+        let client = x.client.clone();
+        let out = empty_device_contiguous_dtype(client.clone(), x.device.clone(), x.shape(), x.dtype);
+        let units = xs.len();
+        let cube_dim = CubeDim::new(&client, units);
+        let count = calculate_cube_count_elemwise(&client, units, cube_dim);
+        let dtype = x.dtype.into();
+        erf_kernel::launch::<WgpuRuntime>(&client, count, cube_dim, x.into_tensor_arg(), out.clone().into_tensor_arg(), dtype);
+        let values = BurnTensor::<Cube, 1>::from_primitive(TensorPrimitive::Float(out)).into_data().to_vec::<f32>().unwrap();
+        let (mut worst, mut at) = (0.0, 0.0);
+        for (&x, &e) in xs.iter().zip(&values) {
+            let truth = erf64(x as f64);
+            let err = if truth == 0.0 { (e as f64).abs() } else { ((e as f64 - truth) / truth).abs() };
+            if err > worst {
+                (worst, at) = (err, x);
+            }
+        }
+        println!("erf: worst relative error {worst:.2e} at x = {at}");
+        assert!(worst < 1e-7, "erf: relative error {worst:.2e} at x = {at}");
+    }
+}
+
+#[cfg(all(test, feature = "wgpu"))]
+mod tests {
+    use burn::backend::wgpu::WgpuRuntime;
+    use burn::backend::{Autodiff, Wgpu};
+    use burn::prelude::*;
+    use burn_cubecl::CubeBackend;
+
+    use crate::testing::{erf64, gelu64, window, Lcg};
+    use crate::{fused_gelu_max_pool_gelu, reference_gelu_max_pool_gelu, FusedOps};
+
+    type Cube = CubeBackend<WgpuRuntime, f32, i32, u32>;
+
+    fn gelu_derivative64(x: f64) -> f64 {
+        let density = (-0.5 * x * x).exp() / core::f64::consts::TAU.sqrt();
+        0.5 * (1.0 + erf64(x * core::f64::consts::FRAC_1_SQRT_2)) + x * density
+    }
+
+    /// Whether some window's maximum after GELU is a near tie (within `gap · (1 + |max|)`) between
+    /// different input values, one of which passes a non-negligible gradient. Either winner is
+    /// then right, and two implementations may differ in rounding and pick different ones.
+    fn has_near_tie(xs: &[f32], dims: [usize; 3], grid: [usize; 2], gap: f64) -> bool {
+        let [batch, n, channels] = dims;
+        (0..batch * n * channels).any(|i| {
+            let (c, t, b) = (i % channels, (i / channels) % n, i / (channels * n));
+            let values = window(xs, dims, grid, b, t, c);
+            let max = values.iter().map(|&x| gelu64(x as f64)).fold(f64::NEG_INFINITY, f64::max);
+            let near: Vec<f32> = values.into_iter().filter(|&x| gelu64(x as f64) >= max - gap * (1.0 + max.abs())).collect();
+            let distinct = near.iter().any(|&x| x != near[0]);
+            distinct && near.iter().any(|&x| gelu_derivative64(x as f64).abs() >= 1e-6)
+        })
+    }
+
+    const GRIDS: [[usize; 2]; 6] = [[1, 1], [7, 7], [14, 14], [27, 27], [5, 9], [13, 4]];
+    const CHANNELS: [usize; 7] = [1, 2, 3, 5, 8, 17, 24];
+    /// Separated GELU values (the smallest gap is 0.06), drawn to make exact ties.
+    const DISCRETE: [f32; 7] = [-3.0, -1.0, -0.25, 0.0, 0.5, 1.0, 2.0];
+
+    /// Input values of one kind: standard normal, large (σ = 6, mostly saturated GELU), around
+    /// GELU's minimum at −0.75 (where pooling before the GELU would pick the wrong element) and
+    /// a few discrete values (exact ties, the first maximum wins).
+    fn sample(rng: &mut Lcg, kind: usize) -> f32 {
+        match kind {
+            0 => rng.normal() as f32,
+            1 => 6.0 * rng.normal() as f32,
+            2 => (-0.75 + 0.5 * rng.normal()) as f32,
+            _ => DISCRETE[rng.below(DISCRETE.len())],
+        }
+    }
+
+    /// Largest `|a − b| / (1 + |b|)`, checked against 1e-5.
+    fn relative_error<B: Backend>(name: &str, case: usize, a: Tensor<B, 3>, b: Tensor<B, 3>) -> f32 {
+        let (a, b) = (a.into_data().to_vec::<f32>().unwrap(), b.into_data().to_vec::<f32>().unwrap());
+        assert_eq!(a.len(), b.len(), "case {case}: {name} sizes");
+        let mut worst = 0f32;
+        for (i, (x, y)) in a.iter().zip(&b).enumerate() {
+            let err = (x - y).abs() / (1.0 + y.abs());
+            assert!(err <= 1e-5, "case {case}: {name}[{i}] = {x}, reference {y}");
+            worst = worst.max(err);
+        }
+        worst
+    }
+
+    /// 240 random cases: output and token gradient of the kernel against the reference twin
+    /// on the same device. Half use the fixed grids, the rest random ones up to 16×16; every
+    /// third case passes strided tokens (channels-first data seen as tokens). Cases with a near
+    /// tie between different values (see `has_near_tie`) are redrawn: either winner is right.
+    fn fused_matches_reference<I: FusedOps>(device: I::Device) {
+        assert!(I::HAS_KERNELS, "the backend under test must run the kernel");
+        let mut rng = Lcg(2022);
+        let (mut case, mut redrawn, mut worst_out, mut worst_grad) = (0, 0, 0f32, 0f32);
+        while case < 240 {
+            let grid = if case % 2 == 0 { GRIDS[(case / 2) % GRIDS.len()] } else { [1 + rng.below(16), 1 + rng.below(16)] };
+            let n = grid[0] * grid[1];
+            let batch = 1 + rng.below(3);
+            let channels = CHANNELS[rng.below(if n > 400 { 4 } else { CHANNELS.len() })];
+            let dims = [batch, n, channels];
+            let xs: Vec<f32> = (0..batch * n * channels).map(|_| sample(&mut rng, case % 4)).collect();
+            if has_near_tie(&xs, dims, grid, 1e-6) {
+                redrawn += 1;
+                continue;
+            }
+            case += 1;
+            let tokens = if case % 3 == 0 {
+                let mut cf = vec![0f32; xs.len()];
+                for (i, &x) in xs.iter().enumerate() {
+                    let (c, t, b) = (i % channels, (i / channels) % n, i / (channels * n));
+                    cf[(b * channels + c) * n + t] = x;
+                }
+                Tensor::<Autodiff<I>, 3>::from_data(TensorData::new(cf, [batch, channels, n]), &device).swap_dims(1, 2)
+            } else {
+                Tensor::<Autodiff<I>, 3>::from_data(TensorData::new(xs, dims), &device)
+            };
+            let weights: Vec<f32> = (0..batch * n * channels).map(|_| rng.normal() as f32).collect();
+            let weights = Tensor::<Autodiff<I>, 3>::from_data(TensorData::new(weights, dims), &device);
+            let (tf, tr) = (tokens.clone().require_grad(), tokens.require_grad());
+
+            let fused = fused_gelu_max_pool_gelu(tf.clone(), grid);
+            let reference = reference_gelu_max_pool_gelu(tr.clone(), grid);
+            assert_eq!(fused.dims(), reference.dims(), "case {case}");
+            worst_out = worst_out.max(relative_error("output", case, fused.clone().inner(), reference.clone().inner()));
+            let gf = (fused * weights.clone()).sum().backward();
+            let gr = (reference * weights).sum().backward();
+            worst_grad = worst_grad.max(relative_error("grad tokens", case, tf.grad(&gf).unwrap(), tr.grad(&gr).unwrap()));
+        }
+        println!("{case} cases ({redrawn} redrawn for near ties): worst relative error output {worst_out:.2e}, gradient {worst_grad:.2e}");
+    }
+
+    #[test]
+    fn cube_backend_matches_reference() {
+        fused_matches_reference::<Cube>(Default::default());
+    }
+
+    #[test]
+    fn wgpu_with_fusion_matches_reference() {
+        fused_matches_reference::<Wgpu>(Default::default());
+    }
+
+    /// Exact ties pick the first maximum in row-major window order: on a constant grid every
+    /// window's winner is its top-left token.
+    #[test]
+    fn ties_pick_the_first_maximum() {
+        let device = Default::default();
+        let (grid, channels) = ([4, 3], 2);
+        let tokens = Tensor::<Cube, 3>::full([1, 12, channels], 0.5, &device).into_primitive().tensor();
+        let (_, indices) = Cube::gelu_max_pool_gelu_with_indices(tokens, grid).unwrap();
+        let indices = Tensor::<Cube, 3, Int>::from_primitive(indices).into_data().to_vec::<i32>().unwrap();
+        for (i, &index) in indices.iter().enumerate() {
+            let token = i / channels;
+            let (h, w) = (token / grid[1], token % grid[1]);
+            let first = h.saturating_sub(1) * grid[1] + w.saturating_sub(1);
+            assert_eq!(index as usize, first, "token {token}");
+        }
+    }
+}
