@@ -1,12 +1,13 @@
-//! Fused `BN → ReLU → max-pool` against its reference twin on the R50-max shapes, forward and
-//! forward + backward, on every enabled backend.
+//! The fused kernels against their reference twins, forward and forward + backward, on every
+//! enabled backend: `BN → ReLU → max-pool` on the R50-max shapes, `GELU → max-pool → GELU` on the
+//! ViT-S-max and PiT-S-max eff-layer shapes.
 
 use burn::prelude::*;
 use burn::tensor::Distribution;
 use criterion::{criterion_group, criterion_main, Criterion};
 use pf_benches::for_each_backend;
-use pf_kernels::{fused_bn_relu_max_pool, reference_bn_relu_max_pool};
-use pf_train::bench::BN_RELU_POOL_CASES;
+use pf_kernels::{fused_bn_relu_max_pool, fused_gelu_max_pool_gelu, reference_bn_relu_max_pool, reference_gelu_max_pool_gelu};
+use pf_train::bench::{BN_RELU_POOL_CASES, GELU_POOL_CASES};
 
 fn kernels(c: &mut Criterion) {
     for_each_backend!(|backend, device: B| {
@@ -45,5 +46,35 @@ fn kernels(c: &mut Criterion) {
     });
 }
 
-criterion_group!(benches, kernels);
+fn eff_layer(c: &mut Criterion) {
+    for_each_backend!(|backend, device: B| {
+        type I = <B as burn::tensor::backend::AutodiffBackend>::InnerBackend;
+        let mut group = c.benchmark_group(format!("gelu_max_pool_gelu/{backend}"));
+        group.sample_size(10);
+        for (shape, grid) in GELU_POOL_CASES {
+            let tokens = Tensor::<I, 3>::random(shape, Distribution::Normal(0.0, 1.0), &device);
+            for fused in [false, true] {
+                let which = if fused { "fused" } else { "reference" };
+                group.bench_function(format!("forward/{which}/{shape:?}"), |b| {
+                    b.iter(|| {
+                        let t = tokens.clone();
+                        drop(if fused { fused_gelu_max_pool_gelu(t, grid) } else { reference_gelu_max_pool_gelu(t, grid) });
+                        I::sync(&device).expect("device sync");
+                    })
+                });
+                group.bench_function(format!("forward+backward/{which}/{shape:?}"), |b| {
+                    b.iter(|| {
+                        let t = Tensor::<B, 3>::from_inner(tokens.clone()).require_grad();
+                        let y = if fused { fused_gelu_max_pool_gelu(t.clone(), grid) } else { reference_gelu_max_pool_gelu(t.clone(), grid) };
+                        drop(t.grad(&y.sum().backward()));
+                        B::sync(&device).expect("device sync");
+                    })
+                });
+            }
+        }
+        group.finish();
+    });
+}
+
+criterion_group!(benches, kernels, eff_layer);
 criterion_main!(benches);

@@ -231,3 +231,62 @@ fn missing_or_empty_folders_are_named() {
     assert!(!dir.join("run/checkpoints").exists(), "a failed start wrote a checkpoint");
 }
 
+
+/// The recipe's weight decay reaches the decay group and only it, for both optimizers, with the
+/// size each one gives it (SGD + Nesterov: `lr · wd · (1 + momentum)` on the first step; AdamW:
+/// decoupled `lr · wd`).
+#[test]
+fn weight_decay_reaches_its_group_with_its_optimizer() {
+    use pf_models::weights::state_dict;
+    use pf_train::optim::GroupedOptimizer;
+    use pf_train::recipe::OptimizerSpec;
+
+    let device = Default::default();
+    let (lr, wd) = (0.5, 0.1);
+    for (optimizer, shrink) in [
+        (OptimizerSpec::Sgd { momentum: 0.9, nesterov: true }, 1.0 - lr * wd * 1.9),
+        (OptimizerSpec::Adamw { betas: [0.9, 0.999], eps: 1e-8 }, 1.0 - lr * wd),
+    ] {
+        let mut recipe = small_recipe(1);
+        recipe.weight_decay = wd;
+        recipe.optimizer = optimizer.clone();
+        let model = recipe.model_config(10).unwrap().init::<CpuAd>(&device).unwrap();
+        let mut optim = GroupedOptimizer::new(&recipe, &model);
+        let groups = optim.groups().clone();
+        assert!(groups.no_decay_paths.iter().all(|p| p.ends_with("bias") || p.contains(".bn.")), "{:?}", groups.no_decay_paths);
+        assert!(groups.no_decay_paths.iter().any(|p| p == "fc.bias"));
+        let before = weights_in_memory(&model);
+        // A zero loss: every gradient is zero, so only the decay moves the weights.
+        let x = Tensor::<CpuAd, 4>::ones([2, 3, 32, 32], &device);
+        let model = optim.step(lr, model, (model_logits(&model, x) * 0.0).sum().backward());
+        let after = weights_in_memory(&model);
+        // The visitor may or may not see the running statistics; line the lists up either way.
+        let all = state_dict(&model);
+        let entries = if all.len() == before.len() { all } else { all.into_iter().filter(|e| !e.buffer).collect() };
+        assert_eq!(entries.len(), before.len());
+        for ((entry, b), a) in entries.iter().zip(&before).zip(&after).filter(|((e, _), _)| !e.buffer) {
+            let decayed = groups.decay.contains(&entry.id);
+            for (x, y) in b.iter().zip(a) {
+                let expected = if decayed { x * shrink as f32 } else { *x };
+                assert!((y - expected).abs() <= 1e-6 * (1.0 + x.abs()), "{optimizer:?} {}: {x} → {y}, expected {expected}", entry.path);
+            }
+        }
+    }
+}
+
+fn model_logits(model: &pf_models::Model<CpuAd>, x: Tensor<CpuAd, 4>) -> Tensor<CpuAd, 2> {
+    model.forward(x).unwrap()
+}
+
+/// Every parameter of a model, in module order.
+fn weights_in_memory(model: &pf_models::Model<CpuAd>) -> Vec<Vec<f32>> {
+    struct Collect(Vec<Vec<f32>>);
+    impl burn::module::ModuleVisitor<CpuAd> for Collect {
+        fn visit_float<const D: usize>(&mut self, param: &burn::module::Param<Tensor<CpuAd, D>>) {
+            self.0.push(param.val().into_data().to_vec().unwrap());
+        }
+    }
+    let mut c = Collect(Vec::new());
+    model.visit(&mut c);
+    c.0
+}

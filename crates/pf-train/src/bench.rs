@@ -9,7 +9,7 @@ use burn::module::AutodiffModule;
 use burn::optim::{GradientsParams, Optimizer, SgdConfig};
 use burn::prelude::*;
 use burn::tensor::Distribution;
-use pf_kernels::{fused_bn_relu_max_pool, reference_bn_relu_max_pool, FusedAutodiffBackend, FusedOps, Pool2d};
+use pf_kernels::{fused_bn_relu_max_pool, fused_gelu_max_pool_gelu, reference_bn_relu_max_pool, reference_gelu_max_pool_gelu, FusedAutodiffBackend, FusedOps, Pool2d};
 use pf_models::weights::num_parameters;
 use pf_models::ModelName;
 use serde::{Deserialize, Serialize};
@@ -26,7 +26,7 @@ pub struct Budget {
 
 impl Default for Budget {
     fn default() -> Self {
-        Self { warmup: 2, min_runs: 5, max_runs: 50, time: Duration::from_secs(5) }
+        Self { warmup: 1, min_runs: 5, max_runs: 50, time: Duration::from_secs(5) }
     }
 }
 
@@ -105,6 +105,43 @@ pub fn bench_bn_relu_max_pool<B: FusedAutodiffBackend>(device: &B::Device, cases
             let reference_ms = time(false)?;
             let fused_ms = time(true)?;
             let record = KernelRecord { op: "bn_relu_max_pool".into(), shape: shape.to_vec(), pass: pass.into(), reference_ms, fused_ms, speedup: reference_ms / fused_ms };
+            report(&record);
+            records.push(record);
+        }
+    }
+    Ok(records)
+}
+
+/// The eff-layer shapes of the fused `GELU → max-pool → GELU` (issue 4): ViT-S-max and the three
+/// PiT-S-max stages, tokens `[batch, height · width, channels]` with their grid.
+pub const GELU_POOL_CASES: [([usize; 3], [usize; 2]); 4] =
+    [([32, 196, 1152], [14, 14]), ([32, 729, 432], [27, 27]), ([32, 196, 864], [14, 14]), ([32, 49, 1728], [7, 7])];
+
+/// Times fused against reference (rearrange + GELU + pool + GELU) in token layout, forward and
+/// forward + backward.
+pub fn bench_gelu_max_pool_gelu<B: FusedAutodiffBackend>(device: &B::Device, cases: &[([usize; 3], [usize; 2])], budget: Budget, mut report: impl FnMut(&KernelRecord)) -> Result<Vec<KernelRecord>> {
+    let mut records = Vec::new();
+    for &(shape, grid) in cases {
+        let tokens = Tensor::<B::InnerBackend, 3>::random(shape, Distribution::Normal(0.0, 1.0), device);
+        let forward = |fused: bool| {
+            median_ms::<B::InnerBackend>(device, budget, || {
+                let t = tokens.clone();
+                drop(if fused { fused_gelu_max_pool_gelu(t, grid) } else { reference_gelu_max_pool_gelu(t, grid) });
+                Ok(())
+            })
+        };
+        let backward = |fused: bool| {
+            median_ms::<B>(device, budget, || {
+                let t = Tensor::<B, 3>::from_inner(tokens.clone()).require_grad();
+                let y = if fused { fused_gelu_max_pool_gelu(t.clone(), grid) } else { reference_gelu_max_pool_gelu(t.clone(), grid) };
+                drop(t.grad(&y.sum().backward()));
+                Ok(())
+            })
+        };
+        for (pass, time) in [("forward", &forward as &dyn Fn(bool) -> Result<f64>), ("forward+backward", &backward)] {
+            let reference_ms = time(false)?;
+            let fused_ms = time(true)?;
+            let record = KernelRecord { op: "gelu_max_pool_gelu".into(), shape: shape.to_vec(), pass: pass.into(), reference_ms, fused_ms, speedup: reference_ms / fused_ms };
             report(&record);
             records.push(record);
         }

@@ -8,7 +8,7 @@ use pf_kernels::FusedAutodiffBackend;
 use pf_models::weights::{load_any, read_pf_config};
 use pf_models::{ModelConfig, ModelName};
 use pf_train::backend::{BackendKind, Job};
-use pf_train::bench::{bench_bn_relu_max_pool, bench_model, draw_chart, kernel_note, markdown_table, Budget, BN_RELU_POOL_CASES};
+use pf_train::bench::{bench_bn_relu_max_pool, bench_gelu_max_pool_gelu, bench_model, draw_chart, kernel_note, markdown_table, Budget, KernelRecord, BN_RELU_POOL_CASES, GELU_POOL_CASES};
 use pf_train::data::{EvalTransform, ImageFolder, Interpolation, Normalize};
 use pf_train::eval::evaluate;
 use pf_train::recipe::{ModelSpec, Recipe};
@@ -254,6 +254,9 @@ pub struct BenchCli {
     /// Time budget per case in seconds.
     #[arg(long, default_value_t = 5.0)]
     seconds: f64,
+    /// With --kernels: only the first N shapes of each op (a quick look).
+    #[arg(long, default_value_t = usize::MAX)]
+    cases: usize,
     #[arg(skip = BackendKind::Ndarray)]
     backend: BackendKind,
 }
@@ -265,7 +268,7 @@ impl BenchCli {
     }
 
     fn budget(&self) -> Budget {
-        Budget { warmup: 2, min_runs: self.runs.max(1), max_runs: self.runs.max(1) * 10, time: std::time::Duration::from_secs_f64(self.seconds) }
+        Budget { warmup: 1, min_runs: self.runs.max(1), max_runs: self.runs.max(1) * 10, time: std::time::Duration::from_secs_f64(self.seconds) }
     }
 }
 
@@ -280,9 +283,9 @@ impl Job for BenchCli {
         let json = if self.kernels {
             println!("kernels on {} ({device:?}); {}; median of >= {} runs, device synchronised", self.backend.name(), kernel_note::<B>(), budget.min_runs);
             println!("| op | shape | pass | reference (ms) | fused (ms) | speedup |\n|---|---|---|---:|---:|---:|");
-            let records = bench_bn_relu_max_pool::<B>(&device, &BN_RELU_POOL_CASES, budget, |r| {
-                println!("| {} | {:?} | {} | {:.3} | {:.3} | {:.2}x |", r.op, r.shape, r.pass, r.reference_ms, r.fused_ms, r.speedup)
-            })?;
+            let row = |r: &KernelRecord| println!("| {} | {:?} | {} | {:.3} | {:.3} | {:.2}x |", r.op, r.shape, r.pass, r.reference_ms, r.fused_ms, r.speedup);
+            let mut records = bench_bn_relu_max_pool::<B>(&device, &BN_RELU_POOL_CASES[..self.cases.min(5)], budget, row)?;
+            records.extend(bench_gelu_max_pool_gelu::<B>(&device, &GELU_POOL_CASES[..self.cases.min(4)], budget, row)?);
             if self.chart.is_some() {
                 bail!("--chart draws the model table; the kernel bench writes --json only");
             }
