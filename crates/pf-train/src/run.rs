@@ -56,6 +56,9 @@ pub struct TrainCli {
     /// Stop after this many epochs; the run stays resumable.
     #[arg(long)]
     stop_after: Option<usize>,
+    /// Start from these weights (pf's .bpk or a PyTorch checkpoint of the same model).
+    #[arg(long)]
+    init: Option<PathBuf>,
     /// No progress bars (logs only).
     #[arg(long)]
     quiet: bool,
@@ -99,6 +102,7 @@ impl TrainCli {
             train_limit: self.train_limit,
             val_limit: self.val_limit,
             stop_after: self.stop_after,
+            init: self.init,
             progress: !self.quiet,
         };
         Ok(TrainJob { args, device })

@@ -8,7 +8,7 @@ use burn::module::AutodiffModule;
 use burn::prelude::*;
 use burn::tensor::ElementConversion;
 use pf_kernels::FusedAutodiffBackend;
-use pf_models::weights::{num_parameters, save_pf};
+use pf_models::weights::{load_any, num_parameters, save_pf};
 use pf_models::Model;
 use serde::Serialize;
 
@@ -35,6 +35,8 @@ pub struct TrainArgs {
     pub val_limit: Option<usize>,
     /// Stop after this many epochs of this invocation (the run stays resumable).
     pub stop_after: Option<usize>,
+    /// Start from these weights (pf's `.bpk` or a PyTorch checkpoint) instead of a random init.
+    pub init: Option<PathBuf>,
     pub progress: bool,
 }
 
@@ -97,7 +99,13 @@ pub fn train<B: FusedAutodiffBackend>(args: &TrainArgs, device: &B::Device) -> R
             dir.display()
         ),
         (None, true) => bail!("--resume: {} holds no checkpoint to resume from", args.out.display()),
-        (None, false) => GroupedOptimizer::new(recipe, &model),
+        (None, false) => {
+            if let Some(path) = &args.init {
+                model = load_any(model, path).with_context(|| format!("--init {}", path.display()))?;
+                println!("starting from the weights of {}", path.display());
+            }
+            GroupedOptimizer::new(recipe, &model)
+        }
     };
     println!(
         "training {} ({} parameters, {} without weight decay) on {} images of {} classes, validating on {}; output in {}",
