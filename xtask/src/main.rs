@@ -10,11 +10,11 @@ const BACKENDS: [&str; 3] = ["ndarray", "wgpu", "cuda"];
 
 fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().skip(1).collect();
-    let Some(command) = args.first() else {
-        eprintln!("usage: cargo xtask <parity|models|inspect|check|...> [--backend ndarray|wgpu|cuda] [args..]");
+    if args.is_empty() {
+        eprintln!("usage: cargo xtask <train|eval|bench|parity|models|inspect|check>  [--backend ndarray|wgpu|cuda] [args..]");
         eprintln!("       cargo xtask help   (lists pf's commands)");
         return ExitCode::FAILURE;
-    };
+    }
     let backend = match backend_of(&args) {
         Ok(b) => b,
         Err(e) => {

@@ -1,7 +1,9 @@
 //! Plain-ops reference twins: the specification of the fused kernels.
 
 use burn::tensor::ops::PadMode;
-use burn::tensor::{backend::Backend, s, Tensor};
+use burn::tensor::{backend::Backend, module::max_pool2d, s, Tensor};
+
+use crate::ops::FusedOps;
 
 /// Window of a 2-D pooling: square kernel, stride and padding (`nn.MaxPool2d(k, s, p)`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
@@ -24,15 +26,25 @@ impl Pool2d {
     /// Max-pool with `-inf` padding (padding never wins), as `nn.MaxPool2d`: the first maximum
     /// of a window (row-major) wins, and only it receives the gradient.
     ///
-    /// Written as a running maximum over the `k·k` shifted, strided views of the padded input.
-    /// That is exact, ties included (`max_pair` keeps its left operand on a tie, and the views
-    /// come in window order), differentiable by any autodiff backend, and on NdArray two orders
-    /// of magnitude faster than Burn 0.21's `max_pool2d`, which indexes element by element.
+    /// Backends with pf's kernels (GPUs) run Burn's `max_pool2d`. Backends without them
+    /// (NdArray) run it as a running maximum over the `k·k` shifted, strided views of the padded
+    /// input: exact, ties included (`max_pair` keeps its left operand on a tie, and the views come
+    /// in window order), differentiable, and two orders of magnitude faster there than Burn
+    /// 0.21's NdArray `max_pool2d`, which indexes element by element.
     ///
     /// # Shapes
     /// - `x`: `[batch, channels, height, width]`
     /// - output: `[batch, channels, output_len(height), output_len(width)]`
-    pub fn max_pool<B: Backend>(&self, x: Tensor<B, 4>) -> Tensor<B, 4> {
+    pub fn max_pool<B: FusedOps>(&self, x: Tensor<B, 4>) -> Tensor<B, 4> {
+        if B::HAS_KERNELS {
+            let (k, s, p) = (self.kernel, self.stride, self.padding);
+            return max_pool2d(x, [k, k], [s, s], [p, p], [1, 1], false);
+        }
+        self.max_pool_by_shifts(x)
+    }
+
+    /// The running maximum over shifted views (see [`Pool2d::max_pool`]), on any backend.
+    pub fn max_pool_by_shifts<B: Backend>(&self, x: Tensor<B, 4>) -> Tensor<B, 4> {
         let [_, _, h, w] = x.dims();
         let (k, s, p) = (self.kernel, self.stride, self.padding);
         let (oh, ow) = (self.output_len(h), self.output_len(w));
@@ -68,7 +80,7 @@ pub fn gelu_derivative<B: Backend, const D: usize>(x: Tensor<B, D>) -> Tensor<B,
 /// # Shapes
 /// - `x`: `[batch, channels, height, width]`; `scale`, `shift`: `[channels]`
 /// - output: `[batch, channels, pool.output_len(height), pool.output_len(width)]`
-pub fn reference_bn_relu_max_pool<B: Backend>(
+pub fn reference_bn_relu_max_pool<B: FusedOps>(
     x: Tensor<B, 4>,
     scale: Tensor<B, 1>,
     shift: Tensor<B, 1>,
@@ -86,7 +98,7 @@ pub fn reference_bn_relu_max_pool<B: Backend>(
 /// # Shapes
 /// - `tokens`: `[batch, height * width, channels]`, row-major grid
 /// - output: same
-pub fn reference_gelu_max_pool_gelu<B: Backend>(tokens: Tensor<B, 3>, grid: [usize; 2]) -> Tensor<B, 3> {
+pub fn reference_gelu_max_pool_gelu<B: FusedOps>(tokens: Tensor<B, 3>, grid: [usize; 2]) -> Tensor<B, 3> {
     let [batch, n, channels] = tokens.dims();
     let [height, width] = grid;
     assert_eq!(n, height * width, "token count {n} is not the grid {height}x{width}");
