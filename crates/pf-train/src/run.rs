@@ -304,7 +304,9 @@ impl Job for BenchCli {
             let mut records = Vec::new();
             for name in names {
                 eprintln!("measuring {name} ...");
-                records.push(bench_model::<B>(name, self.batch, &device, budget)?);
+                let r = bench_model::<B>(name, self.batch, &device, budget)?;
+                eprintln!("  {name}: latency {:.1} ms, {:.1} img/s inference, {:.1} img/s training", r.latency_ms, r.throughput, r.train_throughput);
+                records.push(r);
             }
             print!("{}", markdown_table(&records));
             let ratio = |a: &str, b: &str| {
