@@ -2,48 +2,55 @@
 //! every enabled backend.
 
 use burn::module::AutodiffModule;
-use burn::optim::{GradientsParams, Optimizer, SgdConfig};
 use burn::prelude::*;
 use burn::tensor::Distribution;
 use criterion::{criterion_group, criterion_main, Criterion};
-use pf_benches::for_each_backend;
+use pf_kernels::FusedAutodiffBackend;
 use pf_models::ModelName;
+use pf_train::backend::{dispatch, BackendKind, Job};
+use pf_train::bench::TrainStep;
 
 const MODELS: [ModelName; 5] = [ModelName::Resnet50, ModelName::Resnet50Max, ModelName::Resnet50Hybrid, ModelName::VitSMax, ModelName::PitSMax];
+const TRAIN_BATCH: usize = 8;
 
-fn models(c: &mut Criterion) {
-    for_each_backend!(|backend, device: B| {
-        let mut group = c.benchmark_group(format!("models/{backend}"));
+struct ModelBenches<'a>(&'a mut Criterion, BackendKind);
+
+impl Job for ModelBenches<'_> {
+    type Output = ();
+
+    fn run<B: FusedAutodiffBackend>(self, device: B::Device) -> anyhow::Result<()> {
+        let mut group = self.0.benchmark_group(format!("models/{}", self.1.name()));
         group.sample_size(10);
         for name in MODELS {
             let config = name.config();
             let s = config.image_size();
-            let model = config.init::<B>(&device).expect("preset");
+            let model = config.init::<B>(&device)?;
             let eval = model.valid();
             let one = Tensor::random([1, 3, s, s], Distribution::Normal(0.0, 1.0), &device);
             group.bench_function(format!("latency/{name}"), |b| {
                 b.iter(|| {
                     drop(eval.forward(one.clone()).expect("forward"));
-                    <B as burn::tensor::backend::AutodiffBackend>::InnerBackend::sync(&device).expect("device sync");
+                    B::sync(&device).expect("device sync");
                 })
             });
-            let batch = Tensor::<B, 4>::random([8, 3, s, s], Distribution::Normal(0.0, 1.0), &device);
-            let targets = Tensor::<B, 1, Int>::zeros([8], &device);
-            let loss = burn::nn::loss::CrossEntropyLossConfig::new().init(&device);
-            let mut optim = SgdConfig::new().init::<B, pf_models::Model<B>>();
-            let mut slot = Some(model);
-            group.bench_function(format!("train-step-8/{name}"), |b| {
+            let images = Tensor::<B, 4>::random([TRAIN_BATCH, 3, s, s], Distribution::Normal(0.0, 1.0), &device);
+            let mut step = TrainStep::new(model, TRAIN_BATCH, &device);
+            group.bench_function(format!("train-step-{TRAIN_BATCH}/{name}"), |b| {
                 b.iter(|| {
-                    let model = slot.take().expect("model");
-                    let logits = model.forward(batch.clone()).expect("forward");
-                    let grads = GradientsParams::from_grads(loss.forward(logits, targets.clone()).backward(), &model);
-                    slot = Some(optim.step(1e-3, model, grads));
+                    step.run(images.clone()).expect("training step");
                     B::sync(&device).expect("device sync");
                 })
             });
         }
         group.finish();
-    });
+        Ok(())
+    }
+}
+
+fn models(c: &mut Criterion) {
+    for kind in BackendKind::compiled() {
+        dispatch(kind, ModelBenches(c, kind)).expect("model benches");
+    }
 }
 
 criterion_group!(benches, models);

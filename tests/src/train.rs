@@ -5,6 +5,7 @@ use std::path::{Path, PathBuf};
 
 use burn::module::Module;
 use burn::prelude::*;
+use pf_kernels::FusedOps;
 use pf_models::weights::{load_pf, read_pf_config};
 use pf_train::checkpoint;
 use pf_train::data::ImageFolder;
@@ -47,17 +48,8 @@ fn args(recipe: Recipe, data: &Path, out: &Path) -> TrainArgs {
 
 /// Every parameter of a saved pf model, in module order.
 fn weights_of(model_path: &Path) -> Vec<Vec<f32>> {
-    struct Collect(Vec<Vec<f32>>);
-    impl burn::module::ModuleVisitor<Cpu> for Collect {
-        fn visit_float<const D: usize>(&mut self, param: &burn::module::Param<Tensor<Cpu, D>>) {
-            self.0.push(param.val().into_data().to_vec().unwrap());
-        }
-    }
     let config = read_pf_config(model_path).unwrap();
-    let model = load_pf(config.init::<Cpu>(&Default::default()).unwrap(), model_path).unwrap();
-    let mut c = Collect(Vec::new());
-    model.visit(&mut c);
-    c.0
+    weights_in_memory(&load_pf(config.init::<Cpu>(&Default::default()).unwrap(), model_path).unwrap())
 }
 
 #[test]
@@ -298,11 +290,11 @@ fn model_logits(model: &pf_models::Model<CpuAd>, x: Tensor<CpuAd, 4>) -> Tensor<
 }
 
 /// Every parameter of a model, in module order.
-fn weights_in_memory(model: &pf_models::Model<CpuAd>) -> Vec<Vec<f32>> {
+fn weights_in_memory<B: FusedOps>(model: &pf_models::Model<B>) -> Vec<Vec<f32>> {
     struct Collect(Vec<Vec<f32>>);
-    impl burn::module::ModuleVisitor<CpuAd> for Collect {
-        fn visit_float<const D: usize>(&mut self, param: &burn::module::Param<Tensor<CpuAd, D>>) {
-            self.0.push(param.val().into_data().to_vec().unwrap());
+    impl<B: Backend> burn::module::ModuleVisitor<B> for Collect {
+        fn visit_float<const D: usize>(&mut self, param: &burn::module::Param<Tensor<B, D>>) {
+            self.0.push(param.val().into_data().convert::<f32>().to_vec().unwrap());
         }
     }
     let mut c = Collect(Vec::new());

@@ -65,29 +65,22 @@ impl<B: FusedOps> ConvBn<B> {
     }
 
     /// The convolution. A 1×1 convolution (most of a bottleneck) is a matrix product over the
-    /// channels, computed as one: Burn 0.21's NdArray conv backward takes seconds for a single
-    /// 56×56 map, the matrix product milliseconds, on every backend.
+    /// channels, computed as one on every backend: Burn 0.21's NdArray conv backward takes seconds
+    /// for a single 56×56 map, the matrix product milliseconds. Wider kernels take the same route
+    /// (over gathered windows) on backends without pf's kernels; GPUs keep Burn's convolution.
     pub fn conv_forward(&self, x: Tensor<B, 4>) -> Tensor<B, 4> {
         let conv = &self.conv;
-        let pointwise = conv.kernel_size == [1, 1]
-            && conv.groups == 1
-            && conv.dilation == [1, 1]
-            && conv.bias.is_none()
-            && matches!(conv.padding, PaddingConfig2d::Valid | PaddingConfig2d::Explicit(0, 0, 0, 0));
-        if !pointwise {
-            let plain = conv.groups == 1 && conv.dilation == [1, 1] && conv.bias.is_none();
-            return match conv.padding {
-                PaddingConfig2d::Explicit(top, left, bottom, right) if plain && !B::HAS_KERNELS && top == bottom && left == right => {
-                    conv2d_as_matmul(x, conv.weight.val(), conv.stride, [top, left])
-                }
-                _ => conv.forward(x),
-            };
+        let plain = conv.groups == 1 && conv.dilation == [1, 1] && conv.bias.is_none();
+        let padding = match conv.padding {
+            PaddingConfig2d::Valid => Some([0, 0]),
+            PaddingConfig2d::Explicit(top, left, bottom, right) if top == bottom && left == right => Some([top, left]),
+            _ => None,
+        };
+        let pointwise = conv.kernel_size == [1, 1] && padding == Some([0, 0]);
+        match padding {
+            Some(padding) if plain && (pointwise || !B::HAS_KERNELS) => conv2d_as_matmul(x, conv.weight.val(), conv.stride, padding),
+            _ => conv.forward(x),
         }
-        let [sh, sw] = conv.stride;
-        let x = if [sh, sw] == [1, 1] { x } else { x.slice(s![.., .., ..;sh as isize, ..;sw as isize]) };
-        let [n, c, h, w] = x.dims();
-        let [o, ..] = conv.weight.dims();
-        channel_matmul(conv.weight.val().reshape([o, c]), x.reshape([n, c, h * w])).reshape([n, o, h, w])
     }
 
     /// Output size and cost on an `hw` map.
@@ -96,9 +89,10 @@ impl<B: FusedOps> ConvBn<B> {
     }
 }
 
-/// A bias-free convolution as one matrix product over gathered windows (im2col). Backends
-/// without pf's kernels (NdArray) get it: their direct convolution, and above all its backward,
-/// is orders of magnitude slower than their matrix product. The `k·k` shifted, strided views of
+/// A bias-free convolution as one matrix product over gathered windows (im2col); for a 1×1
+/// kernel the only window is the (strided) input itself. Backends without pf's kernels (NdArray)
+/// run every convolution this way: their direct convolution, and above all its backward, is
+/// orders of magnitude slower than their matrix product. The `k·k` shifted, strided views of
 /// the padded input are stacked so that row `c·k·k + ky·k + kx` matches the weight's layout.
 ///
 /// # Shapes
@@ -112,7 +106,7 @@ pub fn conv2d_as_matmul<B: Backend>(x: Tensor<B, 4>, weight: Tensor<B, 4>, strid
     let ho = (h + 2 * ph - kh) / sh + 1;
     let wo = (w + 2 * pw - kw) / sw + 1;
     let x = if ph + pw > 0 { x.pad((pw, pw, ph, ph), PadMode::Constant(0.0)) } else { x };
-    let windows = (0..kh)
+    let mut windows = (0..kh)
         .flat_map(|ky| (0..kw).map(move |kx| (ky, kx)))
         .map(|(ky, kx)| {
             let rows = ky..ky + sh * (ho - 1) + 1;
@@ -120,7 +114,11 @@ pub fn conv2d_as_matmul<B: Backend>(x: Tensor<B, 4>, weight: Tensor<B, 4>, strid
             x.clone().slice(s![.., .., rows;sh as isize, cols;sw as isize]).reshape([n, c, 1, ho * wo])
         })
         .collect::<Vec<_>>();
-    let columns = Tensor::cat(windows, 2).reshape([n, c * kh * kw, ho * wo]);
+    let columns = match windows.len() {
+        1 => windows.swap_remove(0),
+        _ => Tensor::cat(windows, 2),
+    };
+    let columns = columns.reshape([n, c * kh * kw, ho * wo]);
     channel_matmul(weight.reshape([o, c * kh * kw]), columns).reshape([n, o, ho, wo])
 }
 

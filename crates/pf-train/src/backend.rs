@@ -14,6 +14,14 @@ pub enum BackendKind {
 }
 
 impl BackendKind {
+    /// The backends this build of pf has, NdArray first.
+    pub fn compiled() -> Vec<Self> {
+        [(Self::Ndarray, true), (Self::Wgpu, cfg!(feature = "wgpu")), (Self::Cuda, cfg!(feature = "cuda"))]
+            .into_iter()
+            .filter_map(|(kind, on)| on.then_some(kind))
+            .collect()
+    }
+
     pub fn name(self) -> &'static str {
         match self {
             Self::Ndarray => "ndarray",

@@ -6,12 +6,14 @@ use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, Result};
 use burn::module::AutodiffModule;
-use burn::optim::{GradientsParams, Optimizer, SgdConfig};
+use burn::nn::loss::{CrossEntropyLoss, CrossEntropyLossConfig};
+use burn::optim::adaptor::OptimizerAdaptor;
+use burn::optim::{GradientsParams, Optimizer, Sgd, SgdConfig};
 use burn::prelude::*;
 use burn::tensor::Distribution;
 use pf_kernels::{fused_bn_relu_max_pool, fused_gelu_max_pool_gelu, reference_bn_relu_max_pool, reference_gelu_max_pool_gelu, FusedAutodiffBackend, FusedOps, Pool2d};
 use pf_models::weights::num_parameters;
-use pf_models::ModelName;
+use pf_models::{Model, ModelName};
 use serde::{Deserialize, Serialize};
 
 /// How long to measure one case.
@@ -73,75 +75,113 @@ pub const BN_RELU_POOL_CASES: [([usize; 4], Pool2d); 5] = [
     ([32, 64, 112, 112], Pool2d::new(3, 2, 1)),
 ];
 
-/// Times fused against reference `BN → ReLU → max-pool`, forward (on the inner backend) and
-/// forward + backward (on the autodiff backend), for every case.
-pub fn bench_bn_relu_max_pool<B: FusedAutodiffBackend>(device: &B::Device, cases: &[([usize; 4], Pool2d)], budget: Budget, mut report: impl FnMut(&KernelRecord)) -> Result<Vec<KernelRecord>> {
-    let mut records = Vec::new();
-    for &(shape, pool) in cases {
-        let c = shape[1];
-        let x = Tensor::<B::InnerBackend, 4>::random(shape, Distribution::Normal(0.0, 1.0), device);
-        let scale = Tensor::<B::InnerBackend, 1>::random([c], Distribution::Normal(0.0, 1.0), device);
-        let shift = Tensor::<B::InnerBackend, 1>::random([c], Distribution::Normal(0.0, 1.0), device);
-        let forward = |fused: bool| {
-            median_ms::<B::InnerBackend>(device, budget, || {
-                let (x, scale, shift) = (x.clone(), scale.clone(), shift.clone());
-                let y = if fused { fused_bn_relu_max_pool(x, scale, shift, pool) } else { reference_bn_relu_max_pool(x, scale, shift, pool) };
-                drop(y);
-                Ok(())
-            })
-        };
-        let backward = |fused: bool| {
-            median_ms::<B>(device, budget, || {
-                let x = Tensor::<B, 4>::from_inner(x.clone()).require_grad();
-                let scale = Tensor::<B, 1>::from_inner(scale.clone()).require_grad();
-                let shift = Tensor::<B, 1>::from_inner(shift.clone()).require_grad();
-                let y = if fused { fused_bn_relu_max_pool(x.clone(), scale.clone(), shift.clone(), pool) } else { reference_bn_relu_max_pool(x.clone(), scale.clone(), shift.clone(), pool) };
-                let grads = y.sum().backward();
-                drop((x.grad(&grads), scale.grad(&grads), shift.grad(&grads)));
-                Ok(())
-            })
-        };
-        for (pass, time) in [("forward", &forward as &dyn Fn(bool) -> Result<f64>), ("forward+backward", &backward)] {
-            let reference_ms = time(false)?;
-            let fused_ms = time(true)?;
-            let record = KernelRecord { op: "bn_relu_max_pool".into(), shape: shape.to_vec(), pass: pass.into(), reference_ms, fused_ms, speedup: reference_ms / fused_ms };
-            report(&record);
-            records.push(record);
-        }
-    }
-    Ok(records)
-}
-
 /// The eff-layer shapes of the fused `GELU → max-pool → GELU` (issue 4): ViT-S-max and the three
 /// PiT-S-max stages, tokens `[batch, height · width, channels]` with their grid.
 pub const GELU_POOL_CASES: [([usize; 3], [usize; 2]); 4] =
     [([32, 196, 1152], [14, 14]), ([32, 729, 432], [27, 27]), ([32, 196, 864], [14, 14]), ([32, 49, 1728], [7, 7])];
 
-/// Times fused against reference (rearrange + GELU + pool + GELU) in token layout, forward and
-/// forward + backward.
-pub fn bench_gelu_max_pool_gelu<B: FusedAutodiffBackend>(device: &B::Device, cases: &[([usize; 3], [usize; 2])], budget: Budget, mut report: impl FnMut(&KernelRecord)) -> Result<Vec<KernelRecord>> {
+/// Forward only (on the inner backend), or forward and backward (on the autodiff backend).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Pass {
+    Forward,
+    ForwardBackward,
+}
+
+impl Pass {
+    pub const BOTH: [Pass; 2] = [Pass::Forward, Pass::ForwardBackward];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Forward => "forward",
+            Self::ForwardBackward => "forward+backward",
+        }
+    }
+}
+
+/// The random inputs of one kernel case.
+pub enum KernelCase<B: FusedAutodiffBackend> {
+    BnReluMaxPool { x: Tensor<B::InnerBackend, 4>, scale: Tensor<B::InnerBackend, 1>, shift: Tensor<B::InnerBackend, 1>, pool: Pool2d },
+    GeluMaxPoolGelu { tokens: Tensor<B::InnerBackend, 3>, grid: [usize; 2] },
+}
+
+impl<B: FusedAutodiffBackend> KernelCase<B> {
+    /// Every case of both ops, the first `per_op` shapes of each.
+    pub fn all(per_op: usize, device: &B::Device) -> Vec<Self> {
+        let normal = Distribution::Normal(0.0, 1.0);
+        let pools = BN_RELU_POOL_CASES.iter().take(per_op).map(|&(shape, pool)| Self::BnReluMaxPool {
+            x: Tensor::random(shape, normal, device),
+            scale: Tensor::random([shape[1]], normal, device),
+            shift: Tensor::random([shape[1]], normal, device),
+            pool,
+        });
+        let gelus = GELU_POOL_CASES.iter().take(per_op).map(|&(shape, grid)| Self::GeluMaxPoolGelu { tokens: Tensor::random(shape, normal, device), grid });
+        pools.chain(gelus).collect()
+    }
+
+    pub fn op(&self) -> &'static str {
+        match self {
+            Self::BnReluMaxPool { .. } => "bn_relu_max_pool",
+            Self::GeluMaxPoolGelu { .. } => "gelu_max_pool_gelu",
+        }
+    }
+
+    pub fn shape(&self) -> Vec<usize> {
+        match self {
+            Self::BnReluMaxPool { x, .. } => x.dims().to_vec(),
+            Self::GeluMaxPoolGelu { tokens, .. } => tokens.dims().to_vec(),
+        }
+    }
+
+    /// Runs the fused op (or its reference twin) once; the caller synchronises the device.
+    pub fn run(&self, fused: bool, pass: Pass) {
+        match (self, pass) {
+            (Self::BnReluMaxPool { x, scale, shift, pool }, Pass::Forward) => drop(bn_relu_max_pool(x.clone(), scale.clone(), shift.clone(), *pool, fused)),
+            (Self::BnReluMaxPool { x, scale, shift, pool }, Pass::ForwardBackward) => {
+                let x = Tensor::<B, 4>::from_inner(x.clone()).require_grad();
+                let scale = Tensor::<B, 1>::from_inner(scale.clone()).require_grad();
+                let shift = Tensor::<B, 1>::from_inner(shift.clone()).require_grad();
+                let grads = bn_relu_max_pool(x.clone(), scale.clone(), shift.clone(), *pool, fused).sum().backward();
+                drop((x.grad(&grads), scale.grad(&grads), shift.grad(&grads)));
+            }
+            (Self::GeluMaxPoolGelu { tokens, grid }, Pass::Forward) => drop(gelu_max_pool_gelu(tokens.clone(), *grid, fused)),
+            (Self::GeluMaxPoolGelu { tokens, grid }, Pass::ForwardBackward) => {
+                let tokens = Tensor::<B, 3>::from_inner(tokens.clone()).require_grad();
+                drop(tokens.grad(&gelu_max_pool_gelu(tokens.clone(), *grid, fused).sum().backward()));
+            }
+        }
+    }
+}
+
+fn bn_relu_max_pool<B: FusedOps>(x: Tensor<B, 4>, scale: Tensor<B, 1>, shift: Tensor<B, 1>, pool: Pool2d, fused: bool) -> Tensor<B, 4> {
+    if fused {
+        fused_bn_relu_max_pool(x, scale, shift, pool)
+    } else {
+        reference_bn_relu_max_pool(x, scale, shift, pool)
+    }
+}
+
+fn gelu_max_pool_gelu<B: FusedOps>(tokens: Tensor<B, 3>, grid: [usize; 2], fused: bool) -> Tensor<B, 3> {
+    if fused {
+        fused_gelu_max_pool_gelu(tokens, grid)
+    } else {
+        reference_gelu_max_pool_gelu(tokens, grid)
+    }
+}
+
+/// Times every case fused against reference, both passes.
+pub fn bench_kernels<B: FusedAutodiffBackend>(device: &B::Device, cases: &[KernelCase<B>], budget: Budget, mut report: impl FnMut(&KernelRecord)) -> Result<Vec<KernelRecord>> {
     let mut records = Vec::new();
-    for &(shape, grid) in cases {
-        let tokens = Tensor::<B::InnerBackend, 3>::random(shape, Distribution::Normal(0.0, 1.0), device);
-        let forward = |fused: bool| {
-            median_ms::<B::InnerBackend>(device, budget, || {
-                let t = tokens.clone();
-                drop(if fused { fused_gelu_max_pool_gelu(t, grid) } else { reference_gelu_max_pool_gelu(t, grid) });
-                Ok(())
-            })
-        };
-        let backward = |fused: bool| {
-            median_ms::<B>(device, budget, || {
-                let t = Tensor::<B, 3>::from_inner(tokens.clone()).require_grad();
-                let y = if fused { fused_gelu_max_pool_gelu(t.clone(), grid) } else { reference_gelu_max_pool_gelu(t.clone(), grid) };
-                drop(t.grad(&y.sum().backward()));
-                Ok(())
-            })
-        };
-        for (pass, time) in [("forward", &forward as &dyn Fn(bool) -> Result<f64>), ("forward+backward", &backward)] {
+    for case in cases {
+        for pass in Pass::BOTH {
+            let time = |fused: bool| {
+                median_ms::<B>(device, budget, || {
+                    case.run(fused, pass);
+                    Ok(())
+                })
+            };
             let reference_ms = time(false)?;
             let fused_ms = time(true)?;
-            let record = KernelRecord { op: "gelu_max_pool_gelu".into(), shape: shape.to_vec(), pass: pass.into(), reference_ms, fused_ms, speedup: reference_ms / fused_ms };
+            let record = KernelRecord { op: case.op().into(), shape: case.shape(), pass: pass.name().into(), reference_ms, fused_ms, speedup: reference_ms / fused_ms };
             report(&record);
             records.push(record);
         }
@@ -178,17 +218,9 @@ pub fn bench_model<B: FusedAutodiffBackend>(name: ModelName, batch: usize, devic
     let many = Tensor::<B::InnerBackend, 4>::random([batch, 3, s, s], Distribution::Normal(0.0, 1.0), device);
     let latency_ms = median_ms::<B::InnerBackend>(device, budget, || eval.forward(one.clone()).map(drop).map_err(Into::into))?;
     let batch_ms = median_ms::<B::InnerBackend>(device, budget, || eval.forward(many.clone()).map(drop).map_err(Into::into))?;
-    let mut optim = SgdConfig::new().init::<B, pf_models::Model<B>>();
-    let mut slot = Some(model.clone());
-    let targets = Tensor::<B, 1, Int>::zeros([batch], device);
-    let loss_fn = burn::nn::loss::CrossEntropyLossConfig::new().init(device);
-    let train_ms = median_ms::<B>(device, budget, || {
-        let model = slot.take().ok_or_else(|| anyhow!("model lost"))?;
-        let logits = model.forward(Tensor::from_inner(many.clone()))?;
-        let grads = GradientsParams::from_grads(loss_fn.forward(logits, targets.clone()).backward(), &model);
-        slot = Some(optim.step(1e-3, model, grads));
-        Ok(())
-    })?;
+    let mut step = TrainStep::new(model.clone(), batch, device);
+    let images = Tensor::from_inner(many);
+    let train_ms = median_ms::<B>(device, budget, || step.run(images.clone()))?;
     Ok(ModelRecord {
         name: name.to_string(),
         image_size: s,
@@ -199,6 +231,35 @@ pub fn bench_model<B: FusedAutodiffBackend>(name: ModelName, batch: usize, devic
         train_throughput: batch as f64 / train_ms * 1e3,
         batch,
     })
+}
+
+/// A training step of the model table (forward, cross-entropy against class 0, backward, SGD),
+/// shared by `pf bench` and the criterion benches.
+pub struct TrainStep<B: FusedAutodiffBackend> {
+    model: Option<Model<B>>,
+    optim: OptimizerAdaptor<Sgd<B::InnerBackend>, Model<B>, B>,
+    targets: Tensor<B, 1, Int>,
+    loss: CrossEntropyLoss<B>,
+}
+
+impl<B: FusedAutodiffBackend> TrainStep<B> {
+    pub fn new(model: Model<B>, batch: usize, device: &B::Device) -> Self {
+        Self {
+            model: Some(model),
+            optim: SgdConfig::new().init(),
+            targets: Tensor::zeros([batch], device),
+            loss: CrossEntropyLossConfig::new().init(device),
+        }
+    }
+
+    /// One step on `images` (`[batch, 3, s, s]`); the caller synchronises the device.
+    pub fn run(&mut self, images: Tensor<B, 4>) -> Result<()> {
+        let model = self.model.take().ok_or_else(|| anyhow!("the model was lost in a failed step"))?;
+        let logits = model.forward(images)?;
+        let grads = GradientsParams::from_grads(self.loss.forward(logits, self.targets.clone()).backward(), &model);
+        self.model = Some(self.optim.step(1e-3, model, grads));
+        Ok(())
+    }
 }
 
 /// The table as markdown, with the paper's columns.

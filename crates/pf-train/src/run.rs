@@ -8,7 +8,7 @@ use pf_kernels::FusedAutodiffBackend;
 use pf_models::weights::{load_any, read_pf_config};
 use pf_models::{ModelConfig, ModelName};
 use pf_train::backend::{BackendKind, Job};
-use pf_train::bench::{bench_bn_relu_max_pool, bench_gelu_max_pool_gelu, bench_model, draw_chart, kernel_note, markdown_table, Budget, KernelRecord, BN_RELU_POOL_CASES, GELU_POOL_CASES};
+use pf_train::bench::{bench_kernels, bench_model, draw_chart, kernel_note, markdown_table, Budget, KernelCase, KernelRecord};
 use pf_train::data::{EvalTransform, ImageFolder, Interpolation, Normalize};
 use pf_train::eval::evaluate;
 use pf_train::recipe::{ModelSpec, Recipe};
@@ -288,8 +288,7 @@ impl Job for BenchCli {
             println!("kernels on {} ({device:?}); {}; median of >= {} runs, device synchronised", self.backend.name(), kernel_note::<B>(), budget.min_runs);
             println!("| op | shape | pass | reference (ms) | fused (ms) | speedup |\n|---|---|---|---:|---:|---:|");
             let row = |r: &KernelRecord| println!("| {} | {:?} | {} | {:.3} | {:.3} | {:.2}x |", r.op, r.shape, r.pass, r.reference_ms, r.fused_ms, r.speedup);
-            let mut records = bench_bn_relu_max_pool::<B>(&device, &BN_RELU_POOL_CASES[..self.cases.min(5)], budget, row)?;
-            records.extend(bench_gelu_max_pool_gelu::<B>(&device, &GELU_POOL_CASES[..self.cases.min(4)], budget, row)?);
+            let records = bench_kernels::<B>(&device, &KernelCase::all(self.cases, &device), budget, row)?;
             if self.chart.is_some() {
                 bail!("--chart draws the model table; the kernel bench writes --json only");
             }
