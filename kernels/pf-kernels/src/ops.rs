@@ -163,25 +163,33 @@ impl<B: FusedOps, C: CheckpointStrategy> FusedOps for Autodiff<B, C> {
     const HAS_KERNELS: bool = B::HAS_KERNELS;
 
     fn bn_relu_max_pool(x: FloatTensor<Self>, scale: FloatTensor<Self>, shift: FloatTensor<Self>, pool: Pool2d) -> FloatTensor<Self> {
-        let Some((out, indices)) = B::bn_relu_max_pool_with_indices(x.primitive.clone(), scale.primitive.clone(), shift.primitive.clone(), pool)
-        else {
+        if !B::HAS_KERNELS {
             // No kernel below: differentiate the reference twin.
             return reference_bn_relu_max_pool::<Self>(float(x), float(scale), float(shift), pool).into_primitive().tensor();
-        };
+        }
         match BnReluMaxPoolBackward.prepare::<C>([x.node.clone(), scale.node.clone(), shift.node.clone()]).compute_bound().stateful() {
-            OpsKind::Tracked(prep) => prep.finish((x.primitive, scale.primitive, shift.primitive, indices), out),
-            OpsKind::UnTracked(prep) => prep.finish(out),
+            OpsKind::Tracked(prep) => {
+                let (out, indices) = B::bn_relu_max_pool_with_indices(x.primitive.clone(), scale.primitive.clone(), shift.primitive.clone(), pool)
+                    .expect("the backend has the kernel (HAS_KERNELS)");
+                prep.finish((x.primitive, scale.primitive, shift.primitive, indices), out)
+            }
+            // Nothing to differentiate: the kernel without the winners' indices.
+            OpsKind::UnTracked(prep) => prep.finish(B::bn_relu_max_pool(x.primitive, scale.primitive, shift.primitive, pool)),
         }
     }
 
     fn gelu_max_pool_gelu(tokens: FloatTensor<Self>, grid: [usize; 2]) -> FloatTensor<Self> {
-        let Some((out, indices)) = B::gelu_max_pool_gelu_with_indices(tokens.primitive.clone(), grid) else {
+        if !B::HAS_KERNELS {
             // No kernel below: differentiate the reference twin.
             return reference_gelu_max_pool_gelu::<Self>(float(tokens), grid).into_primitive().tensor();
-        };
+        }
         match GeluMaxPoolGeluBackward.prepare::<C>([tokens.node.clone()]).compute_bound().stateful() {
-            OpsKind::Tracked(prep) => prep.finish((tokens.primitive, indices), out),
-            OpsKind::UnTracked(prep) => prep.finish(out),
+            OpsKind::Tracked(prep) => {
+                let (out, indices) =
+                    B::gelu_max_pool_gelu_with_indices(tokens.primitive.clone(), grid).expect("the backend has the kernel (HAS_KERNELS)");
+                prep.finish((tokens.primitive, indices), out)
+            }
+            OpsKind::UnTracked(prep) => prep.finish(B::gelu_max_pool_gelu(tokens.primitive, grid)),
         }
     }
 }
