@@ -62,9 +62,10 @@ pub(crate) fn gelu<F: Float>(x: F) -> F {
     x * (F::new(1.0) + erf::<F>(x * F::new(core::f32::consts::FRAC_1_SQRT_2))) * F::new(0.5)
 }
 
-/// Outputs per thread along a grid row: their windows overlap, so the run reads
-/// `3 · (RUN + 2)` tokens instead of `9 · RUN`.
-const RUN: usize = 4;
+/// Outputs per thread: a tile of `ROWS × RUN` grid positions in one channel. Their windows
+/// overlap, so the tile reads `(ROWS + 2) · (RUN + 2)` tokens instead of `9 · ROWS · RUN`.
+const ROWS: usize = 2;
+const RUN: usize = 7;
 
 /// Below this a window's maximum is not trusted to have a positive GELU (it may underflow).
 const TINY: f32 = 1e-30;
@@ -72,7 +73,7 @@ const TINY: f32 = 1e-30;
 /// after GELU's rounding.
 const NEAR: f32 = 1e-5;
 
-/// One thread per run of `RUN` outputs of a grid row in channel `c`; neighbouring threads read
+/// One thread per tile of `ROWS × RUN` outputs in channel `c`; neighbouring threads read
 /// neighbouring channels. For each output: the first maximum in row-major window order of
 /// GELU over the (up to) nine grid neighbours (strictly greater wins, as PyTorch's max-pool),
 /// GELU of it, and, with `with_indices`, the winner's token index. Positions outside the grid
@@ -91,88 +92,93 @@ fn gelu_max_pool_gelu_kernel<F: Float, I: Int>(
     indices: &mut Tensor<I>,
     height: usize,
     width: usize,
+    tiles: usize,
     runs: usize,
     #[comptime] with_indices: bool,
     #[define(F, I)] _dtypes: [StorageType; 2],
 ) {
     let channels = out.shape(2);
     let pos = ABSOLUTE_POS;
-    if pos >= out.shape(0) * height * runs * channels {
+    if pos >= out.shape(0) * tiles * channels {
         terminate!();
     }
     let c = pos % channels;
     let rest = pos / channels;
-    let run = rest % runs;
-    let rest = rest / runs;
-    let oh = rest % height;
-    let b = rest / height;
-    let ow0 = run * RUN;
+    let tile = rest % tiles;
+    let b = rest / tiles;
+    let oh0 = (tile / runs) * ROWS;
+    let ow0 = (tile % runs) * RUN;
     let base = b * tokens.stride(0) + c * tokens.stride(2);
     let token_stride = tokens.stride(1);
 
-    // Rows `oh − 1 ..= oh + 1`, columns `ow0 − 1 ..= ow0 + RUN` (unsigned arithmetic: row
-    // `oh + kh − 1` exists when `oh + kh ∈ [1, height]`). Outside the grid: 0, never compared.
+    // Rows `oh0 − 1 ..= oh0 + ROWS`, columns `ow0 − 1 ..= ow0 + RUN` (unsigned arithmetic: row
+    // `oh0 + i − 1` exists when `oh0 + i ∈ [1, height]`). Outside the grid: the lowest float,
+    // which neither beats a window's maximum nor comes near it.
     let span = comptime!(RUN + 2);
-    let mut raw = Array::<F>::new(comptime!(3 * span));
+    let mut raw = Array::<F>::new(comptime!((ROWS + 2) * span));
     #[unroll]
-    for kh in 0..3usize {
-        let ph = oh + kh;
+    for i in 0..comptime!(ROWS + 2) {
+        let ph = oh0 + i;
         #[unroll]
         for j in 0..span {
             let pw = ow0 + j;
             let ok = ph >= 1 && ph <= height && pw >= 1 && pw <= width;
             let t = select(ok, (ph - 1) * width + (pw - 1), 0);
-            raw[kh * span + j] = select(ok, tokens[base + t * token_stride], F::new(0.0));
+            raw[i * span + j] = select(ok, tokens[base + t * token_stride], F::min_value());
         }
     }
 
     #[unroll]
-    for o in 0..RUN {
-        let ow = ow0 + o;
-        if ow < width {
-            // The centre `(oh, ow)` is always in the grid.
-            let mut top = raw[span + o + 1];
-            let mut best_k = 4usize;
-            #[unroll]
-            for k in 0..9usize {
-                let (ph, pw) = (oh + k / 3, ow + k % 3);
-                let inside = ph >= 1 && ph <= height && pw >= 1 && pw <= width;
-                let v = raw[(k / 3) * span + o + k % 3];
-                if inside && v > top {
-                    top = v;
-                    best_k = k;
-                }
-            }
-            let bound = top - top * F::new(NEAR);
-            let mut near = 0u32;
-            #[unroll]
-            for k in 0..9usize {
-                let (ph, pw) = (oh + k / 3, ow + k % 3);
-                let inside = ph >= 1 && ph <= height && pw >= 1 && pw <= width;
-                near += u32::cast_from(inside && raw[(k / 3) * span + o + k % 3] >= bound);
-            }
-            let mut best = F::new(-1.0);
-            if top >= F::new(TINY) && near == 1 {
-                best = gelu::<F>(top);
-            } else {
-                // GELU's minimum is about −0.17, so any real element beats −1.
-                best_k = 0;
+    for r in 0..ROWS {
+        #[unroll]
+        for o in 0..RUN {
+            let (oh, ow) = (oh0 + r, ow0 + o);
+            if oh < height && ow < width {
+                // The centre `(oh, ow)` is always in the grid.
+                let mut top = raw[(r + 1) * span + o + 1];
+                let mut best_k = 4usize;
                 #[unroll]
                 for k in 0..9usize {
-                    let (ph, pw) = (oh + k / 3, ow + k % 3);
-                    let inside = ph >= 1 && ph <= height && pw >= 1 && pw <= width;
-                    let g = gelu::<F>(raw[(k / 3) * span + o + k % 3]);
-                    if inside && g > best {
-                        best = g;
+                    let v = raw[(r + k / 3) * span + o + k % 3];
+                    if v > top {
+                        top = v;
                         best_k = k;
                     }
                 }
-            }
-            let token = (oh * width + ow) * out.stride(1);
-            let at = b * out.stride(0) + token + c;
-            out[at] = gelu::<F>(best);
-            if comptime!(with_indices) {
-                indices[at] = I::cast_from((oh + best_k / 3 - 1) * width + ow + best_k % 3 - 1);
+                let bound = top - top * F::new(NEAR);
+                let mut near = 0u32;
+                #[unroll]
+                for k in 0..9usize {
+                    near += u32::cast_from(raw[(r + k / 3) * span + o + k % 3] >= bound);
+                }
+                let mut best = F::new(-1.0);
+                if top >= F::new(TINY) && near == 1 {
+                    best = gelu::<F>(top);
+                } else {
+                    // GELU's minimum is about −0.17, so any real element beats −1. A loop, not
+                    // unrolled: this path is rare, and unrolled in every output of the tile it
+                    // would make the kernel several times larger and slow to compile.
+                    let mut window = Array::<F>::new(9usize);
+                    #[unroll]
+                    for k in 0..9usize {
+                        window[k] = raw[(r + k / 3) * span + o + k % 3];
+                    }
+                    best_k = 0;
+                    for k in 0..9usize {
+                        let (ph, pw) = (oh + k / 3, ow + k % 3);
+                        let inside = ph >= 1 && ph <= height && pw >= 1 && pw <= width;
+                        let g = gelu::<F>(window[k]);
+                        if inside && g > best {
+                            best = g;
+                            best_k = k;
+                        }
+                    }
+                }
+                let at = b * out.stride(0) + (oh * width + ow) * out.stride(1) + c;
+                out[at] = gelu::<F>(best);
+                if comptime!(with_indices) {
+                    indices[at] = I::cast_from((oh + best_k / 3 - 1) * width + ow + best_k % 3 - 1);
+                }
             }
         }
     }
@@ -194,7 +200,8 @@ pub(crate) fn gelu_max_pool_gelu<R: CubeRuntime, I: IntElement>(
     let indices_shape = if with_indices { shape } else { Shape::new([1]) };
     let indices = empty_device_contiguous_dtype(client.clone(), tokens.device.clone(), indices_shape, I::dtype());
     let runs = width.div_ceil(RUN);
-    let units = batch * height * runs * channels;
+    let tiles = height.div_ceil(ROWS) * runs;
+    let units = batch * tiles * channels;
     if units > 0 {
         let cube_dim = CubeDim::new(&client, units);
         let cube_count = calculate_cube_count_elemwise(&client, units, cube_dim);
@@ -211,6 +218,7 @@ pub(crate) fn gelu_max_pool_gelu<R: CubeRuntime, I: IntElement>(
                 indices.clone().into_tensor_arg(),
                 height,
                 width,
+                tiles,
                 runs,
                 with_indices,
                 dtypes,
