@@ -64,7 +64,7 @@ pub(crate) fn gelu<F: Float>(x: F) -> F {
 
 /// Outputs per thread: a tile of `ROWS × RUN` grid positions in one channel. Their windows
 /// overlap, so the tile reads `(ROWS + 2) · (RUN + 2)` tokens instead of `9 · ROWS · RUN`.
-const ROWS: usize = 2;
+const ROWS: usize = 4;
 const RUN: usize = 7;
 
 /// Below this a window's maximum is not trusted to have a positive GELU (it may underflow).
