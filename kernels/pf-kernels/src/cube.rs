@@ -5,11 +5,25 @@ mod bn_relu_max_pool;
 mod gelu_max_pool;
 
 use burn::tensor::ops::{FloatTensor, IntTensor};
+use burn::tensor::Shape;
 use burn_cubecl::element::BoolElement;
+use burn_cubecl::ops::numeric::empty_device_contiguous_dtype;
+use burn_cubecl::tensor::CubeTensor;
 use burn_cubecl::{CubeBackend, CubeRuntime, FloatElement, IntElement};
 
 use crate::ops::FusedOps;
 use crate::reference::Pool2d;
+
+/// The contiguous output of a kernel on `input`'s device, of `shape` and `input`'s float type,
+/// and its winners' indices: of `shape` when they are wanted, a one-element placeholder (the
+/// kernel does not write it) when not.
+fn outputs<R: CubeRuntime, I: IntElement>(input: &CubeTensor<R>, shape: Shape, with_indices: bool) -> (CubeTensor<R>, CubeTensor<R>) {
+    let client = input.client.clone();
+    let out = empty_device_contiguous_dtype(client.clone(), input.device.clone(), shape.clone(), input.dtype);
+    let indices_shape = if with_indices { shape } else { Shape::new([1]) };
+    let indices = empty_device_contiguous_dtype(client, input.device.clone(), indices_shape, I::dtype());
+    (out, indices)
+}
 
 impl<R: CubeRuntime, F: FloatElement, I: IntElement, BT: BoolElement> FusedOps for CubeBackend<R, F, I, BT> {
     const HAS_KERNELS: bool = true;

@@ -8,11 +8,8 @@ use burn_fusion::stream::{Operation, OperationStreams};
 use burn_fusion::{Fusion, FusionBackend, FusionRuntime};
 use burn_ir::{CustomOpIr, HandleContainer, OperationIr, TensorIr};
 
-use burn::prelude::*;
-use burn::tensor::TensorPrimitive;
-
-use crate::ops::FusedOps;
-use crate::reference::{reference_bn_relu_max_pool, reference_gelu_max_pool_gelu, Pool2d};
+use crate::ops::{bn_relu_max_pool_by_reference, gelu_max_pool_gelu_by_reference, FusedOps};
+use crate::reference::Pool2d;
 
 #[derive(Clone, Debug)]
 struct BnReluMaxPoolOp<B> {
@@ -120,7 +117,7 @@ impl<B: FusionBackend + FusedOps> FusedOps for Fusion<B> {
 
     fn bn_relu_max_pool(x: FloatTensor<Self>, scale: FloatTensor<Self>, shift: FloatTensor<Self>, pool: Pool2d) -> FloatTensor<Self> {
         if !B::HAS_KERNELS {
-            return reference_bn_relu_max_pool::<Self>(float(x), float(scale), float(shift), pool).into_primitive().tensor();
+            return bn_relu_max_pool_by_reference::<Self>(x, scale, shift, pool);
         }
         register_bn_relu_max_pool::<B>(x, scale, shift, pool, false).remove(0)
     }
@@ -135,12 +132,8 @@ impl<B: FusionBackend + FusedOps> FusedOps for Fusion<B> {
 
     fn gelu_max_pool_gelu(tokens: FloatTensor<Self>, grid: [usize; 2]) -> FloatTensor<Self> {
         if !B::HAS_KERNELS {
-            return reference_gelu_max_pool_gelu::<Self>(float(tokens), grid).into_primitive().tensor();
+            return gelu_max_pool_gelu_by_reference::<Self>(tokens, grid);
         }
         register_gelu_max_pool_gelu::<B>(tokens, grid, false).remove(0)
     }
-}
-
-fn float<B: Backend, const D: usize>(t: FloatTensor<B>) -> Tensor<B, D> {
-    Tensor::from_primitive(TensorPrimitive::Float(t))
 }

@@ -42,10 +42,7 @@ pub trait FusedOps: Backend {
     fn bn_relu_max_pool(x: FloatTensor<Self>, scale: FloatTensor<Self>, shift: FloatTensor<Self>, pool: Pool2d) -> FloatTensor<Self> {
         match Self::bn_relu_max_pool_with_indices(x.clone(), scale.clone(), shift.clone(), pool) {
             Some((out, _)) => out,
-            None => {
-                let out = reference_bn_relu_max_pool::<Self>(float(x), float(scale), float(shift), pool);
-                out.into_primitive().tensor()
-            }
+            None => bn_relu_max_pool_by_reference::<Self>(x, scale, shift, pool),
         }
     }
 
@@ -65,13 +62,23 @@ pub trait FusedOps: Backend {
     fn gelu_max_pool_gelu(tokens: FloatTensor<Self>, grid: [usize; 2]) -> FloatTensor<Self> {
         match Self::gelu_max_pool_gelu_with_indices(tokens.clone(), grid) {
             Some((out, _)) => out,
-            None => reference_gelu_max_pool_gelu::<Self>(float(tokens), grid).into_primitive().tensor(),
+            None => gelu_max_pool_gelu_by_reference::<Self>(tokens, grid),
         }
     }
 }
 
 fn float<B: Backend, const D: usize>(t: FloatTensor<B>) -> Tensor<B, D> {
     Tensor::from_primitive(TensorPrimitive::Float(t))
+}
+
+/// [`reference_bn_relu_max_pool`] on primitives: what a backend without the kernel runs.
+pub(crate) fn bn_relu_max_pool_by_reference<B: FusedOps>(x: FloatTensor<B>, scale: FloatTensor<B>, shift: FloatTensor<B>, pool: Pool2d) -> FloatTensor<B> {
+    reference_bn_relu_max_pool::<B>(float(x), float(scale), float(shift), pool).into_primitive().tensor()
+}
+
+/// [`reference_gelu_max_pool_gelu`] on primitives: what a backend without the kernel runs.
+pub(crate) fn gelu_max_pool_gelu_by_reference<B: FusedOps>(tokens: FloatTensor<B>, grid: [usize; 2]) -> FloatTensor<B> {
+    reference_gelu_max_pool_gelu::<B>(float(tokens), grid).into_primitive().tensor()
 }
 
 /// The fused `BN → ReLU → max-pool` on tensors; the reference twin is
@@ -165,7 +172,7 @@ impl<B: FusedOps, C: CheckpointStrategy> FusedOps for Autodiff<B, C> {
     fn bn_relu_max_pool(x: FloatTensor<Self>, scale: FloatTensor<Self>, shift: FloatTensor<Self>, pool: Pool2d) -> FloatTensor<Self> {
         if !B::HAS_KERNELS {
             // No kernel below: differentiate the reference twin.
-            return reference_bn_relu_max_pool::<Self>(float(x), float(scale), float(shift), pool).into_primitive().tensor();
+            return bn_relu_max_pool_by_reference::<Self>(x, scale, shift, pool);
         }
         match BnReluMaxPoolBackward.prepare::<C>([x.node.clone(), scale.node.clone(), shift.node.clone()]).compute_bound().stateful() {
             OpsKind::Tracked(prep) => {
@@ -181,7 +188,7 @@ impl<B: FusedOps, C: CheckpointStrategy> FusedOps for Autodiff<B, C> {
     fn gelu_max_pool_gelu(tokens: FloatTensor<Self>, grid: [usize; 2]) -> FloatTensor<Self> {
         if !B::HAS_KERNELS {
             // No kernel below: differentiate the reference twin.
-            return reference_gelu_max_pool_gelu::<Self>(float(tokens), grid).into_primitive().tensor();
+            return gelu_max_pool_gelu_by_reference::<Self>(tokens, grid);
         }
         match GeluMaxPoolGeluBackward.prepare::<C>([tokens.node.clone()]).compute_bound().stateful() {
             OpsKind::Tracked(prep) => {

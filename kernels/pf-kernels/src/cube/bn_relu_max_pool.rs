@@ -3,7 +3,6 @@
 use burn::tensor::{Shape, TensorMetadata};
 use burn_cubecl::cubecl;
 use burn_cubecl::cubecl::{calculate_cube_count_elemwise, prelude::*};
-use burn_cubecl::ops::numeric::empty_device_contiguous_dtype;
 use burn_cubecl::tensor::CubeTensor;
 use burn_cubecl::{CubeRuntime, IntElement};
 
@@ -113,11 +112,8 @@ pub(crate) fn bn_relu_max_pool<R: CubeRuntime, I: IntElement>(
     x.assert_is_on_same_device(&shift);
     let [n, c, h, w] = x.shape().dims::<4>();
     let (out_h, out_w) = (pool.output_len(h), pool.output_len(w));
-    let shape = Shape::new([n, c, out_h, out_w]);
     let client = x.client.clone();
-    let out = empty_device_contiguous_dtype(client.clone(), x.device.clone(), shape.clone(), x.dtype);
-    let indices_shape = if with_indices { shape } else { Shape::new([1]) };
-    let indices = empty_device_contiguous_dtype(client.clone(), x.device.clone(), indices_shape, I::dtype());
+    let (out, indices) = super::outputs::<R, I>(&x, Shape::new([n, c, out_h, out_w]), with_indices);
     let runs = out_w.div_ceil(RUN);
     let units = n * c * out_h * runs;
     if units > 0 {

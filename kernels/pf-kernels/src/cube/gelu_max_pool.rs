@@ -1,10 +1,9 @@
 //! The eff layer's `GELU → 3×3 max-pool (stride 1, padding 1) → GELU` in token layout: one
 //! pass over `[batch, height · width, channels]`, no rearrangement to `[batch, channels, h, w]`.
 
-use burn::tensor::{Shape, TensorMetadata};
+use burn::tensor::TensorMetadata;
 use burn_cubecl::cubecl;
 use burn_cubecl::cubecl::{calculate_cube_count_elemwise, prelude::*};
-use burn_cubecl::ops::numeric::empty_device_contiguous_dtype;
 use burn_cubecl::tensor::CubeTensor;
 use burn_cubecl::{CubeRuntime, IntElement};
 
@@ -196,9 +195,7 @@ pub(crate) fn gelu_max_pool_gelu<R: CubeRuntime, I: IntElement>(
     let [height, width] = grid;
     assert_eq!(n, height * width, "token count {n} is not the grid {height}x{width}");
     let client = tokens.client.clone();
-    let out = empty_device_contiguous_dtype(client.clone(), tokens.device.clone(), shape.clone(), tokens.dtype);
-    let indices_shape = if with_indices { shape } else { Shape::new([1]) };
-    let indices = empty_device_contiguous_dtype(client.clone(), tokens.device.clone(), indices_shape, I::dtype());
+    let (out, indices) = super::outputs::<R, I>(&tokens, shape, with_indices);
     let runs = width.div_ceil(RUN);
     let tiles = height.div_ceil(ROWS) * runs;
     let units = batch * tiles * channels;
@@ -235,6 +232,7 @@ mod erf_tests {
     use burn_cubecl::CubeBackend;
 
     use super::*;
+    use burn_cubecl::ops::numeric::empty_device_contiguous_dtype;
     use crate::testing::erf64;
 
     type Cube = CubeBackend<WgpuRuntime, f32, i32, u32>;
