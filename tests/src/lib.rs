@@ -8,6 +8,8 @@ mod common;
 #[cfg(test)]
 mod inputs;
 #[cfg(test)]
+mod parallel;
+#[cfg(test)]
 mod parity;
 #[cfg(test)]
 mod presets;

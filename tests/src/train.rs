@@ -11,7 +11,7 @@ use pf_train::checkpoint;
 use pf_train::data::ImageFolder;
 use pf_train::eval::evaluate;
 use pf_train::recipe::{Recipe, ScheduleSpec};
-use pf_train::train::{train, TrainArgs};
+use pf_train::train::{train, train_on, TrainArgs};
 
 use crate::common::{scratch, Cpu, CpuAd};
 
@@ -43,7 +43,17 @@ fn small_recipe(epochs: usize) -> Recipe {
 }
 
 fn args(recipe: Recipe, data: &Path, out: &Path) -> TrainArgs {
-    TrainArgs { recipe, data: data.to_path_buf(), out: out.to_path_buf(), resume: false, train_limit: None, val_limit: None, stop_after: None, init: None, progress: false }
+    TrainArgs {
+        recipe,
+        data: data.to_path_buf(),
+        out: out.to_path_buf(),
+        resume: false,
+        train_limit: None,
+        val_limit: None,
+        stop_after: None,
+        init: None,
+        progress: false,
+    }
 }
 
 /// Every parameter of a saved pf model, in module order.
@@ -126,7 +136,10 @@ fn an_interrupted_and_resumed_run_ends_with_the_same_weights() {
     let relative = (diff / moved).sqrt();
     // Two uninterrupted runs already end about 0.1-0.2 apart on this measure; a resume that
     // dropped the trained weights would end at about 1.4.
-    assert!(moved > 0.0 && relative < 0.5, "the resumed run ended {relative:.5} (of the distance training moved the weights) away from the uninterrupted one");
+    assert!(
+        moved > 0.0 && relative < 0.5,
+        "the resumed run ended {relative:.5} (of the distance training moved the weights) away from the uninterrupted one"
+    );
 }
 
 /// What a resume loads is what was saved: weights, running statistics and parameter ids byte
@@ -167,8 +180,24 @@ fn a_checkpoint_restores_model_and_optimizer_exactly() {
     assert_eq!(restored, step(load()), "two loads of the checkpoint step differently");
     let fresh_model = load().0;
     let fresh = step((fresh_model.clone(), GroupedOptimizer::new(&state.recipe, &fresh_model)));
-    let moved = |after: &Vec<Vec<f32>>| before.iter().zip(after).flat_map(|(b, a)| b.iter().zip(a).map(|(x, y)| (x - y).abs())).fold(0.0f32, f32::max);
+    let moved =
+        |after: &Vec<Vec<f32>>| before.iter().zip(after).flat_map(|(b, a)| b.iter().zip(a).map(|(x, y)| (x - y).abs())).fold(0.0f32, f32::max);
     assert!(moved(&restored) > 100.0 * moved(&fresh), "the momentum was not restored: {} vs {}", moved(&restored), moved(&fresh));
+}
+
+/// The whole run, data-parallel over two workers on the NdArray device: it trains, validates,
+/// checkpoints and saves like a single-device run.
+#[test]
+fn a_run_trains_data_parallel_over_two_devices() {
+    let dir = scratch("parallel");
+    let data = digits_slice(&dir.join("data"), 8);
+    let out = dir.join("run");
+    let summary = train_on::<CpuAd>(&args(small_recipe(1), &data, &out), &[Default::default(), Default::default()]).unwrap();
+    assert_eq!(summary.history.len(), 1);
+    let epoch = &summary.history[0];
+    assert!(epoch.train_loss.is_finite() && epoch.train_loss > 0.0, "train loss {}", epoch.train_loss);
+    assert!(checkpoint::latest(&out).unwrap().is_some(), "no checkpoint");
+    assert!(out.join("model.bpk").is_file(), "no saved model");
 }
 
 #[test]
@@ -240,7 +269,6 @@ fn missing_or_empty_folders_are_named() {
     assert!(err.contains("val"), "{err}");
     assert!(!dir.join("run/checkpoints").exists(), "a failed start wrote a checkpoint");
 }
-
 
 /// The recipe's weight decay reaches the decay group and only it, for both optimizers, with the
 /// size each one gives it (SGD + Nesterov: `lr · wd · (1 + momentum)` on the first step; AdamW:

@@ -43,27 +43,49 @@ pub type WgpuBackend = burn::backend::Autodiff<burn::backend::Wgpu>;
 #[cfg(feature = "cuda")]
 pub type CudaBackend = burn::backend::Autodiff<burn::backend::Cuda>;
 
-/// Runs `job` on the backend `kind`'s default device, or explains how to compile it in.
-pub fn dispatch<J: Job>(kind: BackendKind, job: J) -> Result<J::Output> {
-    dispatch_on(kind, None, job)
+/// Work to run on one or several devices of whichever backend was picked.
+pub trait DevicesJob {
+    type Output;
+    /// `devices` is never empty; the first is the main device.
+    fn run<B: FusedAutodiffBackend>(self, devices: Vec<B::Device>) -> Result<Self::Output>;
 }
 
-/// Runs `job` on device `index` of the backend `kind` (`None`: the backend's default device;
-/// for wgpu an index counts discrete GPUs, for CUDA devices as CUDA numbers them).
-pub fn dispatch_on<J: Job>(kind: BackendKind, index: Option<usize>, job: J) -> Result<J::Output> {
-    match (kind, index) {
-        (BackendKind::Ndarray, None | Some(0)) => job.run::<NdarrayBackend>(Default::default()),
-        (BackendKind::Ndarray, Some(i)) => bail!("the ndarray backend has one device (0), not {i}"),
+struct OnOne<J>(J);
+
+impl<J: Job> DevicesJob for OnOne<J> {
+    type Output = J::Output;
+    fn run<B: FusedAutodiffBackend>(self, devices: Vec<B::Device>) -> Result<J::Output> {
+        self.0.run::<B>(devices.into_iter().next().unwrap_or_default())
+    }
+}
+
+/// Runs `job` on the backend `kind`'s default device, or explains how to compile it in.
+pub fn dispatch<J: Job>(kind: BackendKind, job: J) -> Result<J::Output> {
+    dispatch_on(kind, &[], OnOne(job))
+}
+
+/// Runs `job` on the devices `indices` of the backend `kind` (none: the backend's default
+/// device; for wgpu an index counts discrete GPUs, for CUDA devices as CUDA numbers them).
+pub fn dispatch_on<J: DevicesJob>(kind: BackendKind, indices: &[usize], job: J) -> Result<J::Output> {
+    if let Some((_, twice)) = indices.iter().enumerate().find(|&(i, d)| indices[..i].contains(d)) {
+        bail!("device {twice} is listed twice in --devices");
+    }
+    match kind {
+        BackendKind::Ndarray => match indices.iter().find(|&&i| i != 0) {
+            None => job.run::<NdarrayBackend>(vec![Default::default()]),
+            Some(i) => bail!("the ndarray backend has one device (0), not {i}"),
+        },
         #[cfg(feature = "wgpu")]
-        (BackendKind::Wgpu, None) => job.run::<WgpuBackend>(Default::default()),
+        BackendKind::Wgpu if indices.is_empty() => job.run::<WgpuBackend>(vec![Default::default()]),
         #[cfg(feature = "wgpu")]
-        (BackendKind::Wgpu, Some(i)) => job.run::<WgpuBackend>(burn::backend::wgpu::WgpuDevice::DiscreteGpu(i)),
+        BackendKind::Wgpu => job.run::<WgpuBackend>(indices.iter().map(|&i| burn::backend::wgpu::WgpuDevice::DiscreteGpu(i)).collect()),
         #[cfg(feature = "cuda")]
-        (BackendKind::Cuda, i) => job.run::<CudaBackend>(burn::backend::cuda::CudaDevice::new(i.unwrap_or(0))),
+        BackendKind::Cuda if indices.is_empty() => job.run::<CudaBackend>(vec![burn::backend::cuda::CudaDevice::new(0)]),
+        #[cfg(feature = "cuda")]
+        BackendKind::Cuda => job.run::<CudaBackend>(indices.iter().map(|&i| burn::backend::cuda::CudaDevice::new(i)).collect()),
         #[allow(unreachable_patterns)]
-        (other, _) => bail!(
-            "this pf was built without the `{0}` backend; rebuild with `--features {0}` (or use `cargo xtask ... --backend {0}`)",
-            other.name()
-        ),
+        other => {
+            bail!("this pf was built without the `{0}` backend; rebuild with `--features {0}` (or use `cargo xtask ... --backend {0}`)", other.name())
+        }
     }
 }

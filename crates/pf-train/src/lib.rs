@@ -9,6 +9,7 @@ pub mod eval;
 pub mod fixtures;
 pub mod mix;
 pub mod optim;
+pub mod parallel;
 pub mod parity;
 pub mod presets;
 pub mod randaugment;

@@ -86,7 +86,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
         Command::Inspect { model, weights, num_classes } => inspect(&model, &weights, num_classes),
         Command::Train(args) => {
             let job = args.into_job()?;
-            dispatch_on(cli.backend, job.device, job)
+            dispatch_on(cli.backend, &job.devices.clone(), job)
         }
         Command::Eval(args) => dispatch(cli.backend, args),
         Command::Bench(args) => dispatch(cli.backend, args.with_backend(cli.backend)),

@@ -9,7 +9,7 @@ use burn::module::ParamId;
 use burn::optim::adaptor::OptimizerAdaptor;
 use burn::optim::decay::WeightDecayConfig;
 use burn::optim::momentum::MomentumConfig;
-use burn::optim::{AdamW, AdamWConfig, GradientsParams, Optimizer, Sgd, SgdConfig};
+use burn::optim::{AdamW, AdamWConfig, GradientsAccumulator, GradientsParams, Optimizer, Sgd, SgdConfig};
 use burn::record::{FullPrecisionSettings, NamedMpkFileRecorder, Recorder};
 use burn::tensor::backend::AutodiffBackend;
 use pf_kernels::FusedAutodiffBackend;
@@ -41,6 +41,33 @@ impl ParamGroups {
             }
         }
         groups
+    }
+
+    /// The gradients of `grads` (as `loss.backward()` returns them), one set per group.
+    pub fn split<B: FusedAutodiffBackend>(&self, mut grads: <B as AutodiffBackend>::Gradients, model: &Model<B>) -> GroupedGrads {
+        GroupedGrads {
+            decay: GradientsParams::from_params(&mut grads, model, &self.decay),
+            no_decay: GradientsParams::from_params(&mut grads, model, &self.no_decay),
+        }
+    }
+}
+
+/// Gradients split into the two parameter groups: what a data-parallel worker hands back.
+pub struct GroupedGrads {
+    pub decay: GradientsParams,
+    pub no_decay: GradientsParams,
+}
+
+impl GroupedGrads {
+    /// The sum of both sets, parameter by parameter (both on one device).
+    pub fn add<B: FusedAutodiffBackend>(self, other: Self, model: &Model<B>) -> Self {
+        let sum = |a: GradientsParams, b: GradientsParams| {
+            let mut acc = GradientsAccumulator::<Model<B>>::new();
+            acc.accumulate(model, a);
+            acc.accumulate(model, b);
+            acc.grads()
+        };
+        Self { decay: sum(self.decay, other.decay), no_decay: sum(self.no_decay, other.no_decay) }
     }
 }
 
@@ -117,11 +144,15 @@ impl<B: FusedAutodiffBackend> GroupedOptimizer<B> {
     }
 
     /// One step on the gradients of `grads` (as `loss.backward()` returns them).
-    pub fn step(&mut self, lr: f64, model: Model<B>, mut grads: <B as AutodiffBackend>::Gradients) -> Model<B> {
-        let decay = GradientsParams::from_params(&mut grads, &model, &self.groups.decay);
-        let no_decay = GradientsParams::from_params(&mut grads, &model, &self.groups.no_decay);
-        let model = self.decay.step(lr, model, decay);
-        self.no_decay.step(lr, model, no_decay)
+    pub fn step(&mut self, lr: f64, model: Model<B>, grads: <B as AutodiffBackend>::Gradients) -> Model<B> {
+        let grads = self.groups.split(grads, &model);
+        self.step_grouped(lr, model, grads)
+    }
+
+    /// One step on gradients already split into the groups (summed over the devices).
+    pub fn step_grouped(&mut self, lr: f64, model: Model<B>, grads: GroupedGrads) -> Model<B> {
+        let model = self.decay.step(lr, model, grads.decay);
+        self.no_decay.step(lr, model, grads.no_decay)
     }
 
     /// Writes the state of both groups into `dir` (`optim-decay.mpk`, `optim-no-decay.mpk`).

@@ -7,12 +7,12 @@ use anyhow::{bail, Context, Result};
 use pf_kernels::FusedAutodiffBackend;
 use pf_models::weights::{load_any, read_pf_config};
 use pf_models::{ModelConfig, ModelName};
-use pf_train::backend::{BackendKind, Job};
+use pf_train::backend::{BackendKind, DevicesJob, Job};
 use pf_train::bench::{bench_kernels, bench_model, draw_chart, kernel_note, markdown_table, Budget, KernelCase, KernelRecord};
 use pf_train::data::{EvalTransform, ImageFolder, Interpolation, Normalize};
 use pf_train::eval::evaluate;
 use pf_train::recipe::{ModelSpec, Recipe};
-use pf_train::train::{train, TrainArgs, TrainSummary};
+use pf_train::train::{train_on, TrainArgs, TrainSummary};
 use pf_train::{checkpoint, resolve};
 
 #[derive(clap::Args)]
@@ -66,7 +66,8 @@ pub struct TrainCli {
 
 pub struct TrainJob {
     args: TrainArgs,
-    pub device: Option<usize>,
+    /// Device indices (empty: the backend's default device).
+    pub devices: Vec<usize>,
 }
 
 impl TrainCli {
@@ -86,13 +87,6 @@ impl TrainCli {
             Some(d) => resolve(&d),
             None => bail!("recipe {} names no dataset; pass --data DIR (with DIR/train and DIR/val)", recipe.name),
         };
-        let device = match self.devices.as_slice() {
-            [] => None,
-            [one] => Some(*one),
-            several => bail!(
-                "data-parallel training over several devices ({several:?}) is not available in this version of pf; train on one device with --devices N"
-            ),
-        };
         let out = self.out.unwrap_or_else(|| PathBuf::from("runs").join(&recipe.name));
         let args = TrainArgs {
             recipe,
@@ -105,17 +99,20 @@ impl TrainCli {
             init: self.init,
             progress: !self.quiet,
         };
-        Ok(TrainJob { args, device })
+        Ok(TrainJob { args, devices: self.devices })
     }
 }
 
-impl Job for TrainJob {
+impl DevicesJob for TrainJob {
     type Output = ExitCode;
 
-    fn run<B: FusedAutodiffBackend>(self, device: B::Device) -> Result<ExitCode> {
+    fn run<B: FusedAutodiffBackend>(self, devices: Vec<B::Device>) -> Result<ExitCode> {
         println!("recipe {}: {}", self.args.recipe.name, self.args.recipe.description);
-        println!("data {}, device {device:?}", self.args.data.display());
-        let summary = train::<B>(&self.args, &device)?;
+        match devices.as_slice() {
+            [one] => println!("data {}, device {one:?}", self.args.data.display()),
+            several => println!("data {}, devices {several:?}", self.args.data.display()),
+        }
+        let summary = train_on::<B>(&self.args, &devices)?;
         if summary.history.len() == summary.recipe.epochs {
             println!(
                 "done: val top-1 {:.2}%, top-5 {:.2}%; model saved as {} (config beside it); logs in {}",
@@ -125,7 +122,12 @@ impl Job for TrainJob {
                 self.args.out.display()
             );
         } else {
-            println!("stopped after epoch {} of {}; continue with --resume --out {}", summary.history.len(), summary.recipe.epochs, self.args.out.display());
+            println!(
+                "stopped after epoch {} of {}; continue with --resume --out {}",
+                summary.history.len(),
+                summary.recipe.epochs,
+                self.args.out.display()
+            );
         }
         Ok(ExitCode::SUCCESS)
     }
@@ -180,7 +182,12 @@ impl EvalCli {
             if let Some(p) = preset {
                 let p = self.num_classes.map_or(p.clone(), |n| p.with_num_classes(n));
                 if p != saved {
-                    bail!("{} was saved for another model:\n  saved:     {}\n  requested: {}", self.weights.display(), serde_json::to_string(&saved)?, serde_json::to_string(&p)?);
+                    bail!(
+                        "{} was saved for another model:\n  saved:     {}\n  requested: {}",
+                        self.weights.display(),
+                        serde_json::to_string(&saved)?,
+                        serde_json::to_string(&p)?
+                    );
                 }
             }
             return Ok(saved);
@@ -201,7 +208,9 @@ impl Job for EvalCli {
         let summary = training_summary(&self.weights)?.filter(|_| self.weights.extension().is_some_and(|e| e == "bpk"));
         let mut transform = match &summary {
             Some(s) => s.recipe.eval_transform.clone(),
-            None => EvalTransform { size: config.image_size(), crop_pct: 0.875, interpolation: Interpolation::Bicubic, normalize: Normalize::default() },
+            None => {
+                EvalTransform { size: config.image_size(), crop_pct: 0.875, interpolation: Interpolation::Bicubic, normalize: Normalize::default() }
+            }
         };
         transform.size = self.image_size.unwrap_or(transform.size);
         transform.crop_pct = self.crop_pct.unwrap_or(transform.crop_pct);
@@ -227,7 +236,10 @@ impl Job for EvalCli {
             transform.crop_pct
         );
         let result = evaluate(&model, &dataset, &transform, self.batch_size, self.workers, &device, !self.quiet)?;
-        println!("top-1 {:.2}%  top-5 {:.2}%  loss {:.4}  ({} images, {} unreadable skipped)", result.top1, result.top5, result.loss, result.images, result.skipped);
+        println!(
+            "top-1 {:.2}%  top-5 {:.2}%  loss {:.4}  ({} images, {} unreadable skipped)",
+            result.top1, result.top5, result.loss, result.images, result.skipped
+        );
         if let Some(path) = &self.json {
             checkpoint::replace_file(path, serde_json::to_string_pretty(&result)?.as_bytes())?;
         }
@@ -285,9 +297,16 @@ impl Job for BenchCli {
         }
         let budget = self.budget();
         let json = if self.kernels {
-            println!("kernels on {} ({device:?}); {}; median of >= {} runs, device synchronised", self.backend.name(), kernel_note::<B>(), budget.min_runs);
+            println!(
+                "kernels on {} ({device:?}); {}; median of >= {} runs, device synchronised",
+                self.backend.name(),
+                kernel_note::<B>(),
+                budget.min_runs
+            );
             println!("| op | shape | pass | reference (ms) | fused (ms) | speedup |\n|---|---|---|---:|---:|---:|");
-            let row = |r: &KernelRecord| println!("| {} | {:?} | {} | {:.3} | {:.3} | {:.2}x |", r.op, r.shape, r.pass, r.reference_ms, r.fused_ms, r.speedup);
+            let row = |r: &KernelRecord| {
+                println!("| {} | {:?} | {} | {:.3} | {:.3} | {:.2}x |", r.op, r.shape, r.pass, r.reference_ms, r.fused_ms, r.speedup)
+            };
             let records = bench_kernels::<B>(&device, &KernelCase::all(self.cases, &device), budget, row)?;
             if self.chart.is_some() {
                 bail!("--chart draws the model table; the kernel bench writes --json only");
@@ -299,7 +318,12 @@ impl Job for BenchCli {
             } else {
                 self.models.iter().map(|n| n.parse::<ModelName>()).collect::<Result<Vec<_>, _>>()?
             };
-            println!("models on {} ({device:?}); latency at batch 1, throughput at batch {}; median of >= {} runs, device synchronised", self.backend.name(), self.batch, budget.min_runs);
+            println!(
+                "models on {} ({device:?}); latency at batch 1, throughput at batch {}; median of >= {} runs, device synchronised",
+                self.backend.name(),
+                self.batch,
+                budget.min_runs
+            );
             let mut records = Vec::new();
             for name in names {
                 eprintln!("measuring {name} ...");
@@ -322,7 +346,9 @@ impl Job for BenchCli {
                 draw_chart(path, &title, &records).map_err(|e| anyhow::anyhow!("drawing {}: {e}", path.display()))?;
                 println!("chart written to {}", path.display());
             }
-            serde_json::to_string_pretty(&serde_json::json!({ "backend": self.backend.name(), "device": format!("{device:?}"), "batch": self.batch, "models": records }))?
+            serde_json::to_string_pretty(
+                &serde_json::json!({ "backend": self.backend.name(), "device": format!("{device:?}"), "batch": self.batch, "models": records }),
+            )?
         };
         if let Some(path) = &self.json {
             checkpoint::replace_file(path, json.as_bytes())?;

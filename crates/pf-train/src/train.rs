@@ -5,8 +5,6 @@ use std::time::Instant;
 
 use anyhow::{anyhow, bail, Context, Result};
 use burn::module::AutodiffModule;
-use burn::prelude::*;
-use burn::tensor::ElementConversion;
 use pf_kernels::FusedAutodiffBackend;
 use pf_models::weights::{load_any, num_parameters, save_pf};
 use pf_models::Model;
@@ -14,9 +12,10 @@ use serde::Serialize;
 
 use crate::checkpoint::{self, EpochRecord, TrainState};
 use crate::data::{epoch_order, sample_rng, ImageFolder, Loader};
-use crate::eval::{evaluate, images_tensor, progress_bar, warn_skipped, EvalResult, Meter};
-use crate::mix::{mix_batch, soft_target_cross_entropy};
+use crate::eval::{evaluate, progress_bar, warn_skipped, EvalResult, Meter};
+use crate::mix::mix_batch;
 use crate::optim::GroupedOptimizer;
+use crate::parallel::{DataParallel, HostBatch};
 use crate::recipe::Recipe;
 use crate::report;
 
@@ -53,7 +52,15 @@ pub struct TrainSummary {
     pub model: PathBuf,
 }
 
+/// Trains on one device.
 pub fn train<B: FusedAutodiffBackend>(args: &TrainArgs, device: &B::Device) -> Result<TrainSummary> {
+    train_on::<B>(args, std::slice::from_ref(device))
+}
+
+/// Trains on `devices`, data-parallel when there are several (see [`crate::parallel`]); the
+/// first holds the model, the optimizer and the validation.
+pub fn train_on<B: FusedAutodiffBackend>(args: &TrainArgs, devices: &[B::Device]) -> Result<TrainSummary> {
+    let device = devices.first().ok_or_else(|| anyhow!("training needs at least one device"))?;
     let recipe = &args.recipe;
     let mut train_set = ImageFolder::split(&args.data, "train")?;
     let val_dir = args.data.join("val");
@@ -117,13 +124,21 @@ pub fn train<B: FusedAutodiffBackend>(args: &TrainArgs, device: &B::Device) -> R
         val_set.len(),
         args.out.display()
     );
+    let parallel = DataParallel::<B>::new(devices, optim.groups().clone())?;
+    if parallel.devices() > 1 {
+        println!(
+            "data-parallel over {} devices {devices:?}: {} images per device and step",
+            devices.len(),
+            recipe.batch_size.div_ceil(devices.len())
+        );
+    }
 
     let mut epochs_run = 0;
     while state.epoch < recipe.epochs && args.stop_after.is_none_or(|n| epochs_run < n) {
         let epoch = state.epoch;
         let started = Instant::now();
         let lr = recipe.lr_at(epoch);
-        let (next, train_meter, skipped) = train_epoch(model, &mut optim, recipe, &train_set, epoch, lr, device, args.progress, &args.out)?;
+        let (next, train_meter, skipped) = train_epoch(model, &mut optim, recipe, &train_set, epoch, lr, &parallel, args.progress, &args.out)?;
         model = next;
         let val = evaluate(&model.valid(), &val_set, &recipe.eval_transform, recipe.batch_size, recipe.workers, device, args.progress)?;
         let seconds = started.elapsed().as_secs_f64();
@@ -166,7 +181,15 @@ pub fn train<B: FusedAutodiffBackend>(args: &TrainArgs, device: &B::Device) -> R
         None => EvalResult::default(),
     };
     let weights = save_pf(&model, &config, &model_path)?;
-    let summary = TrainSummary { recipe: recipe.clone(), data: args.data.clone(), classes, params: num_parameters(&model), history: state.history, final_val, model: weights };
+    let summary = TrainSummary {
+        recipe: recipe.clone(),
+        data: args.data.clone(),
+        classes,
+        params: num_parameters(&model),
+        history: state.history,
+        final_val,
+        model: weights,
+    };
     checkpoint::replace_file(&args.out.join("train.json"), serde_json::to_string_pretty(&summary)?.as_bytes())?;
     Ok(summary)
 }
@@ -195,12 +218,13 @@ fn train_epoch<B: FusedAutodiffBackend>(
     data: &ImageFolder,
     epoch: usize,
     lr: f64,
-    device: &B::Device,
+    parallel: &DataParallel<B>,
     progress: bool,
     out: &Path,
 ) -> Result<(Model<B>, Meter, usize)> {
     // Dropout and drop-path draw from the backend's generator: reseed it per epoch so that a
     // resumed run draws what an uninterrupted one would.
+    let device = parallel.main_device();
     B::seed(device, recipe.seed.wrapping_mul(0x9e37_79b9_7f4a_7c15).wrapping_add(epoch as u64 + 1));
     let classes = data.classes.len();
     let order = epoch_order(data.len(), recipe.seed, epoch);
@@ -212,35 +236,39 @@ fn train_epoch<B: FusedAutodiffBackend>(
     let mut skipped = 0;
     let mut slot = Some(model);
     let mut step = 0;
-    loader.run(&order, recipe.batch_size, true, &|image, position| transform.apply(image, &mut sample_rng(recipe.seed, epoch, position)), transform.size, |mut batch| -> Result<()> {
-        step += 1;
-        bar.inc(1);
-        skipped += warn_skipped(&bar, &batch);
-        if batch.is_empty() {
-            return Ok(());
-        }
-        let mut images = std::mem::take(&mut batch.images);
-        let dims = [batch.len(), 3, batch.size, batch.size];
-        let mut rng = sample_rng(recipe.seed, epoch, MIX_STREAM + step);
-        let (targets, _) = mix_batch(&mut images, dims, &batch.labels, classes, recipe.label_smoothing, &recipe.mix, &mut rng);
-        let model = slot.take().ok_or_else(|| anyhow!("the model was lost after a failed step"))?;
-        let logits = model.forward(images_tensor::<B>(&batch, images, device))?;
-        let targets = Tensor::<B, 2>::from_data(TensorData::new(targets, [batch.len(), classes]), device);
-        let loss = soft_target_cross_entropy(logits.clone(), targets);
-        let value = loss.clone().into_scalar().elem::<f64>();
-        if !value.is_finite() {
-            let keep = match checkpoint::latest(out)? {
-                Some(dir) => format!("the last good checkpoint is {}", dir.display()),
-                None => "no checkpoint was written yet".to_string(),
-            };
-            bail!("the loss became {value} at epoch {}, step {step} (lr {lr:.3e}); training stopped, {keep}", epoch + 1);
-        }
-        let logits = logits.detach().into_data().convert::<f32>().to_vec::<f32>().map_err(|e| anyhow!("reading logits: {e:?}"))?;
-        meter.add(value, &logits, classes, &batch.labels);
-        slot = Some(optim.step(lr, model, loss.backward()));
-        bar.set_message(format!("loss {:.4} top-1 {:.2}% lr {lr:.2e}", meter.loss(), meter.top1()));
-        Ok(())
-    })?;
+    loader.run(
+        &order,
+        recipe.batch_size,
+        true,
+        &|image, position| transform.apply(image, &mut sample_rng(recipe.seed, epoch, position)),
+        transform.size,
+        |mut batch| -> Result<()> {
+            step += 1;
+            bar.inc(1);
+            skipped += warn_skipped(&bar, &batch);
+            if batch.is_empty() {
+                return Ok(());
+            }
+            let mut images = std::mem::take(&mut batch.images);
+            let dims = [batch.len(), 3, batch.size, batch.size];
+            let mut rng = sample_rng(recipe.seed, epoch, MIX_STREAM + step);
+            let (targets, _) = mix_batch(&mut images, dims, &batch.labels, classes, recipe.label_smoothing, &recipe.mix, &mut rng);
+            let model = slot.take().ok_or_else(|| anyhow!("the model was lost after a failed step"))?;
+            let step_grads = parallel.grads(&model, HostBatch { images, targets, rows: batch.len(), size: batch.size, classes })?;
+            let value = step_grads.loss;
+            if !value.is_finite() {
+                let keep = match checkpoint::latest(out)? {
+                    Some(dir) => format!("the last good checkpoint is {}", dir.display()),
+                    None => "no checkpoint was written yet".to_string(),
+                };
+                bail!("the loss became {value} at epoch {}, step {step} (lr {lr:.3e}); training stopped, {keep}", epoch + 1);
+            }
+            meter.add(value, &step_grads.logits, classes, &batch.labels);
+            slot = Some(optim.step_grouped(lr, model, step_grads.grads));
+            bar.set_message(format!("loss {:.4} top-1 {:.2}% lr {lr:.2e}", meter.loss(), meter.top1()));
+            Ok(())
+        },
+    )?;
     bar.finish_and_clear();
     let model = slot.ok_or_else(|| anyhow!("the model was lost after a failed step"))?;
     Ok((model, meter, skipped))

@@ -1,0 +1,177 @@
+//! Data-parallel training: the devices' gradients add up to the whole batch's, the running
+//! statistics are the first device's, and the CLI's device lists are checked. Two workers on the
+//! one NdArray device stand in for two GPUs: the threads, the replicas, the record transfer and
+//! the sum are the same code.
+
+use burn::backend::ndarray::NdArrayDevice;
+use burn::module::{AutodiffModule, Module, ModuleVisitor, Param};
+use burn::prelude::*;
+use burn::tensor::Distribution;
+use pf_kernels::FusedAutodiffBackend;
+use pf_models::{Model, ModelConfig};
+use pf_train::backend::{dispatch_on, BackendKind, DevicesJob};
+use pf_train::optim::{GroupedGrads, ParamGroups};
+use pf_train::parallel::{DataParallel, HostBatch};
+
+use crate::common::{Cpu, CpuAd};
+
+fn batch(rows: usize, size: usize, classes: usize) -> HostBatch {
+    let images = Tensor::<Cpu, 4>::random([rows, 3, size, size], Distribution::Normal(0.0, 1.0), &Default::default());
+    let targets =
+        (0..rows).flat_map(|r| (0..classes).map(move |c| if c == (3 * r + 1) % classes { 0.9 } else { 0.1 / (classes - 1) as f32 })).collect();
+    HostBatch { images: images.into_data().to_vec().unwrap(), targets, rows, size, classes }
+}
+
+/// A model with its lazy initialisation fixed, and a twin of it (same weights and ids).
+fn model_and_twin<B: FusedAutodiffBackend>(config: &ModelConfig, device: B::Device) -> (Model<B>, impl Fn() -> Model<B> + '_) {
+    let model = config.init::<B>(&device).unwrap();
+    let _ = values(&model); // draws every lazy parameter before the record is taken
+                            // A copy that never runs: its running statistics stay those of the start.
+    let pristine = config.init::<B>(&device).unwrap().load_record(model.clone().into_record());
+    let twin = move || config.init::<B>(&device).unwrap().load_record(pristine.clone().into_record());
+    (model, twin)
+}
+
+/// Every float tensor of the model (parameters and running statistics, brought up to date), in
+/// module order.
+fn values<B: FusedAutodiffBackend>(model: &Model<B>) -> Vec<Vec<f32>> {
+    struct Collect(Vec<Vec<f32>>);
+    impl<I: Backend> ModuleVisitor<I> for Collect {
+        fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<I, D>>) {
+            self.0.push(param.val().into_data().convert::<f32>().to_vec().unwrap());
+        }
+    }
+    let mut c = Collect(Vec::new());
+    model.valid().visit(&mut c);
+    c.0
+}
+
+/// The gradient of every parameter, in module order.
+fn grads_of<B: FusedAutodiffBackend>(model: &Model<B>, grads: &GroupedGrads) -> Vec<Vec<f32>> {
+    struct Collect<'a>(&'a GroupedGrads, Vec<Vec<f32>>);
+    impl<B: FusedAutodiffBackend> ModuleVisitor<B> for Collect<'_> {
+        fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<B, D>>) {
+            let grad = self.0.decay.get::<B::InnerBackend, D>(param.id).or_else(|| self.0.no_decay.get::<B::InnerBackend, D>(param.id));
+            if let Some(g) = grad {
+                self.1.push(g.into_data().convert::<f32>().to_vec().unwrap());
+            }
+        }
+    }
+    let mut c = Collect(grads, Vec::new());
+    model.visit(&mut c);
+    c.1
+}
+
+fn assert_close(what: &str, got: &[Vec<f32>], expected: &[Vec<f32>], tolerance: f32) {
+    assert_eq!(got.len(), expected.len(), "{what}: tensor count");
+    assert!(!got.is_empty(), "{what}: nothing to compare");
+    for (i, (g, e)) in got.iter().zip(expected).enumerate() {
+        assert_eq!(g.len(), e.len(), "{what} #{i}: size");
+        let scale = e.iter().fold(0.0f32, |m, x| m.max(x.abs()));
+        let worst = g.iter().zip(e).fold(0.0f32, |m, (a, b)| m.max((a - b).abs()));
+        assert!(worst <= tolerance * (1.0 + scale), "{what} #{i}: off by {worst} (scale {scale})");
+    }
+}
+
+fn two_devices() -> Vec<NdArrayDevice> {
+    vec![Default::default(), Default::default()]
+}
+
+/// Without batch norm, the gradient summed over two devices is the whole batch's gradient (5
+/// rows: shards of 3 and 2, weighted 3/5 and 2/5), and so are the loss and the logits.
+fn whole_batch_gradient<B: FusedAutodiffBackend>(devices: Vec<B::Device>) {
+    let config: ModelConfig = serde_json::from_str(
+        r#"{"family": "vit", "config": {"img_size": 32, "patch_size": 8, "embed_dim": 32, "depth": 2, "num_heads": 2, "mlp_ratio": 2.0, "attn_type": "max", "num_classes": 10}}"#,
+    )
+    .unwrap();
+    let (model, twin) = model_and_twin::<B>(&config, devices[0].clone());
+    let groups = ParamGroups::new(&model, true);
+    let data = batch(5, 32, 10);
+    let one = DataParallel::<B>::new(&devices[..1], groups.clone()).unwrap().grads(&model, data.clone()).unwrap();
+    let other = twin();
+    let two = DataParallel::<B>::new(&devices, groups).unwrap().grads(&other, data).unwrap();
+    assert!((one.loss - two.loss).abs() <= 1e-6 * one.loss.abs(), "loss {} vs {}", one.loss, two.loss);
+    assert_close("logits", &[two.logits], &[one.logits], 1e-5);
+    assert_close("gradients", &grads_of(&other, &two.grads), &grads_of(&model, &one.grads), 1e-5);
+}
+
+#[test]
+fn two_devices_compute_the_whole_batch_gradient() {
+    whole_batch_gradient::<CpuAd>(two_devices());
+}
+
+/// Two wgpu devices (lavapipe's adapter opened twice in CI): the shards, the weights and the
+/// gradients cross between devices.
+#[cfg(feature = "wgpu")]
+#[test]
+fn two_wgpu_devices_compute_the_whole_batch_gradient() {
+    use burn::backend::wgpu::WgpuDevice;
+    whole_batch_gradient::<burn::backend::Autodiff<burn::backend::Wgpu>>(vec![WgpuDevice::DefaultDevice, WgpuDevice::Cpu]);
+}
+
+/// With batch norm each device normalises its own shard (as DDP without SyncBatchNorm): the
+/// gradient is the weighted sum of the shards' gradients, and the running statistics are the
+/// first device's, those of its shard alone, not the whole batch's.
+#[test]
+fn batch_norm_runs_per_device_and_keeps_the_first_devices_statistics() {
+    let recipe = pf_train::recipe::Recipe::load("digits").unwrap();
+    let config = recipe.model_config(10).unwrap();
+    let (model, twin) = model_and_twin::<CpuAd>(&config, Default::default());
+    let groups = ParamGroups::new(&model, true);
+    let data = batch(6, 32, 10);
+    let single = DataParallel::<CpuAd>::new(&[Default::default()], groups.clone()).unwrap();
+    let (first, second) = (twin(), twin());
+    let a = single.grads(&first, data.shard(0, 3)).unwrap();
+    let b = single.grads(&second, data.shard(3, 3)).unwrap();
+    let whole = twin();
+    single.grads(&whole, data.clone()).unwrap();
+
+    let two = DataParallel::<CpuAd>::new(&two_devices(), groups).unwrap().grads(&model, data).unwrap();
+    let expected: Vec<Vec<f32>> = grads_of(&first, &a.grads)
+        .iter()
+        .zip(grads_of(&second, &b.grads))
+        .map(|(x, y)| x.iter().zip(&y).map(|(p, q)| 0.5 * p + 0.5 * q).collect())
+        .collect();
+    assert_close("gradients", &grads_of(&model, &two.grads), &expected, 1e-5);
+    assert!((two.loss - 0.5 * (a.loss + b.loss)).abs() <= 1e-6 * two.loss.abs(), "loss {} vs {}", two.loss, 0.5 * (a.loss + b.loss));
+    assert_close("logits", &[two.logits], &[[a.logits, b.logits].concat()], 1e-5);
+
+    assert_close("parameters and running statistics", &values(&model), &values(&first), 1e-6);
+    let differs = values(&model).iter().zip(values(&whole)).any(|(x, y)| x.iter().zip(&y).any(|(p, q)| (p - q).abs() > 1e-4));
+    assert!(differs, "the running statistics of the first shard equal the whole batch's: the test cannot tell them apart");
+}
+
+/// More devices than rows: the extra devices sit the step out.
+#[test]
+fn a_batch_smaller_than_the_devices_leaves_some_idle() {
+    let recipe = pf_train::recipe::Recipe::load("digits").unwrap();
+    let config = recipe.model_config(10).unwrap();
+    let (model, twin) = model_and_twin::<CpuAd>(&config, Default::default());
+    let groups = ParamGroups::new(&model, true);
+    let data = batch(2, 32, 10);
+    let three = vec![Default::default(); 3];
+    let got = DataParallel::<CpuAd>::new(&three, groups.clone()).unwrap().grads(&model, data.clone()).unwrap();
+    let first = twin();
+    let a = DataParallel::<CpuAd>::new(&[Default::default()], groups).unwrap().grads(&first, data.shard(0, 1)).unwrap();
+    assert_eq!(got.logits.len(), 2 * 10);
+    assert_eq!(got.logits[..10], a.logits[..]);
+}
+
+struct Devices;
+
+impl DevicesJob for Devices {
+    type Output = usize;
+    fn run<B: FusedAutodiffBackend>(self, devices: Vec<B::Device>) -> anyhow::Result<usize> {
+        Ok(devices.len())
+    }
+}
+
+#[test]
+fn device_lists_are_checked() {
+    assert_eq!(dispatch_on(BackendKind::Ndarray, &[], Devices).unwrap(), 1);
+    assert_eq!(dispatch_on(BackendKind::Ndarray, &[0], Devices).unwrap(), 1);
+    let twice = dispatch_on(BackendKind::Ndarray, &[0, 0], Devices).unwrap_err().to_string();
+    assert!(twice.contains("device 0 is listed twice"), "{twice}");
+    let missing = dispatch_on(BackendKind::Ndarray, &[0, 1], Devices).unwrap_err().to_string();
+    assert!(missing.contains("one device (0), not 1"), "{missing}");
+}
