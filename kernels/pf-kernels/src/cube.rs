@@ -120,4 +120,61 @@ mod tests {
     fn wgpu_with_fusion_matches_reference() {
         fused_matches_reference::<Wgpu>(Default::default());
     }
+
+    /// Output and gradients of x, scale and shift on `Autodiff<B>`, fused or by the reference.
+    fn run_case<B: FusedOps>(x: &TensorData, scale: &[f32], shift: &[f32], weights: &[f32], pool: Pool2d, fused: bool) -> [Vec<f32>; 4] {
+        let device = Default::default();
+        let c = scale.len();
+        let x = Tensor::<Autodiff<B>, 4>::from_data(x.clone(), &device).require_grad();
+        let scale_t = Tensor::<Autodiff<B>, 1>::from_data(TensorData::new(scale.to_vec(), [c]), &device).require_grad();
+        let shift_t = Tensor::<Autodiff<B>, 1>::from_data(TensorData::new(shift.to_vec(), [c]), &device).require_grad();
+        let y = if fused {
+            fused_bn_relu_max_pool(x.clone(), scale_t.clone(), shift_t.clone(), pool)
+        } else {
+            reference_bn_relu_max_pool(x.clone(), scale_t.clone(), shift_t.clone(), pool)
+        };
+        let w = Tensor::<Autodiff<B>, 4>::from_data(TensorData::new(weights[..y.dims().iter().product()].to_vec(), y.dims()), &device);
+        let grads = (y.clone() * w).sum().backward();
+        let host = |t: Tensor<B, 4>| t.into_data().convert::<f32>().to_vec::<f32>().unwrap();
+        let host1 = |t: Tensor<B, 1>| t.into_data().convert::<f32>().to_vec::<f32>().unwrap();
+        [host(y.inner()), host(x.grad(&grads).unwrap()), host1(scale_t.grad(&grads).unwrap()), host1(shift_t.grad(&grads).unwrap())]
+    }
+
+    /// f16: the kernel on half-precision tensors against the f32 reference twin, on inputs f16
+    /// holds exactly (x multiples of 1/4 in [-2, 2], scales ±1/2, ±1, ±2, shifts multiples of
+    /// 1/4), so the normalised values, the winners and the outputs are exact in both; the
+    /// gradients (weights multiples of 1/2) are sums that f16 may round, within 1e-2.
+    #[test]
+    fn half_precision_matches_reference() {
+        type Half = CubeBackend<WgpuRuntime, burn::tensor::f16, i32, u32>;
+        type Single = CubeBackend<WgpuRuntime, f32, i32, u32>;
+        let mut rng = Lcg(16);
+        for case in 0..40 {
+            let (n, c, h, w) = (1 + rng.below(2), 1 + rng.below(4), 1 + rng.below(9), 1 + rng.below(9));
+            let pool = if case % 2 == 0 { Pool2d::new(3, 1, 1) } else { Pool2d::new(3, 2, 1) };
+            let xs: Vec<f32> = (0..n * c * h * w).map(|_| (rng.below(17) as f32 - 8.0) / 4.0).collect();
+            let scale: Vec<f32> = (0..c).map(|_| [-2.0, -1.0, -0.5, 0.5, 1.0, 2.0][rng.below(6)]).collect();
+            let shift: Vec<f32> = (0..c).map(|_| (rng.below(9) as f32 - 4.0) / 4.0).collect();
+            let weights: Vec<f32> = (0..n * c * h * w).map(|_| (rng.below(5) as f32 - 2.0) / 2.0).collect();
+            let x = TensorData::new(xs, [n, c, h, w]);
+            let half = run_case::<Half>(&x, &scale, &shift, &weights, pool, true);
+            let single = run_case::<Single>(&x, &scale, &shift, &weights, pool, false);
+            for (name, (a, b), tolerance) in [("output", 0, 0.0), ("grad x", 1, 1e-2), ("grad scale", 2, 1e-2), ("grad shift", 3, 1e-2)]
+                .map(|(n, i, t)| (n, (&half[i], &single[i]), t))
+            {
+                assert_eq!(a.len(), b.len(), "case {case}: {name} sizes");
+                for (i, (p, q)) in a.iter().zip(b).enumerate() {
+                    assert!((p - q).abs() <= tolerance * (1.0 + q.abs()), "case {case}: {name}[{i}] = {p} in f16, reference {q} in f32");
+                }
+            }
+            // Without indices (inference) too.
+            let device = Default::default();
+            let xh = Tensor::<Half, 4>::from_data(x.clone(), &device);
+            assert_eq!(xh.dtype(), burn::tensor::DType::F16, "the half-precision backend stores f16");
+            let sh = Tensor::<Half, 1>::from_data(TensorData::new(scale.clone(), [c]), &device);
+            let th = Tensor::<Half, 1>::from_data(TensorData::new(shift.clone(), [c]), &device);
+            let inference = fused_bn_relu_max_pool(xh, sh, th, pool).into_data().convert::<f32>().to_vec::<f32>().unwrap();
+            assert_eq!(inference, half[0], "case {case}: inference output");
+        }
+    }
 }

@@ -232,8 +232,8 @@ mod erf_tests {
     use burn_cubecl::CubeBackend;
 
     use super::*;
-    use burn_cubecl::ops::numeric::empty_device_contiguous_dtype;
     use crate::testing::erf64;
+    use burn_cubecl::ops::numeric::empty_device_contiguous_dtype;
 
     type Cube = CubeBackend<WgpuRuntime, f32, i32, u32>;
 
@@ -391,6 +391,49 @@ mod tests {
     #[test]
     fn wgpu_with_fusion_matches_reference() {
         fused_matches_reference::<Wgpu>(Default::default());
+    }
+
+    /// Output and token gradient on `Autodiff<B>`, fused or by the reference.
+    fn run_case<B: FusedOps>(tokens: &TensorData, weights: &TensorData, grid: [usize; 2], fused: bool) -> [Vec<f32>; 2] {
+        let device = Default::default();
+        let t = Tensor::<Autodiff<B>, 3>::from_data(tokens.clone(), &device).require_grad();
+        let y = if fused { fused_gelu_max_pool_gelu(t.clone(), grid) } else { reference_gelu_max_pool_gelu(t.clone(), grid) };
+        let grads = (y.clone() * Tensor::from_data(weights.clone(), &device)).sum().backward();
+        let host = |x: Tensor<B, 3>| x.into_data().convert::<f32>().to_vec::<f32>().unwrap();
+        [host(y.inner()), host(t.grad(&grads).unwrap())]
+    }
+
+    /// f16: the kernel on half-precision tokens against the f32 reference twin. The tokens are
+    /// values f16 holds exactly, with GELU values at least 0.004 apart (multiples of 1/8 up to 3,
+    /// and −1, −1/4, 0), so both pick the same winners; f16 rounds the GELUs and their
+    /// derivatives, so outputs agree within 5e-3 and gradients within 2e-2 (relative to 1 + |y|).
+    #[test]
+    fn half_precision_matches_reference() {
+        type Half = CubeBackend<WgpuRuntime, burn::tensor::f16, i32, u32>;
+        let values: Vec<f32> = [-1.0, -0.25, 0.0].into_iter().chain((1..=24).map(|k| k as f32 / 8.0)).collect();
+        let mut rng = Lcg(16);
+        for case in 0..40 {
+            let grid = GRIDS[case % GRIDS.len()];
+            let (batch, channels) = (1 + rng.below(2), CHANNELS[rng.below(5)]);
+            let dims = [batch, grid[0] * grid[1], channels];
+            let count = dims.iter().product();
+            // Mostly negative and small values in half of the cases: the exact path.
+            let pick = |rng: &mut Lcg| if case % 2 == 0 { values[rng.below(values.len())] } else { values[rng.below(4)] };
+            let tokens = TensorData::new((0..count).map(|_| pick(&mut rng)).collect::<Vec<f32>>(), dims);
+            let weights = TensorData::new((0..count).map(|_| (rng.below(5) as f32 - 2.0) / 2.0).collect::<Vec<f32>>(), dims);
+            let half = run_case::<Half>(&tokens, &weights, grid, true);
+            let single = run_case::<Cube>(&tokens, &weights, grid, false);
+            for (name, a, b, tolerance) in [("output", &half[0], &single[0], 5e-3), ("grad tokens", &half[1], &single[1], 2e-2)] {
+                assert_eq!(a.len(), b.len(), "case {case}: {name} sizes");
+                for (i, (p, q)) in a.iter().zip(b).enumerate() {
+                    assert!((p - q).abs() <= tolerance * (1.0 + q.abs()), "case {case}: {name}[{i}] = {p} in f16, reference {q} in f32");
+                }
+            }
+            let tokens = Tensor::<Half, 3>::from_data(tokens, &Default::default());
+            assert_eq!(tokens.dtype(), burn::tensor::DType::F16, "the half-precision backend stores f16");
+            let inference = fused_gelu_max_pool_gelu(tokens, grid);
+            assert_eq!(inference.into_data().convert::<f32>().to_vec::<f32>().unwrap(), half[0], "case {case}: inference output");
+        }
     }
 
     /// Exact ties pick the first maximum in row-major window order: on a constant grid every
