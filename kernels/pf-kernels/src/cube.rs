@@ -53,7 +53,7 @@ impl<R: CubeRuntime, F: FloatElement, I: IntElement, BT: BoolElement> FusedOps f
 }
 
 #[cfg(all(test, feature = "wgpu"))]
-mod tests {
+pub(crate) mod tests {
     use burn::backend::wgpu::WgpuRuntime;
     use burn::backend::{Autodiff, Wgpu};
     use burn::prelude::*;
@@ -121,19 +121,26 @@ mod tests {
         fused_matches_reference::<Wgpu>(Default::default());
     }
 
+    /// The default device with `B`'s float type: without it, tensors take the device's default
+    /// float type, which the first backend to use the device sets for every other one.
+    pub(crate) fn float_of<B: Backend>() -> burn::tensor::TensorCreationOptions<B> {
+        burn::tensor::TensorCreationOptions::new(Default::default()).with_dtype(<B::FloatElem as burn::tensor::Element>::dtype())
+    }
+
     /// Output and gradients of x, scale and shift on `Autodiff<B>`, fused or by the reference.
     fn run_case<B: FusedOps>(x: &TensorData, scale: &[f32], shift: &[f32], weights: &[f32], pool: Pool2d, fused: bool) -> [Vec<f32>; 4] {
-        let device = Default::default();
+        let device = float_of::<Autodiff<B>>();
         let c = scale.len();
-        let x = Tensor::<Autodiff<B>, 4>::from_data(x.clone(), &device).require_grad();
-        let scale_t = Tensor::<Autodiff<B>, 1>::from_data(TensorData::new(scale.to_vec(), [c]), &device).require_grad();
-        let shift_t = Tensor::<Autodiff<B>, 1>::from_data(TensorData::new(shift.to_vec(), [c]), &device).require_grad();
+        let x = Tensor::<Autodiff<B>, 4>::from_data(x.clone(), device.clone()).require_grad();
+        let scale_t = Tensor::<Autodiff<B>, 1>::from_data(TensorData::new(scale.to_vec(), [c]), device.clone()).require_grad();
+        let shift_t = Tensor::<Autodiff<B>, 1>::from_data(TensorData::new(shift.to_vec(), [c]), device.clone()).require_grad();
         let y = if fused {
             fused_bn_relu_max_pool(x.clone(), scale_t.clone(), shift_t.clone(), pool)
         } else {
             reference_bn_relu_max_pool(x.clone(), scale_t.clone(), shift_t.clone(), pool)
         };
-        let w = Tensor::<Autodiff<B>, 4>::from_data(TensorData::new(weights[..y.dims().iter().product()].to_vec(), y.dims()), &device);
+        assert_eq!(y.dtype(), device.dtype.unwrap(), "output dtype");
+        let w = Tensor::<Autodiff<B>, 4>::from_data(TensorData::new(weights[..y.dims().iter().product()].to_vec(), y.dims()), device);
         let grads = (y.clone() * w).sum().backward();
         let host = |t: Tensor<B, 4>| t.into_data().convert::<f32>().to_vec::<f32>().unwrap();
         let host1 = |t: Tensor<B, 1>| t.into_data().convert::<f32>().to_vec::<f32>().unwrap();
@@ -168,11 +175,11 @@ mod tests {
                 }
             }
             // Without indices (inference) too.
-            let device = Default::default();
-            let xh = Tensor::<Half, 4>::from_data(x.clone(), &device);
+            let device = float_of::<Half>();
+            let xh = Tensor::<Half, 4>::from_data(x.clone(), device.clone());
             assert_eq!(xh.dtype(), burn::tensor::DType::F16, "the half-precision backend stores f16");
-            let sh = Tensor::<Half, 1>::from_data(TensorData::new(scale.clone(), [c]), &device);
-            let th = Tensor::<Half, 1>::from_data(TensorData::new(shift.clone(), [c]), &device);
+            let sh = Tensor::<Half, 1>::from_data(TensorData::new(scale.clone(), [c]), device.clone());
+            let th = Tensor::<Half, 1>::from_data(TensorData::new(shift.clone(), [c]), device);
             let inference = fused_bn_relu_max_pool(xh, sh, th, pool).into_data().convert::<f32>().to_vec::<f32>().unwrap();
             assert_eq!(inference, half[0], "case {case}: inference output");
         }

@@ -72,7 +72,12 @@ fn float<B: Backend, const D: usize>(t: FloatTensor<B>) -> Tensor<B, D> {
 }
 
 /// [`reference_bn_relu_max_pool`] on primitives: what a backend without the kernel runs.
-pub(crate) fn bn_relu_max_pool_by_reference<B: FusedOps>(x: FloatTensor<B>, scale: FloatTensor<B>, shift: FloatTensor<B>, pool: Pool2d) -> FloatTensor<B> {
+pub(crate) fn bn_relu_max_pool_by_reference<B: FusedOps>(
+    x: FloatTensor<B>,
+    scale: FloatTensor<B>,
+    shift: FloatTensor<B>,
+    pool: Pool2d,
+) -> FloatTensor<B> {
     reference_bn_relu_max_pool::<B>(float(x), float(scale), float(shift), pool).into_primitive().tensor()
 }
 
@@ -105,11 +110,15 @@ pub fn bn_relu_max_pool_backward<B: Backend>(
     let [n, c, h, w] = x.dims();
     let [_, _, oh, ow] = grad.dims();
     let indices = indices.reshape([n, c, oh * ow]);
-    let x_at = x.reshape([n, c, h * w]).gather(2, indices.clone());
+    // Every new tensor takes x's float type (`zeros_like`, `mask_fill`): a plain `zeros` or
+    // `bool::float` would take the device's default, f32 under an f16 model.
+    let x = x.reshape([n, c, h * w]);
+    let zeros = x.zeros_like();
+    let x_at = x.gather(2, indices.clone());
     let scale = scale.reshape([1, c, 1]);
-    let active = (x_at.clone() * scale.clone() + shift.reshape([1, c, 1])).greater_elem(0.0).float();
-    let g = grad.reshape([n, c, oh * ow]) * active;
-    let gx = Tensor::zeros([n, c, h * w], &g.device()).scatter(2, indices, g.clone() * scale, IndexingUpdateOp::Add);
+    let inactive = (x_at.clone() * scale.clone() + shift.reshape([1, c, 1])).lower_equal_elem(0.0);
+    let g = grad.reshape([n, c, oh * ow]).mask_fill(inactive, 0.0);
+    let gx = zeros.scatter(2, indices, g.clone() * scale, IndexingUpdateOp::Add);
     let per_channel = |t: Tensor<B, 3>| t.sum_dim(2).sum_dim(0).reshape([c]);
     (gx.reshape([n, c, h, w]), per_channel(g.clone() * x_at), per_channel(g))
 }
@@ -137,7 +146,7 @@ pub fn fused_gelu_max_pool_gelu<B: FusedOps>(tokens: Tensor<B, 3>, grid: [usize;
 pub fn gelu_max_pool_gelu_backward<B: Backend>(tokens: Tensor<B, 3>, indices: Tensor<B, 3, Int>, grad: Tensor<B, 3>) -> Tensor<B, 3> {
     let winners = tokens.clone().gather(1, indices.clone());
     let g = grad * gelu_derivative(gelu(winners.clone())) * gelu_derivative(winners);
-    Tensor::zeros(tokens.dims(), &g.device()).scatter(1, indices, g, IndexingUpdateOp::Add)
+    tokens.zeros_like().scatter(1, indices, g, IndexingUpdateOp::Add)
 }
 
 impl FusedOps for burn::backend::NdArray {}

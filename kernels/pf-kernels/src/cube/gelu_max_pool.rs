@@ -395,10 +395,11 @@ mod tests {
 
     /// Output and token gradient on `Autodiff<B>`, fused or by the reference.
     fn run_case<B: FusedOps>(tokens: &TensorData, weights: &TensorData, grid: [usize; 2], fused: bool) -> [Vec<f32>; 2] {
-        let device = Default::default();
-        let t = Tensor::<Autodiff<B>, 3>::from_data(tokens.clone(), &device).require_grad();
+        let device = crate::cube::tests::float_of::<Autodiff<B>>();
+        let t = Tensor::<Autodiff<B>, 3>::from_data(tokens.clone(), device.clone()).require_grad();
         let y = if fused { fused_gelu_max_pool_gelu(t.clone(), grid) } else { reference_gelu_max_pool_gelu(t.clone(), grid) };
-        let grads = (y.clone() * Tensor::from_data(weights.clone(), &device)).sum().backward();
+        assert_eq!(y.dtype(), device.dtype.unwrap(), "output dtype");
+        let grads = (y.clone() * Tensor::<Autodiff<B>, 3>::from_data(weights.clone(), device)).sum().backward();
         let host = |x: Tensor<B, 3>| x.into_data().convert::<f32>().to_vec::<f32>().unwrap();
         [host(y.inner()), host(t.grad(&grads).unwrap())]
     }
@@ -429,7 +430,7 @@ mod tests {
                     assert!((p - q).abs() <= tolerance * (1.0 + q.abs()), "case {case}: {name}[{i}] = {p} in f16, reference {q} in f32");
                 }
             }
-            let tokens = Tensor::<Half, 3>::from_data(tokens, &Default::default());
+            let tokens = Tensor::<Half, 3>::from_data(tokens, crate::cube::tests::float_of::<Half>());
             assert_eq!(tokens.dtype(), burn::tensor::DType::F16, "the half-precision backend stores f16");
             let inference = fused_gelu_max_pool_gelu(tokens, grid);
             assert_eq!(inference.into_data().convert::<f32>().to_vec::<f32>().unwrap(), half[0], "case {case}: inference output");
