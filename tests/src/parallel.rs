@@ -73,6 +73,11 @@ fn assert_close(what: &str, got: &[Vec<f32>], expected: &[Vec<f32>], tolerance: 
     }
 }
 
+/// The digits recipe's narrow R50-hybrid (with batch norm) for 10 classes.
+fn digits_config() -> ModelConfig {
+    pf_train::recipe::Recipe::load("digits").unwrap().model_config(10).unwrap()
+}
+
 fn two_devices() -> Vec<NdArrayDevice> {
     vec![Default::default(), Default::default()]
 }
@@ -114,8 +119,7 @@ fn two_wgpu_devices_compute_the_whole_batch_gradient() {
 /// first device's, those of its shard alone, not the whole batch's.
 #[test]
 fn batch_norm_runs_per_device_and_keeps_the_first_devices_statistics() {
-    let recipe = pf_train::recipe::Recipe::load("digits").unwrap();
-    let config = recipe.model_config(10).unwrap();
+    let config = digits_config();
     let (model, twin) = model_and_twin::<CpuAd>(&config, Default::default());
     let groups = ParamGroups::new(&model, true);
     let data = batch(6, 32, 10);
@@ -144,8 +148,7 @@ fn batch_norm_runs_per_device_and_keeps_the_first_devices_statistics() {
 /// More devices than rows: the extra devices sit the step out.
 #[test]
 fn a_batch_smaller_than_the_devices_leaves_some_idle() {
-    let recipe = pf_train::recipe::Recipe::load("digits").unwrap();
-    let config = recipe.model_config(10).unwrap();
+    let config = digits_config();
     let (model, twin) = model_and_twin::<CpuAd>(&config, Default::default());
     let groups = ParamGroups::new(&model, true);
     let data = batch(2, 32, 10);

@@ -127,6 +127,8 @@ impl<B: FusedAutodiffBackend> DataParallel<B> {
         let mut start = rows[0];
         let mut sent = Vec::new();
         for (worker, &r) in self.workers.iter().zip(&rows[1..]) {
+            // A `valid()` per worker, not clones of one: cloning an inner-backend `Param` forgets
+            // that it tracks gradients, and the worker's copy would then have none.
             let job = Job { model: model.valid(), shard: batch.shard(start, r), weight: weight(r) };
             let jobs = worker.jobs.as_ref().ok_or_else(|| anyhow!("the worker of device {:?} was shut down", worker.device))?;
             jobs.send(job).map_err(|_| anyhow!("the worker of device {:?} stopped (see the message above)", worker.device))?;
