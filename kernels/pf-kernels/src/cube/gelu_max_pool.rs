@@ -19,51 +19,55 @@ use burn_cubecl::{CubeRuntime, IntElement};
 ///
 /// The coefficients were fitted for pf with mpmath's `chebyfit` (40 digits) and rounded to f32.
 #[cube]
-pub(crate) fn erf<F: Float>(x: F) -> F {
-    let a = F::abs(x);
-    let mut e = F::new(1.0);
-    if a < F::new(1.0) {
-        let u = a * a;
-        let mut q = F::new(-9.667045e-6);
-        q = q * u + F::new(1.1265959e-4);
-        q = q * u + F::new(-8.4840803e-4);
-        q = q * u + F::new(5.2210316e-3);
-        q = q * u + F::new(-2.686543e-2);
-        q = q * u + F::new(1.1283782e-1);
-        q = q * u + F::new(-3.7612638e-1);
-        q = q * u + F::new(1.2837917e-1);
-        e = a + a * q;
-    } else if a < F::new(4.0) {
-        let s = (a - F::new(2.5)) * F::new(0.6666667);
-        let mut r = F::new(-3.566418e-5);
-        r = r * s + F::new(9.62912e-5);
-        r = r * s + F::new(-1.4741614e-4);
-        r = r * s + F::new(3.681511e-4);
-        r = r * s + F::new(-1.0136625e-3);
-        r = r * s + F::new(2.425639e-3);
-        r = r * s + F::new(-5.5688377e-3);
-        r = r * s + F::new(1.2484123e-2);
-        r = r * s + F::new(-2.7005458e-2);
-        r = r * s + F::new(5.611095e-2);
-        r = r * s + F::new(-1.1152102e-1);
-        r = r * s + F::new(2.1080635e-1);
-        e = F::new(1.0) - F::exp(F::new(0.0) - a * a) * r;
-    }
-    if x < F::new(0.0) {
-        e = F::new(0.0) - e;
-    }
-    e
+pub(crate) fn erf<F: Float, N: Size>(x: Vector<F, N>) -> Vector<F, N> {
+    // Both pieces for every lane, then a select: the lanes of a vector (and of a SIMD group)
+    // fall on either side of 1, so a branch would run both anyway.
+    let a = x.abs();
+    let u = a * a;
+    let mut q = splat::<F, N>(-9.667045e-6);
+    q = q * u + splat::<F, N>(1.1265959e-4);
+    q = q * u + splat::<F, N>(-8.4840803e-4);
+    q = q * u + splat::<F, N>(5.2210316e-3);
+    q = q * u + splat::<F, N>(-2.686543e-2);
+    q = q * u + splat::<F, N>(1.1283782e-1);
+    q = q * u + splat::<F, N>(-3.7612638e-1);
+    q = q * u + splat::<F, N>(1.2837917e-1);
+    let small = a + a * q;
+    // Clamped so that the far tail (whose value the select discards) stays finite.
+    let s = (a.min(splat::<F, N>(4.0)) - splat::<F, N>(2.5)) * splat::<F, N>(0.6666667);
+    let mut r = splat::<F, N>(-3.566418e-5);
+    r = r * s + splat::<F, N>(9.62912e-5);
+    r = r * s + splat::<F, N>(-1.4741614e-4);
+    r = r * s + splat::<F, N>(3.681511e-4);
+    r = r * s + splat::<F, N>(-1.0136625e-3);
+    r = r * s + splat::<F, N>(2.425639e-3);
+    r = r * s + splat::<F, N>(-5.5688377e-3);
+    r = r * s + splat::<F, N>(1.2484123e-2);
+    r = r * s + splat::<F, N>(-2.7005458e-2);
+    r = r * s + splat::<F, N>(5.611095e-2);
+    r = r * s + splat::<F, N>(-1.1152102e-1);
+    r = r * s + splat::<F, N>(2.1080635e-1);
+    let one = splat::<F, N>(1.0);
+    let large = one - (-u).exp() * r;
+    let e = select_many(a.less_than(one), small, select_many(a.less_than(splat::<F, N>(4.0)), large, one));
+    select_many(x.less_than(splat::<F, N>(0.0)), -e, e)
+}
+
+/// A vector with every lane `value`.
+#[cube]
+fn splat<F: Float, N: Size>(#[comptime] value: f32) -> Vector<F, N> {
+    Vector::new(F::new(value))
 }
 
 /// Exact GELU, `x · (1 + erf(x / √2)) / 2`, the formula of the reference twin.
 #[cube]
-pub(crate) fn gelu<F: Float>(x: F) -> F {
-    x * (F::new(1.0) + erf::<F>(x * F::new(core::f32::consts::FRAC_1_SQRT_2))) * F::new(0.5)
+pub(crate) fn gelu<F: Float, N: Size>(x: Vector<F, N>) -> Vector<F, N> {
+    x * (splat::<F, N>(1.0) + erf::<F, N>(x * splat::<F, N>(core::f32::consts::FRAC_1_SQRT_2))) * splat::<F, N>(0.5)
 }
 
-/// Outputs per thread: a tile of `ROWS × RUN` grid positions in one channel. Their windows
-/// overlap, so the tile reads `(ROWS + 2) · (RUN + 2)` tokens instead of `9 · ROWS · RUN`.
-const ROWS: usize = 4;
+/// Outputs per thread: a tile of `ROWS × RUN` grid positions in one vector of channels. Their
+/// windows overlap, so the tile reads `(ROWS + 2) · (RUN + 2)` tokens instead of `9 · ROWS · RUN`.
+const ROWS: usize = 2;
 const RUN: usize = 7;
 
 /// Below this a window's maximum is not trusted to have a positive GELU (it may underflow).
@@ -72,23 +76,25 @@ const TINY: f32 = 1e-30;
 /// after GELU's rounding.
 const NEAR: f32 = 1e-5;
 
-/// One thread per tile of `ROWS × RUN` outputs in channel `c`; neighbouring threads read
-/// neighbouring channels. For each output: the first maximum in row-major window order of
-/// GELU over the (up to) nine grid neighbours (strictly greater wins, as PyTorch's max-pool),
-/// GELU of it, and, with `with_indices`, the winner's token index. Positions outside the grid
-/// are never compared.
+/// One thread per tile of `ROWS × RUN` outputs in one vector of `N` neighbouring channels (the
+/// token layout keeps channels contiguous, so each grid position is one vector load and one
+/// vector store); neighbouring threads take neighbouring vectors. For each output and channel:
+/// the first maximum in row-major window order of GELU over the (up to) nine grid neighbours
+/// (strictly greater wins, as PyTorch's max-pool), GELU of it, and, with `with_indices`, the
+/// winner's token index. Positions outside the grid are never compared.
 ///
 /// GELU is not monotonic, but for positive arguments it is increasing and above every value it
 /// takes at negative ones. So when the largest input `x*` of a window is positive and every
 /// other element is below `x* · (1 − NEAR)`, GELU's maximum is `gelu(x*)` at the position of
 /// `x*`, with no rounding tie possible (GELU's relative slope is at least 1 there, its rounding
-/// error far below `NEAR`): two GELUs per output. Any other window (a maximum at or below zero,
-/// duplicates, near ties) takes GELU of all nine elements and compares those.
+/// error far below `NEAR`): two GELUs per output. When any channel of the vector has another
+/// window (a maximum at or below zero, duplicates, near ties), the output is computed again
+/// (after the tile) with GELU of all nine elements; for the other channels that gives the same.
 #[cube(launch_unchecked)]
-fn gelu_max_pool_gelu_kernel<F: Float, I: Int>(
-    tokens: &Tensor<F>,
-    out: &mut Tensor<F>,
-    indices: &mut Tensor<I>,
+fn gelu_max_pool_gelu_kernel<F: Float, I: Int, N: Size>(
+    tokens: &Tensor<Vector<F, N>>,
+    out: &mut Tensor<Vector<F, N>>,
+    indices: &mut Tensor<Vector<I, N>>,
     height: usize,
     width: usize,
     tiles: usize,
@@ -96,17 +102,19 @@ fn gelu_max_pool_gelu_kernel<F: Float, I: Int>(
     #[comptime] with_indices: bool,
     #[define(F, I)] _dtypes: [StorageType; 2],
 ) {
-    let channels = out.shape(2);
+    let lanes = tokens.vector_size();
+    let groups = out.shape(2) / lanes;
     let pos = ABSOLUTE_POS;
-    if pos >= out.shape(0) * tiles * channels {
+    if pos >= out.shape(0) * tiles * groups {
         terminate!();
     }
-    let c = pos % channels;
-    let rest = pos / channels;
+    let c = (pos % groups) * lanes;
+    let rest = pos / groups;
     let tile = rest % tiles;
     let b = rest / tiles;
     let oh0 = (tile / runs) * ROWS;
     let ow0 = (tile % runs) * RUN;
+    // With more than one lane the channel stride is 1 (the launch checks it).
     let base = b * tokens.stride(0) + c * tokens.stride(2);
     let token_stride = tokens.stride(1);
 
@@ -114,7 +122,10 @@ fn gelu_max_pool_gelu_kernel<F: Float, I: Int>(
     // `oh0 + i − 1` exists when `oh0 + i ∈ [1, height]`). Outside the grid: the lowest float,
     // which neither beats a window's maximum nor comes near it.
     let span = comptime!(RUN + 2);
-    let mut raw = Array::<F>::new(comptime!((ROWS + 2) * span));
+    let lowest = Vector::<F, N>::new(F::min_value());
+    let mut raw = Array::<Vector<F, N>>::new(comptime!((ROWS + 2) * span));
+    // Bit `r · RUN + o`: output `(oh0 + r, ow0 + o)` needs the full comparison (below).
+    let mut rare = 0u32;
     #[unroll]
     for i in 0..comptime!(ROWS + 2) {
         let ph = oh0 + i;
@@ -123,7 +134,7 @@ fn gelu_max_pool_gelu_kernel<F: Float, I: Int>(
             let pw = ow0 + j;
             let ok = ph >= 1 && ph <= height && pw >= 1 && pw <= width;
             let t = select(ok, (ph - 1) * width + (pw - 1), 0);
-            raw[i * span + j] = select(ok, tokens[base + t * token_stride], F::min_value());
+            raw[i * span + j] = select(ok, tokens[(base + t * token_stride) / lanes], lowest);
         }
     }
 
@@ -135,51 +146,84 @@ fn gelu_max_pool_gelu_kernel<F: Float, I: Int>(
             if oh < height && ow < width {
                 // The centre `(oh, ow)` is always in the grid.
                 let mut top = raw[(r + 1) * span + o + 1];
-                let mut best_k = 4usize;
+                let mut best_k = Vector::<u32, N>::new(4u32);
                 #[unroll]
                 for k in 0..9usize {
                     let v = raw[(r + k / 3) * span + o + k % 3];
-                    if v > top {
-                        top = v;
-                        best_k = k;
-                    }
+                    let wins = v.greater_than(top);
+                    top = select_many(wins, v, top);
+                    best_k = select_many(wins, Vector::<u32, N>::new(comptime!(k as u32)), best_k);
                 }
-                let bound = top - top * F::new(NEAR);
-                let mut near = 0u32;
+                let bound = top - top * splat::<F, N>(NEAR);
+                let mut near = Vector::<u32, N>::new(0u32);
                 #[unroll]
                 for k in 0..9usize {
-                    near += u32::cast_from(raw[(r + k / 3) * span + o + k % 3] >= bound);
+                    let close = raw[(r + k / 3) * span + o + k % 3].greater_equal(bound);
+                    near += select_many(close, Vector::<u32, N>::new(1u32), Vector::<u32, N>::new(0u32));
                 }
-                let mut best = F::new(-1.0);
-                if top >= F::new(TINY) && near == 1 {
-                    best = gelu::<F>(top);
-                } else {
-                    // GELU's minimum is about −0.17, so any real element beats −1. A loop, not
-                    // unrolled: this path is rare, and unrolled in every output of the tile it
-                    // would make the kernel several times larger and slow to compile.
-                    let mut window = Array::<F>::new(9usize);
-                    #[unroll]
-                    for k in 0..9usize {
-                        window[k] = raw[(r + k / 3) * span + o + k % 3];
-                    }
-                    best_k = 0;
-                    for k in 0..9usize {
-                        let (ph, pw) = (oh + k / 3, ow + k % 3);
-                        let inside = ph >= 1 && ph <= height && pw >= 1 && pw <= width;
-                        let g = gelu::<F>(window[k]);
-                        if inside && g > best {
-                            best = g;
-                            best_k = k;
-                        }
+                let fast = top.greater_equal(splat::<F, N>(TINY)).and(near.equal(Vector::<u32, N>::new(1u32)));
+                let mut slow = false;
+                #[unroll]
+                for l in 0..lanes {
+                    slow = slow || !fast[l];
+                }
+                rare |= select(slow, comptime!(1u32 << (r * RUN + o) as u32), 0u32);
+                let at = b * out.stride(0) + (oh * width + ow) * out.stride(1) + c;
+                store::<F, I, N>(out, indices, at / lanes, gelu::<F, N>(gelu::<F, N>(top)), best_k, oh, ow, width, with_indices);
+            }
+        }
+    }
+
+    // The rare windows, written again: GELU of every element, compared. GELU's minimum is
+    // about −0.17, so any element beats −1. Loops, not unrolled, reading the tokens again:
+    // unrolled into every output of the tile, this path would make the kernel several times
+    // larger, and lavapipe's compiler slow.
+    if rare != 0u32 {
+        for i in 0..comptime!(ROWS * RUN) {
+            if (rare >> u32::cast_from(i)) & 1u32 == 1u32 {
+                let (oh, ow) = (oh0 + i / RUN, ow0 + i % RUN);
+                let mut best = splat::<F, N>(-1.0);
+                let mut best_k = Vector::<u32, N>::new(0u32);
+                for k in 0..9usize {
+                    let (ph, pw) = (oh + k / 3, ow + k % 3);
+                    if ph >= 1 && ph <= height && pw >= 1 && pw <= width {
+                        let g = gelu::<F, N>(tokens[(base + ((ph - 1) * width + pw - 1) * token_stride) / lanes]);
+                        let wins = g.greater_than(best);
+                        best = select_many(wins, g, best);
+                        best_k = select_many(wins, Vector::<u32, N>::new(u32::cast_from(k)), best_k);
                     }
                 }
                 let at = b * out.stride(0) + (oh * width + ow) * out.stride(1) + c;
-                out[at] = gelu::<F>(best);
-                if comptime!(with_indices) {
-                    indices[at] = I::cast_from((oh + best_k / 3 - 1) * width + ow + best_k % 3 - 1);
-                }
+                store::<F, I, N>(out, indices, at / lanes, gelu::<F, N>(best), best_k, oh, ow, width, with_indices);
             }
         }
+    }
+}
+
+/// Writes output `(oh, ow)` (vector index `at`) and, with `with_indices`, the token index of
+/// window element `k`: `(oh + k / 3 − 1) · width + ow + k % 3 − 1`, never below zero, as a
+/// winner is inside the grid.
+#[cube]
+#[allow(clippy::too_many_arguments)]
+fn store<F: Float, I: Int, N: Size>(
+    out: &mut Tensor<Vector<F, N>>,
+    indices: &mut Tensor<Vector<I, N>>,
+    at: usize,
+    value: Vector<F, N>,
+    k: Vector<u32, N>,
+    oh: usize,
+    ow: usize,
+    width: usize,
+    #[comptime] with_indices: bool,
+) {
+    out[at] = value;
+    if comptime!(with_indices) {
+        let three = Vector::<u32, N>::new(3u32);
+        let dh = k / three;
+        let row = Vector::<u32, N>::new(u32::cast_from(oh)) + dh;
+        let col = Vector::<u32, N>::new(u32::cast_from(ow)) + k - dh * three;
+        let token = row * Vector::<u32, N>::new(u32::cast_from(width)) + col - Vector::<u32, N>::new(u32::cast_from(width + 1));
+        indices[at] = Vector::<I, N>::cast_from(token);
     }
 }
 
@@ -196,9 +240,14 @@ pub(crate) fn gelu_max_pool_gelu<R: CubeRuntime, I: IntElement>(
     assert_eq!(n, height * width, "token count {n} is not the grid {height}x{width}");
     let client = tokens.client.clone();
     let (out, indices) = super::outputs::<R, I>(&tokens, shape, with_indices);
+    // Vectors along the channels when they are contiguous and every other stride keeps the
+    // vectors aligned; the output (and the indices) are contiguous with the same channel count.
+    // At most 4 lanes: wider vectors (f16) make a kernel that lavapipe compiles for a minute.
+    let sizes = client.io_optimized_vector_sizes(tokens.dtype.size()).filter(|&n| n <= 4);
+    let lanes = cubecl::tensor_vector_size_parallel(sizes, tokens.meta.shape(), tokens.meta.strides(), 2);
     let runs = width.div_ceil(RUN);
     let tiles = height.div_ceil(ROWS) * runs;
-    let units = batch * tiles * channels;
+    let units = batch * tiles * (channels / lanes);
     if units > 0 {
         let cube_dim = CubeDim::new(&client, units);
         let cube_count = calculate_cube_count_elemwise(&client, units, cube_dim);
@@ -210,6 +259,7 @@ pub(crate) fn gelu_max_pool_gelu<R: CubeRuntime, I: IntElement>(
                 &client,
                 cube_count,
                 cube_dim,
+                lanes,
                 tokens.into_tensor_arg(),
                 out.clone().into_tensor_arg(),
                 indices.clone().into_tensor_arg(),
@@ -238,9 +288,9 @@ mod erf_tests {
     type Cube = CubeBackend<WgpuRuntime, f32, i32, u32>;
 
     #[cube(launch)]
-    fn erf_kernel<F: Float>(x: &Tensor<F>, out: &mut Tensor<F>, #[define(F)] _dtype: StorageType) {
+    fn erf_kernel<F: Float, N: Size>(x: &Tensor<Vector<F, N>>, out: &mut Tensor<Vector<F, N>>, #[define(F)] _dtype: StorageType) {
         if ABSOLUTE_POS < out.len() {
-            out[ABSOLUTE_POS] = erf::<F>(x[ABSOLUTE_POS]);
+            out[ABSOLUTE_POS] = erf::<F, N>(x[ABSOLUTE_POS]);
         }
     }
 
@@ -258,7 +308,7 @@ mod erf_tests {
         let cube_dim = CubeDim::new(&client, units);
         let count = calculate_cube_count_elemwise(&client, units, cube_dim);
         let dtype = x.dtype.into();
-        erf_kernel::launch::<WgpuRuntime>(&client, count, cube_dim, x.into_tensor_arg(), out.clone().into_tensor_arg(), dtype);
+        erf_kernel::launch::<WgpuRuntime>(&client, count, cube_dim, 1, x.into_tensor_arg(), out.clone().into_tensor_arg(), dtype);
         let values = BurnTensor::<Cube, 1>::from_primitive(TensorPrimitive::Float(out)).into_data().to_vec::<f32>().unwrap();
         let (mut worst, mut at) = (0.0, 0.0);
         for (&x, &e) in xs.iter().zip(&values) {
