@@ -242,7 +242,8 @@ pub(crate) fn gelu_max_pool_gelu<R: CubeRuntime, I: IntElement>(
     let (out, indices) = super::outputs::<R, I>(&tokens, shape, with_indices);
     // Vectors along the channels when they are contiguous and every other stride keeps the
     // vectors aligned; the output (and the indices) are contiguous with the same channel count.
-    // At most 4 lanes: wider vectors (f16) make a kernel that lavapipe compiles for a minute.
+    // At most 4 lanes (a 128-bit load in f32): wider f16 vectors make a larger kernel, slower
+    // for lavapipe's compiler (8 lanes were not timed against 4).
     let sizes = client.io_optimized_vector_sizes(tokens.dtype.size()).filter(|&n| n <= 4);
     let lanes = cubecl::tensor_vector_size_parallel(sizes, tokens.meta.shape(), tokens.meta.strides(), 2);
     let runs = width.div_ceil(RUN);
