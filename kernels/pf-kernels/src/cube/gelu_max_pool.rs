@@ -168,8 +168,7 @@ fn gelu_max_pool_gelu_kernel<F: Float, I: Int, N: Size>(
                     slow = slow || !fast[l];
                 }
                 rare |= select(slow, comptime!(1u32 << (r * RUN + o) as u32), 0u32);
-                let at = b * out.stride(0) + (oh * width + ow) * out.stride(1) + c;
-                store::<F, I, N>(out, indices, at / lanes, gelu::<F, N>(gelu::<F, N>(top)), best_k, oh, ow, width, with_indices);
+                store::<F, I, N>(out, indices, b, c, oh, ow, width, gelu::<F, N>(gelu::<F, N>(top)), best_k, with_indices);
             }
         }
     }
@@ -193,29 +192,30 @@ fn gelu_max_pool_gelu_kernel<F: Float, I: Int, N: Size>(
                         best_k = select_many(wins, Vector::<u32, N>::new(u32::cast_from(k)), best_k);
                     }
                 }
-                let at = b * out.stride(0) + (oh * width + ow) * out.stride(1) + c;
-                store::<F, I, N>(out, indices, at / lanes, gelu::<F, N>(best), best_k, oh, ow, width, with_indices);
+                store::<F, I, N>(out, indices, b, c, oh, ow, width, gelu::<F, N>(best), best_k, with_indices);
             }
         }
     }
 }
 
-/// Writes output `(oh, ow)` (vector index `at`) and, with `with_indices`, the token index of
-/// window element `k`: `(oh + k / 3 − 1) · width + ow + k % 3 − 1`, never below zero, as a
-/// winner is inside the grid.
+/// Writes output `(oh, ow)` of batch `b`, channels `c..c + lanes` and, with `with_indices`, the
+/// token index of window element `k`: `(oh + k / 3 − 1) · width + ow + k % 3 − 1`, never below
+/// zero, as a winner is inside the grid.
 #[cube]
 #[allow(clippy::too_many_arguments)]
 fn store<F: Float, I: Int, N: Size>(
     out: &mut Tensor<Vector<F, N>>,
     indices: &mut Tensor<Vector<I, N>>,
-    at: usize,
-    value: Vector<F, N>,
-    k: Vector<u32, N>,
+    b: usize,
+    c: usize,
     oh: usize,
     ow: usize,
     width: usize,
+    value: Vector<F, N>,
+    k: Vector<u32, N>,
     #[comptime] with_indices: bool,
 ) {
+    let at = (b * out.stride(0) + (oh * width + ow) * out.stride(1) + c) / out.vector_size();
     out[at] = value;
     if comptime!(with_indices) {
         let three = Vector::<u32, N>::new(3u32);
