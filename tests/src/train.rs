@@ -9,9 +9,9 @@ use pf_kernels::FusedOps;
 use pf_models::weights::{load_pf, read_pf_config};
 use pf_train::checkpoint;
 use pf_train::data::ImageFolder;
-use pf_train::eval::evaluate;
+use pf_train::eval::{evaluate, Verbosity};
 use pf_train::recipe::{Recipe, ScheduleSpec};
-use pf_train::train::{train, train_on, TrainArgs};
+use pf_train::train::{train, train_on, train_watched, TrainArgs};
 
 use crate::common::{scratch, Cpu, CpuAd};
 
@@ -53,6 +53,7 @@ fn args(recipe: Recipe, data: &Path, out: &Path) -> TrainArgs {
         stop_after: None,
         init: None,
         progress: false,
+        dashboard: false,
     }
 }
 
@@ -76,7 +77,8 @@ fn a_short_run_learns_the_digits() {
     let model_path = dir.join("run/model.bpk");
     let model = load_pf(read_pf_config(&model_path).unwrap().init::<Cpu>(&Default::default()).unwrap(), &model_path).unwrap();
     let val = ImageFolder::open(&data.join("val")).unwrap();
-    let result = evaluate(&model, &val, &summary.recipe.eval_transform, summary.recipe.batch_size, 2, &Default::default(), false).unwrap();
+    let result =
+        evaluate(&model, &val, &summary.recipe.eval_transform, summary.recipe.batch_size, 2, &Default::default(), Verbosity::Silent).unwrap();
     assert_eq!(result.top1, last.val_top1);
     for file in ["metrics.csv", "metrics.json", "curves.svg", "train.json", "model.json"] {
         assert!(dir.join("run").join(file).is_file(), "{file} missing");
@@ -311,6 +313,149 @@ fn weight_decay_reaches_its_group_with_its_optimizer() {
             }
         }
     }
+}
+
+/// What pf's loop sent to Burn's dashboard: a `MetricsRenderer` that records, and that presses
+/// the dashboard's stop key (stops its interrupter) at the `stop_at`-th training render.
+mod dashboard {
+    use std::sync::{Arc, Mutex};
+
+    use burn_train::metric::MetricDefinition;
+    use burn_train::renderer::{
+        EvaluationName, EvaluationProgress, MetricState, MetricsRenderer, MetricsRendererEvaluation, MetricsRendererTraining, ProgressType,
+        TrainingProgress,
+    };
+    use burn_train::{Interrupter, LearnerSummary};
+
+    #[derive(Default)]
+    pub struct Record {
+        pub metrics: Vec<MetricDefinition>,
+        /// (metric name, value, formatted) per update.
+        pub train: Vec<(String, f64, String)>,
+        pub valid: Vec<(String, f64, String)>,
+        /// (step, steps, epoch, epochs) per training render.
+        pub renders: Vec<[usize; 4]>,
+        pub valid_renders: usize,
+        pub ended: bool,
+    }
+
+    pub struct Recorder {
+        pub record: Arc<Mutex<Record>>,
+        pub interrupter: Interrupter,
+        pub stop_at: Option<usize>,
+    }
+
+    impl Recorder {
+        fn entry(&self, state: MetricState) -> (String, f64, String) {
+            let MetricState::Numeric(entry, value) = state else { panic!("pf sends numeric metrics only") };
+            let record = self.record.lock().unwrap();
+            let name = record.metrics.iter().find(|d| d.metric_id == entry.metric_id).expect("an update of a metric never registered").name.clone();
+            (name, value.current(), entry.serialized_entry.formatted)
+        }
+    }
+
+    impl MetricsRendererTraining for Recorder {
+        fn update_train(&mut self, state: MetricState) {
+            let e = self.entry(state);
+            self.record.lock().unwrap().train.push(e);
+        }
+        fn update_valid(&mut self, state: MetricState) {
+            let e = self.entry(state);
+            self.record.lock().unwrap().valid.push(e);
+        }
+        fn render_train(&mut self, item: TrainingProgress, _: Vec<ProgressType>) {
+            let p = item.progress.expect("pf reports the progress within the epoch");
+            let mut record = self.record.lock().unwrap();
+            record.renders.push([p.items_processed, p.items_total, item.global_progress.items_processed, item.global_progress.items_total]);
+            if Some(record.renders.len()) == self.stop_at {
+                self.interrupter.stop(Some("stop key"));
+            }
+        }
+        fn render_valid(&mut self, _: TrainingProgress, _: Vec<ProgressType>) {
+            self.record.lock().unwrap().valid_renders += 1;
+        }
+        fn on_train_end(&mut self, _: Option<LearnerSummary>) -> Result<(), Box<dyn core::error::Error>> {
+            self.record.lock().unwrap().ended = true;
+            Ok(())
+        }
+    }
+
+    impl MetricsRendererEvaluation for Recorder {
+        fn update_test(&mut self, _: EvaluationName, _: MetricState) {
+            panic!("pf's training loop has no test split");
+        }
+        fn render_test(&mut self, _: EvaluationProgress, _: Vec<ProgressType>) {
+            panic!("pf's training loop has no test split");
+        }
+    }
+
+    impl MetricsRenderer for Recorder {
+        fn manual_close(&mut self) {}
+        fn register_metric(&mut self, definition: MetricDefinition) {
+            self.record.lock().unwrap().metrics.push(definition);
+        }
+    }
+}
+
+fn watched(stop_at: Option<usize>, epochs: usize) -> (pf_train::dashboard::Dashboard, std::sync::Arc<std::sync::Mutex<dashboard::Record>>) {
+    let interrupter = burn_train::Interrupter::new();
+    let record = std::sync::Arc::new(std::sync::Mutex::new(dashboard::Record::default()));
+    let recorder = dashboard::Recorder { record: record.clone(), interrupter: interrupter.clone(), stop_at };
+    (pf_train::dashboard::Dashboard::with_renderer(Box::new(recorder), interrupter, epochs), record)
+}
+
+/// Burn's dashboard gets the four metrics after every training step and after every
+/// validation, with the numbers the run logs, and the progress of the epoch and of the run.
+#[test]
+fn the_dashboard_gets_every_metric_of_every_step() {
+    let dir = scratch("dashboard");
+    let data = digits_slice(&dir.join("data"), 8);
+    let recipe = small_recipe(2);
+    let (watch, record) = watched(None, recipe.epochs);
+    let summary = train_watched::<CpuAd>(&args(recipe, &data, &dir.join("run")), &[Default::default()], Some(watch)).unwrap();
+    let record = record.lock().unwrap();
+    let names = pf_train::dashboard::METRICS.map(|(name, _, _)| name.to_string());
+    assert_eq!(record.metrics.iter().map(|d| d.name.clone()).collect::<Vec<_>>(), names);
+    // 80 images, batches of 32 (the last partial one dropped): 2 steps per epoch.
+    assert_eq!(record.renders, vec![[1, 2, 1, 2], [2, 2, 1, 2], [1, 2, 2, 2], [2, 2, 2, 2]]);
+    assert_eq!(record.train.len(), 4 * 4);
+    assert_eq!(record.valid.len(), 2 * 4);
+    assert_eq!(record.valid_renders, 2);
+    assert!(record.ended, "the dashboard was not closed");
+    for (epoch, h) in summary.history.iter().enumerate() {
+        // The last step of the epoch shows the epoch's running numbers, which are the logged ones.
+        let last = &record.train[(2 * epoch + 1) * 4..(2 * epoch + 2) * 4];
+        let values = last.iter().map(|(name, v, _)| (name.as_str(), *v)).collect::<Vec<_>>();
+        assert_eq!(
+            values,
+            [(names[0].as_str(), h.train_loss), (names[1].as_str(), h.train_top1), (names[2].as_str(), h.train_top5), (names[3].as_str(), h.lr)]
+        );
+        let valid = record.valid[epoch * 4..(epoch + 1) * 4].iter().map(|(_, v, _)| *v).collect::<Vec<_>>();
+        assert_eq!(valid, [h.val_loss, h.val_top1, h.val_top5, h.lr]);
+        assert_eq!(record.valid[epoch * 4 + 1].2, format!("{:.2}%", h.val_top1));
+    }
+}
+
+/// The dashboard's stop key ends the run after the current step, with a message that names the
+/// checkpoint to resume from; the run then resumes and finishes.
+#[test]
+fn the_dashboard_stop_key_stops_and_the_run_resumes() {
+    let dir = scratch("dashboard-stop");
+    let data = digits_slice(&dir.join("data"), 8);
+    let recipe = small_recipe(2);
+    let out = dir.join("run");
+    // The third step is the first of epoch 2.
+    let (watch, record) = watched(Some(3), recipe.epochs);
+    let err = train_watched::<CpuAd>(&args(recipe.clone(), &data, &out), &[Default::default()], Some(watch)).unwrap_err().to_string();
+    assert!(err.contains("stopped from the dashboard during epoch 2, after step 1"), "{err}");
+    assert!(err.contains("checkpoint") && err.contains("--resume"), "{err}");
+    assert_eq!(record.lock().unwrap().renders.len(), 3, "steps ran after the stop key");
+    assert!(record.lock().unwrap().ended, "the dashboard was not closed");
+    assert!(!out.join("model.bpk").exists(), "a stopped run saved a final model");
+    let state = checkpoint::read_state(&checkpoint::latest(&out).unwrap().expect("epoch 1's checkpoint")).unwrap();
+    assert_eq!(state.epoch, 1);
+    let resumed = train::<CpuAd>(&TrainArgs { resume: true, ..args(recipe, &data, &out) }, &Default::default()).unwrap();
+    assert_eq!(resumed.history.len(), 2);
 }
 
 fn model_logits(model: &pf_models::Model<CpuAd>, x: Tensor<CpuAd, 4>) -> Tensor<CpuAd, 2> {

@@ -22,6 +22,20 @@ pub struct EvalResult {
     pub top5: f64,
     /// Images that could not be decoded.
     pub skipped: usize,
+    /// The warnings about them, for a caller that shows them itself ([`Verbosity::Silent`]).
+    #[serde(skip)]
+    pub warnings: Vec<String>,
+}
+
+/// What a loop over a dataset shows on the terminal.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Verbosity {
+    /// A progress bar, with warnings printed above it.
+    Bar,
+    /// No bar; warnings on standard error.
+    Warnings,
+    /// Nothing: the warnings are returned (the dashboard owns the terminal).
+    Silent,
 }
 
 /// Accumulates loss and top-k over batches.
@@ -62,8 +76,8 @@ pub fn images_tensor<B: Backend>(batch: &Batch, images: Vec<f32>, device: &B::De
     Tensor::from_data(TensorData::new(images, [batch.len(), 3, s, s]), device)
 }
 
-pub fn progress_bar(len: usize, visible: bool, prefix: String) -> ProgressBar {
-    if !visible {
+pub fn progress_bar(len: usize, verbosity: Verbosity, prefix: String) -> ProgressBar {
+    if verbosity != Verbosity::Bar {
         return ProgressBar::hidden();
     }
     let bar = ProgressBar::new(len as u64);
@@ -76,25 +90,40 @@ pub fn progress_bar(len: usize, visible: bool, prefix: String) -> ProgressBar {
     bar
 }
 
-/// Prints a warning for every unreadable image of the batch; returns how many there were.
-pub fn warn_skipped(bar: &ProgressBar, batch: &Batch) -> usize {
+/// A warning for every unreadable image of the batch, printed (above the bar, if any) unless
+/// `verbosity` is silent, in which case it is added to `kept`; returns how many there were.
+pub fn warn_skipped(bar: &ProgressBar, batch: &Batch, verbosity: Verbosity, kept: &mut Vec<String>) -> usize {
     for (path, reason) in &batch.skipped {
-        bar.println(format!("warning: skipped unreadable image {}: {reason}", path.display()));
+        let line = format!("warning: skipped unreadable image {}: {reason}", path.display());
+        match verbosity {
+            // `println` of a hidden bar prints nothing; `suspend` prints in every case.
+            Verbosity::Bar | Verbosity::Warnings => bar.suspend(|| eprintln!("{line}")),
+            Verbosity::Silent => kept.push(line),
+        }
     }
     batch.skipped.len()
 }
 
 /// Evaluates `model` (in eval mode: a backend without autodiff) on every image of `data`.
-pub fn evaluate<B: FusedOps>(model: &Model<B>, data: &ImageFolder, transform: &EvalTransform, batch_size: usize, workers: usize, device: &B::Device, progress: bool) -> Result<EvalResult> {
+pub fn evaluate<B: FusedOps>(
+    model: &Model<B>,
+    data: &ImageFolder,
+    transform: &EvalTransform,
+    batch_size: usize,
+    workers: usize,
+    device: &B::Device,
+    verbosity: Verbosity,
+) -> Result<EvalResult> {
     let classes = data.classes.len();
     let order = (0..data.len()).collect::<Vec<_>>();
-    let bar = progress_bar(data.len().div_ceil(batch_size), progress, "eval".into());
+    let bar = progress_bar(data.len().div_ceil(batch_size), verbosity, "eval".into());
     let loader = Loader { dataset: data, workers, prefetch: 2 * workers };
     let mut meter = Meter::default();
     let mut skipped = 0;
+    let mut warnings = Vec::new();
     loader.run(&order, batch_size, false, &|image, _| transform.apply(image), transform.size, |mut batch| -> Result<()> {
         bar.inc(1);
-        skipped += warn_skipped(&bar, &batch);
+        skipped += warn_skipped(&bar, &batch, verbosity, &mut warnings);
         if batch.is_empty() {
             return Ok(());
         }
@@ -108,5 +137,5 @@ pub fn evaluate<B: FusedOps>(model: &Model<B>, data: &ImageFolder, transform: &E
         Ok(())
     })?;
     bar.finish_and_clear();
-    Ok(EvalResult { images: meter.images, loss: meter.loss(), top1: meter.top1(), top5: meter.top5(), skipped })
+    Ok(EvalResult { images: meter.images, loss: meter.loss(), top1: meter.top1(), top5: meter.top5(), skipped, warnings })
 }

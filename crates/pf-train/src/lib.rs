@@ -4,6 +4,7 @@
 pub mod backend;
 pub mod bench;
 pub mod checkpoint;
+pub mod dashboard;
 pub mod data;
 pub mod eval;
 pub mod fixtures;

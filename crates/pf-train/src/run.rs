@@ -8,9 +8,9 @@ use pf_kernels::FusedAutodiffBackend;
 use pf_models::weights::{load_any, read_pf_config};
 use pf_models::{ModelConfig, ModelName};
 use pf_train::backend::{BackendKind, DevicesJob, Job};
-use pf_train::bench::{bench_kernels, bench_model, draw_chart, kernel_note, markdown_table, Budget, KernelCase, KernelRecord};
+use pf_train::bench::{bench_kernels, bench_model, draw_chart, kernel_note, markdown_table, Budget, KernelCase, KernelRecord, ModelRecord};
 use pf_train::data::{EvalTransform, ImageFolder, Interpolation, Normalize};
-use pf_train::eval::evaluate;
+use pf_train::eval::{evaluate, Verbosity};
 use pf_train::recipe::{ModelSpec, Recipe};
 use pf_train::train::{train_on, TrainArgs, TrainSummary};
 use pf_train::{checkpoint, resolve};
@@ -62,6 +62,10 @@ pub struct TrainCli {
     /// No progress bars (logs only).
     #[arg(long)]
     quiet: bool,
+    /// Burn's training dashboard (terminal UI: curves of loss, top-1, top-5 and learning rate;
+    /// `q` offers to stop) instead of the progress bar. Needs a terminal.
+    #[arg(long, conflicts_with = "quiet")]
+    dashboard: bool,
 }
 
 pub struct TrainJob {
@@ -98,6 +102,7 @@ impl TrainCli {
             stop_after: self.stop_after,
             init: self.init,
             progress: !self.quiet,
+            dashboard: self.dashboard,
         };
         Ok(TrainJob { args, devices: self.devices })
     }
@@ -235,7 +240,8 @@ impl Job for EvalCli {
             transform.size,
             transform.crop_pct
         );
-        let result = evaluate(&model, &dataset, &transform, self.batch_size, self.workers, &device, !self.quiet)?;
+        let verbosity = if self.quiet { Verbosity::Warnings } else { Verbosity::Bar };
+        let result = evaluate(&model, &dataset, &transform, self.batch_size, self.workers, &device, verbosity)?;
         println!(
             "top-1 {:.2}%  top-5 {:.2}%  loss {:.4}  ({} images, {} unreadable skipped)",
             result.top1, result.top5, result.loss, result.images, result.skipped
@@ -258,7 +264,8 @@ pub struct BenchCli {
     /// Batch size of the throughput measurements.
     #[arg(long, default_value_t = 16)]
     batch: usize,
-    /// Write the records as JSON to this file.
+    /// Write the records as JSON to this file (the model table: rewritten after every model, with
+    /// `"complete": false` until the last).
     #[arg(long)]
     json: Option<PathBuf>,
     /// Draw latency and throughput as a bar chart (SVG) in this file.
@@ -324,12 +331,21 @@ impl Job for BenchCli {
                 self.batch,
                 budget.min_runs
             );
+            let json = |records: &[ModelRecord], complete: bool| {
+                serde_json::to_string_pretty(&serde_json::json!({
+                    "backend": self.backend.name(), "device": format!("{device:?}"), "batch": self.batch, "complete": complete, "models": records
+                }))
+            };
             let mut records = Vec::new();
-            for name in names {
+            for name in &names {
                 eprintln!("measuring {name} ...");
-                let r = bench_model::<B>(name, self.batch, &device, budget)?;
+                let r = bench_model::<B>(*name, self.batch, &device, budget)?;
                 eprintln!("  {name}: latency {:.1} ms, {:.1} img/s inference, {:.1} img/s training", r.latency_ms, r.throughput, r.train_throughput);
                 records.push(r);
+                // A first run on a slow device can take hours: keep what is measured so far.
+                if let Some(path) = self.json.as_ref().filter(|_| records.len() < names.len()) {
+                    checkpoint::replace_file(path, json(&records, false)?.as_bytes())?;
+                }
             }
             print!("{}", markdown_table(&records));
             let ratio = |a: &str, b: &str| {
@@ -346,9 +362,7 @@ impl Job for BenchCli {
                 draw_chart(path, &title, &records).map_err(|e| anyhow::anyhow!("drawing {}: {e}", path.display()))?;
                 println!("chart written to {}", path.display());
             }
-            serde_json::to_string_pretty(
-                &serde_json::json!({ "backend": self.backend.name(), "device": format!("{device:?}"), "batch": self.batch, "models": records }),
-            )?
+            json(&records, true)?
         };
         if let Some(path) = &self.json {
             checkpoint::replace_file(path, json.as_bytes())?;

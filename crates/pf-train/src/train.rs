@@ -11,8 +11,9 @@ use pf_models::Model;
 use serde::Serialize;
 
 use crate::checkpoint::{self, EpochRecord, TrainState};
+use crate::dashboard::{Dashboard, StoppedByUser};
 use crate::data::{epoch_order, sample_rng, ImageFolder, Loader};
-use crate::eval::{evaluate, progress_bar, warn_skipped, EvalResult, Meter};
+use crate::eval::{evaluate, progress_bar, warn_skipped, EvalResult, Meter, Verbosity};
 use crate::mix::mix_batch;
 use crate::optim::GroupedOptimizer;
 use crate::parallel::{DataParallel, HostBatch};
@@ -36,7 +37,10 @@ pub struct TrainArgs {
     pub stop_after: Option<usize>,
     /// Start from these weights (pf's `.bpk` or a PyTorch checkpoint) instead of a random init.
     pub init: Option<PathBuf>,
+    /// Progress bars (else only warnings and one line per epoch).
     pub progress: bool,
+    /// Burn's terminal dashboard instead of the progress bars (standard output must be a terminal).
+    pub dashboard: bool,
 }
 
 /// What `train.json` beside the final model records: enough for `eval` to reproduce the number.
@@ -60,6 +64,20 @@ pub fn train<B: FusedAutodiffBackend>(args: &TrainArgs, device: &B::Device) -> R
 /// Trains on `devices`, data-parallel when there are several (see [`crate::parallel`]); the
 /// first holds the model, the optimizer and the validation.
 pub fn train_on<B: FusedAutodiffBackend>(args: &TrainArgs, devices: &[B::Device]) -> Result<TrainSummary> {
+    train_watched::<B>(args, devices, None)
+}
+
+/// [`train_on`], reporting to `dashboard` if one is given; without one, `args.dashboard` opens
+/// Burn's on the terminal once the run is set up.
+pub fn train_watched<B: FusedAutodiffBackend>(args: &TrainArgs, devices: &[B::Device], dashboard: Option<Dashboard>) -> Result<TrainSummary> {
+    if args.dashboard && dashboard.is_none() {
+        Dashboard::check_terminal()?;
+    }
+    let verbosity = match (args.dashboard || dashboard.is_some(), args.progress) {
+        (true, _) => Verbosity::Silent,
+        (false, true) => Verbosity::Bar,
+        (false, false) => Verbosity::Warnings,
+    };
     let device = devices.first().ok_or_else(|| anyhow!("training needs at least one device"))?;
     let recipe = &args.recipe;
     let mut train_set = ImageFolder::split(&args.data, "train")?;
@@ -133,14 +151,26 @@ pub fn train_on<B: FusedAutodiffBackend>(args: &TrainArgs, devices: &[B::Device]
         );
     }
 
+    let mut dashboard = match dashboard {
+        None if args.dashboard => Some(Dashboard::open(recipe.epochs)?),
+        given => given,
+    };
     let mut epochs_run = 0;
     while state.epoch < recipe.epochs && args.stop_after.is_none_or(|n| epochs_run < n) {
         let epoch = state.epoch;
         let started = Instant::now();
         let lr = recipe.lr_at(epoch);
-        let (next, train_meter, skipped) = train_epoch(model, &mut optim, recipe, &train_set, epoch, lr, &parallel, args.progress, &args.out)?;
+        let (next, train_meter, skipped) =
+            match train_epoch(model, &mut optim, recipe, &train_set, epoch, lr, &parallel, verbosity, dashboard.as_mut(), &args.out) {
+                Ok(done) => done,
+                Err(e) if e.is::<StoppedByUser>() => {
+                    drop(dashboard);
+                    bail!("{e}; {}; continue with --resume --out {}", last_good(&args.out)?, args.out.display());
+                }
+                Err(e) => return Err(e),
+            };
         model = next;
-        let val = evaluate(&model.valid(), &val_set, &recipe.eval_transform, recipe.batch_size, recipe.workers, device, args.progress)?;
+        let val = evaluate(&model.valid(), &val_set, &recipe.eval_transform, recipe.batch_size, recipe.workers, device, verbosity)?;
         let seconds = started.elapsed().as_secs_f64();
         let record = EpochRecord {
             epoch: epoch + 1,
@@ -155,7 +185,7 @@ pub fn train_on<B: FusedAutodiffBackend>(args: &TrainArgs, devices: &[B::Device]
             seconds,
             images_per_second: train_meter.images as f64 / seconds,
         };
-        println!(
+        let line = format!(
             "epoch {:>3}/{}  lr {:.3e}  train loss {:.4} top-1 {:.2}%  val loss {:.4} top-1 {:.2}% top-5 {:.2}%  {:.0} s{}",
             record.epoch,
             recipe.epochs,
@@ -168,16 +198,25 @@ pub fn train_on<B: FusedAutodiffBackend>(args: &TrainArgs, devices: &[B::Device]
             seconds,
             if record.skipped > 0 { format!("  ({} unreadable images skipped)", record.skipped) } else { String::new() }
         );
+        match dashboard.as_mut() {
+            Some(d) => {
+                d.validated(epoch, &val, lr);
+                val.warnings.into_iter().chain([line]).for_each(|l| d.defer(l));
+            }
+            None => println!("{line}"),
+        }
         state.epoch += 1;
         state.history.push(record);
         report::write_logs(&args.out, &state.history)?;
         checkpoint::write(&args.out, &state, &model, &optim)?;
         epochs_run += 1;
     }
+    // The dashboard leaves the terminal (and prints what it kept) before the final lines.
+    drop(dashboard);
 
     let model_path = args.out.join("model");
     let final_val = match state.history.last() {
-        Some(r) => EvalResult { images: val_set.len(), loss: r.val_loss, top1: r.val_top1, top5: r.val_top5, skipped: 0 },
+        Some(r) => EvalResult { images: val_set.len(), loss: r.val_loss, top1: r.val_top1, top5: r.val_top5, ..Default::default() },
         None => EvalResult::default(),
     };
     let weights = save_pf(&model, &config, &model_path)?;
@@ -208,8 +247,16 @@ fn check_resumable(saved: &TrainState, now: &TrainState) -> Result<()> {
     Ok(())
 }
 
+/// Where the run can be continued from, for the message of a run that stopped early.
+fn last_good(out: &Path) -> Result<String> {
+    Ok(match checkpoint::latest(out)? {
+        Some(dir) => format!("the last good checkpoint is {}", dir.display()),
+        None => "no checkpoint was written yet".to_string(),
+    })
+}
+
 /// One epoch over the training set; returns the model, the epoch's meter and the number of
-/// unreadable images.
+/// unreadable images. Fails with [`StoppedByUser`] when the dashboard's stop key was pressed.
 #[allow(clippy::too_many_arguments)]
 fn train_epoch<B: FusedAutodiffBackend>(
     model: Model<B>,
@@ -219,7 +266,8 @@ fn train_epoch<B: FusedAutodiffBackend>(
     epoch: usize,
     lr: f64,
     parallel: &DataParallel<B>,
-    progress: bool,
+    verbosity: Verbosity,
+    mut dashboard: Option<&mut Dashboard>,
     out: &Path,
 ) -> Result<(Model<B>, Meter, usize)> {
     // Dropout and drop-path draw from the backend's generator: reseed it per epoch so that a
@@ -229,7 +277,7 @@ fn train_epoch<B: FusedAutodiffBackend>(
     let classes = data.classes.len();
     let order = epoch_order(data.len(), recipe.seed, epoch);
     let steps = data.len() / recipe.batch_size;
-    let bar = progress_bar(steps, progress, format!("epoch {}/{}", epoch + 1, recipe.epochs));
+    let bar = progress_bar(steps, verbosity, format!("epoch {}/{}", epoch + 1, recipe.epochs));
     let transform = &recipe.train_transform;
     let loader = Loader { dataset: data, workers: recipe.workers, prefetch: 2 * recipe.workers };
     let mut meter = Meter::default();
@@ -245,7 +293,11 @@ fn train_epoch<B: FusedAutodiffBackend>(
         |mut batch| -> Result<()> {
             step += 1;
             bar.inc(1);
-            skipped += warn_skipped(&bar, &batch);
+            let mut kept = Vec::new();
+            skipped += warn_skipped(&bar, &batch, verbosity, &mut kept);
+            if let Some(d) = dashboard.as_mut() {
+                kept.into_iter().for_each(|l| d.defer(l));
+            }
             if batch.is_empty() {
                 return Ok(());
             }
@@ -257,15 +309,17 @@ fn train_epoch<B: FusedAutodiffBackend>(
             let step_grads = parallel.grads(&model, HostBatch { images, targets, rows: batch.len(), size: batch.size, classes })?;
             let value = step_grads.loss;
             if !value.is_finite() {
-                let keep = match checkpoint::latest(out)? {
-                    Some(dir) => format!("the last good checkpoint is {}", dir.display()),
-                    None => "no checkpoint was written yet".to_string(),
-                };
-                bail!("the loss became {value} at epoch {}, step {step} (lr {lr:.3e}); training stopped, {keep}", epoch + 1);
+                bail!("the loss became {value} at epoch {}, step {step} (lr {lr:.3e}); training stopped, {}", epoch + 1, last_good(out)?);
             }
             meter.add(value, &step_grads.logits, classes, &batch.labels);
             slot = Some(optim.step_grouped(lr, model, step_grads.grads));
             bar.set_message(format!("loss {:.4} top-1 {:.2}% lr {lr:.2e}", meter.loss(), meter.top1()));
+            if let Some(d) = dashboard.as_mut() {
+                d.step(epoch, step, steps, &meter, lr);
+                if d.stop_requested() {
+                    return Err(StoppedByUser { epoch: epoch + 1, step }.into());
+                }
+            }
             Ok(())
         },
     )?;
