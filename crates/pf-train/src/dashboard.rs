@@ -77,44 +77,45 @@ impl Dashboard {
         Self { renderer: Some(renderer), interrupter, ids, epochs, deferred: Vec::new() }
     }
 
-    fn states(&self, values: [f64; 4]) -> impl Iterator<Item = MetricState> + '_ {
-        self.ids.iter().zip(METRICS).zip(values).map(|((id, (_, unit, _)), value)| {
+    /// After training step `step` (1-based) of `steps` in epoch `epoch` (0-based): the epoch's
+    /// running loss and accuracies so far, and the step's learning rate.
+    pub fn step(&mut self, epoch: usize, step: usize, steps: usize, meter: &Meter, lr: f64) {
+        let progress = Progress { items_processed: step, items_total: steps };
+        self.send(false, [meter.loss(), meter.top1(), meter.top5(), lr], epoch, progress, Some(epoch * steps + step));
+    }
+
+    /// After validating epoch `epoch` (0-based).
+    pub fn validated(&mut self, epoch: usize, val: &EvalResult, lr: f64) {
+        self.send(true, [val.loss, val.top1, val.top5, lr], epoch, Progress { items_processed: 1, items_total: 1 }, None);
+    }
+
+    /// The four metrics (in the order of [`METRICS`]) and the progress, to the train or the
+    /// validation side of the renderer.
+    fn send(&mut self, valid: bool, values: [f64; 4], epoch: usize, progress: Progress, iteration: Option<usize>) {
+        let Some(renderer) = self.renderer.as_mut() else { return };
+        for ((id, (_, unit, _)), value) in self.ids.iter().zip(METRICS).zip(values) {
             let formatted = match unit {
                 Some(unit) => format!("{value:.2}{unit}"),
                 None if value != 0.0 && value.abs() < 1e-2 => format!("{value:.3e}"),
                 None => format!("{value:.4}"),
             };
             let entry = MetricEntry::new(id.clone(), SerializedEntry { formatted, serialized: value.to_string() });
-            MetricState::Numeric(entry, NumericEntry::Value(value))
-        })
-    }
-
-    /// After training step `step` (1-based) of `steps` in epoch `epoch` (0-based): the epoch's
-    /// running loss and accuracies so far, and the step's learning rate.
-    pub fn step(&mut self, epoch: usize, step: usize, steps: usize, meter: &Meter, lr: f64) {
-        let states = self.states([meter.loss(), meter.top1(), meter.top5(), lr]).collect::<Vec<_>>();
-        let progress = TrainingProgress {
-            progress: Some(Progress { items_processed: step, items_total: steps }),
-            global_progress: Progress { items_processed: epoch + 1, items_total: self.epochs },
-            iteration: Some(epoch * steps + step),
-        };
-        if let Some(renderer) = self.renderer.as_mut() {
-            states.into_iter().for_each(|s| renderer.update_train(s));
-            renderer.render_train(progress, Vec::new());
+            let state = MetricState::Numeric(entry, NumericEntry::Value(value));
+            if valid {
+                renderer.update_valid(state)
+            } else {
+                renderer.update_train(state)
+            }
         }
-    }
-
-    /// After validating epoch `epoch` (0-based).
-    pub fn validated(&mut self, epoch: usize, val: &EvalResult, lr: f64) {
-        let states = self.states([val.loss, val.top1, val.top5, lr]).collect::<Vec<_>>();
         let progress = TrainingProgress {
-            progress: Some(Progress { items_processed: 1, items_total: 1 }),
+            progress: Some(progress),
             global_progress: Progress { items_processed: epoch + 1, items_total: self.epochs },
-            iteration: None,
+            iteration,
         };
-        if let Some(renderer) = self.renderer.as_mut() {
-            states.into_iter().for_each(|s| renderer.update_valid(s));
-            renderer.render_valid(progress, Vec::new());
+        if valid {
+            renderer.render_valid(progress, Vec::new())
+        } else {
+            renderer.render_train(progress, Vec::new())
         }
     }
 

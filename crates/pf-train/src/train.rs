@@ -164,8 +164,7 @@ pub fn train_watched<B: FusedAutodiffBackend>(args: &TrainArgs, devices: &[B::De
             match train_epoch(model, &mut optim, recipe, &train_set, epoch, lr, &parallel, verbosity, dashboard.as_mut(), &args.out) {
                 Ok(done) => done,
                 Err(e) if e.is::<StoppedByUser>() => {
-                    drop(dashboard);
-                    bail!("{e}; {}; continue with --resume --out {}", last_good(&args.out)?, args.out.display());
+                    bail!("{e}; {}; continue with --resume --out {}", last_good(&args.out)?, args.out.display())
                 }
                 Err(e) => return Err(e),
             };
@@ -211,7 +210,8 @@ pub fn train_watched<B: FusedAutodiffBackend>(args: &TrainArgs, devices: &[B::De
         checkpoint::write(&args.out, &state, &model, &optim)?;
         epochs_run += 1;
     }
-    // The dashboard leaves the terminal (and prints what it kept) before the final lines.
+    // Dropping the dashboard gives the terminal back and prints the lines it kept: here, before
+    // the final model is saved; on an error return, as the function unwinds its locals.
     drop(dashboard);
 
     let model_path = args.out.join("model");
