@@ -10,6 +10,7 @@
 
 pub mod conv;
 pub mod drop;
+pub mod exact;
 pub mod macs;
 pub mod norm;
 pub mod resize;

@@ -4,6 +4,8 @@ use burn::module::{Param, RunningState};
 use burn::prelude::*;
 use pf_kernels::FusedOps;
 
+use crate::exact::div;
+
 /// `nn.BatchNorm2d(num_features)`: eps 1e-5, momentum 0.1.
 #[derive(Config, Debug)]
 pub struct BatchNorm2dConfig {
@@ -52,7 +54,7 @@ impl<B: FusedOps> BatchNorm2d<B> {
     pub fn forward(&self, x: Tensor<B, 4>) -> Tensor<B, 4> {
         let (mean, var) = self.statistics(&x);
         let c = mean.dims()[0];
-        let inv_std = self.weight.val() / var.add_scalar(self.epsilon).sqrt();
+        let inv_std = div(self.weight.val(), var.add_scalar(self.epsilon).sqrt());
         // Centre first, as PyTorch does: `x · scale + shift` loses precision (and the weight's
         // gradient much more) when a channel's mean is large against its deviation.
         (x - mean.reshape([1, c, 1, 1])) * inv_std.reshape([1, c, 1, 1]) + self.bias.val().reshape([1, c, 1, 1])
@@ -66,7 +68,7 @@ impl<B: FusedOps> BatchNorm2d<B> {
     /// - output: `scale`, `shift`, each `[channels]`
     pub fn scale_shift(&self, x: &Tensor<B, 4>) -> (Tensor<B, 1>, Tensor<B, 1>) {
         let (mean, var) = self.statistics(x);
-        let scale = self.weight.val() / var.add_scalar(self.epsilon).sqrt();
+        let scale = div(self.weight.val(), var.add_scalar(self.epsilon).sqrt());
         let shift = self.bias.val() - mean * scale.clone();
         (scale, shift)
     }

@@ -1,13 +1,13 @@
 //! Transformer blocks of vit_pf.py / pit_pf.py: pre-norm residual blocks whose token mixer is
 //! multi-head self-attention or the parameter-free eff layer.
 
-use burn::nn::{Dropout, DropoutConfig, LayerNorm, LayerNormConfig, Linear, LinearConfig};
+use burn::nn::{Dropout, DropoutConfig, Linear, LinearConfig};
 use burn::prelude::*;
-use burn::tensor::activation::softmax;
 use pf_kernels::{fused_gelu_max_pool_gelu, gelu, reference_gelu_max_pool_gelu, FusedOps};
 use serde::{Deserialize, Serialize};
 
 use crate::drop::DropPath;
+use crate::exact::{softmax, LayerNorm};
 use crate::macs::{linear_cost, Cost};
 
 /// `attn_type` of the reference: `max` alternates attention and eff layers, `attn` is all attention.
@@ -151,7 +151,7 @@ impl BlockConfig {
     pub fn init<B: FusedOps>(&self, device: &B::Device) -> Block<B> {
         let d = self.dim;
         let linear = |i, o, bias| LinearConfig::new(i, o).with_bias(bias).init(device);
-        let norm = || LayerNormConfig::new(d).with_epsilon(LAYER_NORM_EPS).init(device);
+        let norm = || LayerNorm::new(d, LAYER_NORM_EPS, device);
         let attn = match self.mixer {
             MixerKind::Attention => TokenMixer::Attention(Attention {
                 qkv: linear(d, 3 * d, self.qkv_bias),

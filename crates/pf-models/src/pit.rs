@@ -4,11 +4,12 @@
 
 use burn::module::Param;
 use burn::nn::conv::{Conv2d, Conv2dConfig};
-use burn::nn::{Dropout, DropoutConfig, Initializer, LayerNorm, LayerNormConfig, Linear, LinearConfig, PaddingConfig2d};
+use burn::nn::{Dropout, DropoutConfig, Initializer, Linear, LinearConfig, PaddingConfig2d};
 use burn::prelude::*;
-use pf_kernels::FusedOps;
+use pf_core::exact::LayerNorm;
 use pf_core::macs::{conv_cost, linear_cost};
 use pf_core::{mixer_kind, resize_bicubic, AttnType, Block, BlockConfig, Cost};
+use pf_kernels::FusedOps;
 use serde::{Deserialize, Serialize};
 
 use crate::error::ModelError;
@@ -153,7 +154,7 @@ impl PitConfig {
             pos_drop: DropoutConfig::new(self.drop_rate).init(),
             transformers,
             pools,
-            norm: LayerNormConfig::new(dl).with_epsilon(1e-6).init(device),
+            norm: LayerNorm::new(dl, 1e-6, device),
             head: LinearConfig::new(dl, self.num_classes).init(device),
             patch_size: self.patch_size,
         }

@@ -3,11 +3,12 @@
 
 use burn::module::Param;
 use burn::nn::conv::{Conv2d, Conv2dConfig};
-use burn::nn::{Dropout, DropoutConfig, Initializer, LayerNorm, LayerNormConfig, Linear, LinearConfig};
+use burn::nn::{Dropout, DropoutConfig, Initializer, Linear, LinearConfig};
 use burn::prelude::*;
-use pf_kernels::FusedOps;
+use pf_core::exact::LayerNorm;
 use pf_core::macs::{conv_cost, linear_cost};
 use pf_core::{mixer_kind, AttnType, Block, BlockConfig, Cost};
+use pf_kernels::FusedOps;
 use serde::{Deserialize, Serialize};
 
 use crate::error::ModelError;
@@ -106,7 +107,7 @@ impl VitConfig {
             pos_embed: Initializer::Normal { mean: 0.0, std: 0.02 }.init([1, n, d], device),
             pos_drop: DropoutConfig::new(self.drop_rate).init(),
             blocks,
-            norm: LayerNormConfig::new(d).with_epsilon(1e-6).init(device),
+            norm: LayerNorm::new(d, 1e-6, device),
             head: LinearConfig::new(d, self.num_classes).init(device),
             img_size: self.img_size,
             patch_size: p,

@@ -6,11 +6,11 @@ use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, Result};
 use burn::module::AutodiffModule;
-use burn::nn::loss::{CrossEntropyLoss, CrossEntropyLossConfig};
 use burn::optim::adaptor::OptimizerAdaptor;
 use burn::optim::{GradientsParams, Optimizer, Sgd, SgdConfig};
 use burn::prelude::*;
 use burn::tensor::Distribution;
+use pf_core::exact::cross_entropy;
 use pf_kernels::{fused_bn_relu_max_pool, fused_gelu_max_pool_gelu, reference_bn_relu_max_pool, reference_gelu_max_pool_gelu, FusedAutodiffBackend, FusedOps, Pool2d};
 use pf_models::weights::num_parameters;
 use pf_models::{Model, ModelName};
@@ -239,7 +239,6 @@ pub struct TrainStep<B: FusedAutodiffBackend> {
     model: Option<Model<B>>,
     optim: OptimizerAdaptor<Sgd<B::InnerBackend>, Model<B>, B>,
     targets: Tensor<B, 1, Int>,
-    loss: CrossEntropyLoss<B>,
 }
 
 impl<B: FusedAutodiffBackend> TrainStep<B> {
@@ -248,7 +247,6 @@ impl<B: FusedAutodiffBackend> TrainStep<B> {
             model: Some(model),
             optim: SgdConfig::new().init(),
             targets: Tensor::zeros([batch], device),
-            loss: CrossEntropyLossConfig::new().init(device),
         }
     }
 
@@ -256,7 +254,7 @@ impl<B: FusedAutodiffBackend> TrainStep<B> {
     pub fn run(&mut self, images: Tensor<B, 4>) -> Result<()> {
         let model = self.model.take().ok_or_else(|| anyhow!("the model was lost in a failed step"))?;
         let logits = model.forward(images)?;
-        let grads = GradientsParams::from_grads(self.loss.forward(logits, self.targets.clone()).backward(), &model);
+        let grads = GradientsParams::from_grads(cross_entropy(logits, self.targets.clone()).backward(), &model);
         self.model = Some(self.optim.step(1e-3, model, grads));
         Ok(())
     }

@@ -2,7 +2,7 @@
 //! the soft-target cross-entropy, and top-k accuracy.
 
 use burn::prelude::*;
-use burn::tensor::activation::log_softmax;
+use pf_core::exact::log_softmax;
 use rand::Rng;
 use rand_distr::{Beta, Distribution};
 use serde::{Deserialize, Serialize};
