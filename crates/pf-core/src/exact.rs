@@ -7,7 +7,7 @@
 //! through a batch norm, a layer norm, a softmax or a cross-entropy was off in its fourth digit,
 //! and since which part of a buffer is aligned depends on where the allocator put it, the same
 //! pass gave different gradients from one repetition to the next. These forms only use exact
-//! divisions; the values they compute are those of the usual formulas.
+//! divisions; their values are those of the usual formulas (a quotient up to its last bit).
 
 use burn::module::{Module, Param};
 use burn::prelude::*;
@@ -31,26 +31,21 @@ pub fn ln<B: Backend, const D: usize>(x: Tensor<B, D>) -> Tensor<B, D> {
     value.clone().log() + (x - value) * slope
 }
 
-/// `softmax(x)` along `dim`, shifted by the maximum as Burn's.
+/// `x` less its maximum along `dim` (a constant for the gradient), as Burn's softmaxes shift it.
+fn shifted<B: Backend, const D: usize>(x: Tensor<B, D>, dim: usize) -> Tensor<B, D> {
+    x.clone() - x.detach().max_dim(dim)
+}
+
+/// `softmax(x)` along `dim`.
 pub fn softmax<B: Backend, const D: usize>(x: Tensor<B, D>, dim: usize) -> Tensor<B, D> {
-    let exp = (x.clone() - x.detach().max_dim(dim)).exp();
+    let exp = shifted(x, dim).exp();
     div(exp.clone(), exp.sum_dim(dim))
 }
 
-/// `log_softmax(x)` along `dim`, shifted by the maximum as Burn's.
+/// `log_softmax(x)` along `dim`.
 pub fn log_softmax<B: Backend, const D: usize>(x: Tensor<B, D>, dim: usize) -> Tensor<B, D> {
-    let shifted = x.clone() - x.detach().max_dim(dim);
+    let shifted = shifted(x, dim);
     shifted.clone() - ln(shifted.exp().sum_dim(dim))
-}
-
-/// `F.cross_entropy(logits, labels)`: the mean over the batch of `−log_softmax(logits)[label]`.
-///
-/// # Shapes
-/// - `logits`: `[batch, classes]`
-/// - `labels`: `[batch]`
-/// - output: `[1]`
-pub fn cross_entropy<B: Backend>(logits: Tensor<B, 2>, labels: Tensor<B, 1, Int>) -> Tensor<B, 1> {
-    log_softmax(logits, 1).gather(1, labels.unsqueeze_dim(1)).mean().neg()
 }
 
 /// `nn.LayerNorm(d_model, eps)` over the last dimension: Burn's `LayerNorm`, field for field (the

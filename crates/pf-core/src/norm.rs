@@ -54,7 +54,7 @@ impl<B: FusedOps> BatchNorm2d<B> {
     pub fn forward(&self, x: Tensor<B, 4>) -> Tensor<B, 4> {
         let (mean, var) = self.statistics(&x);
         let c = mean.dims()[0];
-        let inv_std = div(self.weight.val(), var.add_scalar(self.epsilon).sqrt());
+        let inv_std = self.scale(var);
         // Centre first, as PyTorch does: `x · scale + shift` loses precision (and the weight's
         // gradient much more) when a channel's mean is large against its deviation.
         (x - mean.reshape([1, c, 1, 1])) * inv_std.reshape([1, c, 1, 1]) + self.bias.val().reshape([1, c, 1, 1])
@@ -68,9 +68,14 @@ impl<B: FusedOps> BatchNorm2d<B> {
     /// - output: `scale`, `shift`, each `[channels]`
     pub fn scale_shift(&self, x: &Tensor<B, 4>) -> (Tensor<B, 1>, Tensor<B, 1>) {
         let (mean, var) = self.statistics(x);
-        let scale = div(self.weight.val(), var.add_scalar(self.epsilon).sqrt());
+        let scale = self.scale(var);
         let shift = self.bias.val() - mean * scale.clone();
         (scale, shift)
+    }
+
+    /// `weight / sqrt(var + eps)`, per channel.
+    fn scale(&self, var: Tensor<B, 1>) -> Tensor<B, 1> {
+        div(self.weight.val(), var.add_scalar(self.epsilon).sqrt())
     }
 
     /// Mean and variance to normalise with: the batch's in training mode (updating the running

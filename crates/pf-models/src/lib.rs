@@ -122,6 +122,16 @@ pub enum Model<B: FusedOps> {
 }
 
 impl<B: FusedOps> Model<B> {
+    /// Outputs of the classifier head.
+    pub fn num_classes(&self) -> usize {
+        let head = match self {
+            Self::Resnet(m) => &m.fc,
+            Self::Vit(m) => &m.head,
+            Self::Pit(m) => &m.head,
+        };
+        head.weight.dims()[1]
+    }
+
     /// Checks that the model can take an input of these dimensions.
     pub fn check_input(&self, dims: [usize; 4]) -> Result<(), ModelError> {
         match self {

@@ -10,11 +10,12 @@ use burn::optim::adaptor::OptimizerAdaptor;
 use burn::optim::{GradientsParams, Optimizer, Sgd, SgdConfig};
 use burn::prelude::*;
 use burn::tensor::Distribution;
-use pf_core::exact::cross_entropy;
 use pf_kernels::{fused_bn_relu_max_pool, fused_gelu_max_pool_gelu, reference_bn_relu_max_pool, reference_gelu_max_pool_gelu, FusedAutodiffBackend, FusedOps, Pool2d};
 use pf_models::weights::num_parameters;
 use pf_models::{Model, ModelName};
 use serde::{Deserialize, Serialize};
+
+use crate::mix::{smoothed_one_hot, soft_target_cross_entropy};
 
 /// How long to measure one case.
 #[derive(Clone, Copy, Debug)]
@@ -238,23 +239,22 @@ pub fn bench_model<B: FusedAutodiffBackend>(name: ModelName, batch: usize, devic
 pub struct TrainStep<B: FusedAutodiffBackend> {
     model: Option<Model<B>>,
     optim: OptimizerAdaptor<Sgd<B::InnerBackend>, Model<B>, B>,
-    targets: Tensor<B, 1, Int>,
+    /// One-hot, class 0.
+    targets: Tensor<B, 2>,
 }
 
 impl<B: FusedAutodiffBackend> TrainStep<B> {
     pub fn new(model: Model<B>, batch: usize, device: &B::Device) -> Self {
-        Self {
-            model: Some(model),
-            optim: SgdConfig::new().init(),
-            targets: Tensor::zeros([batch], device),
-        }
+        let classes = model.num_classes();
+        let targets = Tensor::from_data(TensorData::new(smoothed_one_hot(&vec![0; batch], classes, 0.0), [batch, classes]), device);
+        Self { model: Some(model), optim: SgdConfig::new().init(), targets }
     }
 
     /// One step on `images` (`[batch, 3, s, s]`); the caller synchronises the device.
     pub fn run(&mut self, images: Tensor<B, 4>) -> Result<()> {
         let model = self.model.take().ok_or_else(|| anyhow!("the model was lost in a failed step"))?;
         let logits = model.forward(images)?;
-        let grads = GradientsParams::from_grads(cross_entropy(logits, self.targets.clone()).backward(), &model);
+        let grads = GradientsParams::from_grads(soft_target_cross_entropy(logits, self.targets.clone()).backward(), &model);
         self.model = Some(self.optim.step(1e-3, model, grads));
         Ok(())
     }

@@ -12,6 +12,7 @@ use pf_kernels::FusedAutodiffBackend;
 use pf_models::weights::{is_ignored_key, load_pytorch, state_dict, transpose_2d};
 
 use crate::fixtures::{read_expected, read_manifest, Case, Golden, Mode};
+use crate::mix::{smoothed_one_hot, soft_target_cross_entropy};
 
 /// The comparison of one tensor with its golden value, element-wise
 /// `|a - e| <= tol * scale`.
@@ -166,8 +167,14 @@ pub fn run_case<B: FusedAutodiffBackend>(dir: &Path, case: &Case, device: &B::De
             report.checks.push(logits_check(logits.clone().into_data()));
 
             let target = golden(&expected, "target", case)?;
-            let target = Tensor::<B, 1, Int>::from_data(TensorData::new(target.labels.clone(), [target.labels.len()]), device);
-            let loss = pf_core::exact::cross_entropy(logits, target);
+            // The loss training uses: the soft-target cross-entropy, here on one-hot targets.
+            let [n, classes] = logits.dims();
+            let labels = target.labels.iter().map(|&l| usize::try_from(l).ok().filter(|&l| l < classes)).collect::<Option<Vec<_>>>();
+            let Some(labels) = labels.filter(|l| l.len() == n) else {
+                bail!("{}: the target labels {:?} are not {n} classes below {classes}", case.name, target.labels);
+            };
+            let targets = Tensor::<B, 2>::from_data(TensorData::new(smoothed_one_hot(&labels, classes, 0.0), [n, classes]), device);
+            let loss = soft_target_cross_entropy(logits, targets);
             let loss_golden = golden(&expected, "loss", case)?;
             let loss_tol = case.tol(case.loss_tol, "loss_tol")?;
             report.checks.push(TensorCheck::new("loss", &to_f32(loss.clone().into_data()), loss_golden, loss_tol, loss_golden.max_abs().max(1.0)));
