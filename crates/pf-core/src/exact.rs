@@ -157,6 +157,6 @@ mod tests {
         let beta = || Tensor::<NdArray, 1, Int>::arange(0..48, &device).float().mul_scalar(-0.02);
         (ours.gamma, ours.beta) = (Param::from_tensor(gamma()), Some(Param::from_tensor(beta())));
         (burns.gamma, burns.beta) = (Param::from_tensor(gamma()), Some(Param::from_tensor(beta())));
-        ours.forward(x.clone()).into_data().assert_approx_eq::<f32>(&burns.forward(x).into_data(), Tolerance::relative(1e-5));
+        ours.forward(x.clone()).into_data().assert_approx_eq::<f32>(&burns.forward(x).into_data(), Tolerance::rel_abs(1e-5, 1e-6));
     }
 }
