@@ -6,6 +6,8 @@ mod blocks;
 #[cfg(test)]
 mod common;
 #[cfg(test)]
+mod conv;
+#[cfg(test)]
 mod inputs;
 #[cfg(test)]
 mod parallel;

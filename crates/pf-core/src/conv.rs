@@ -3,9 +3,8 @@
 use burn::nn::conv::{Conv2d, Conv2dConfig};
 use burn::nn::PaddingConfig2d;
 use burn::prelude::*;
-use pf_kernels::{fused_bn_relu_max_pool, FusedOps, Pool2d};
-use burn::tensor::activation::relu;
-use burn::tensor::ops::PadMode;
+pub use pf_kernels::reference::{channel_matmul, conv2d_as_matmul};
+use pf_kernels::{fused_bn_relu_max_pool, fused_conv2d, FusedOps, Pool2d};
 
 use crate::macs::{conv_cost, Cost};
 use crate::norm::{BatchNorm2d, BatchNorm2dConfig};
@@ -48,26 +47,35 @@ impl<B: FusedOps> ConvBn<B> {
     /// - `x`: `[batch, in, height, width]`
     /// - output: `[batch, out, height', width']`
     pub fn forward(&self, x: Tensor<B, 4>) -> Tensor<B, 4> {
-        let y = self.bn.forward(self.conv_forward(x));
-        if self.relu {
-            relu(y)
-        } else {
-            y
-        }
+        self.bn.forward_act(self.conv_forward(x), None, self.relu)
+    }
+
+    /// `ReLU(BN(conv(x)) + identity)`: the end of a bottleneck (`ConvBN`, the shortcut's sum
+    /// and the ReLU), one pass over the map after the convolution on pf's CPU kernels.
+    ///
+    /// # Shapes
+    /// - `x`: `[batch, in, height, width]`, `identity`: `[batch, out, height', width']`
+    /// - output: `[batch, out, height', width']`
+    pub fn forward_residual(&self, x: Tensor<B, 4>, identity: Tensor<B, 4>) -> Tensor<B, 4> {
+        self.bn.forward_act(self.conv_forward(x), Some(identity), true)
     }
 
     /// `max_pool(ReLU(BN(conv(x))))` through the fused kernel where the backend has one (the
     /// reference twin elsewhere): the conv output is read once, the pooled map written once.
+    /// On pf's CPU kernels: the batch norm with its ReLU, then the max-pool kernel.
     pub fn forward_max_pool(&self, x: Tensor<B, 4>, pool: Pool2d) -> Tensor<B, 4> {
         let y = self.conv_forward(x);
+        if B::CPU_KERNELS {
+            return pool.max_pool(self.bn.forward_act(y, None, true));
+        }
         let (scale, shift) = self.bn.scale_shift(&y);
         fused_bn_relu_max_pool(y, scale, shift, pool)
     }
 
-    /// The convolution. A 1×1 convolution (most of a bottleneck) is a matrix product over the
-    /// channels, computed as one on every backend: Burn 0.21's NdArray conv backward takes seconds
-    /// for a single 56×56 map, the matrix product milliseconds. Wider kernels take the same route
-    /// (over gathered windows) on backends without pf's kernels; GPUs keep Burn's convolution.
+    /// The convolution: pf's CPU kernel on NdArray (gathered windows into a multithreaded
+    /// GEMM, its own backward). Elsewhere a 1×1 convolution (most of a bottleneck) is a matrix
+    /// product over the channels; wider kernels take the same route (over gathered windows) on
+    /// backends without pf's kernels, and GPUs keep Burn's convolution for them.
     pub fn conv_forward(&self, x: Tensor<B, 4>) -> Tensor<B, 4> {
         let conv = &self.conv;
         let plain = conv.groups == 1 && conv.dilation == [1, 1] && conv.bias.is_none();
@@ -78,6 +86,7 @@ impl<B: FusedOps> ConvBn<B> {
         };
         let pointwise = conv.kernel_size == [1, 1] && padding == Some([0, 0]);
         match padding {
+            Some(padding) if plain && B::CPU_KERNELS => fused_conv2d(x, conv.weight.val(), conv.stride, padding),
             Some(padding) if plain && (pointwise || !B::HAS_KERNELS) => conv2d_as_matmul(x, conv.weight.val(), conv.stride, padding),
             _ => conv.forward(x),
         }
@@ -87,56 +96,6 @@ impl<B: FusedOps> ConvBn<B> {
     pub fn cost(&self, hw: [usize; 2]) -> ([usize; 2], Cost) {
         conv_cost(&self.conv, hw)
     }
-}
-
-/// A bias-free convolution as one matrix product over gathered windows (im2col); for a 1×1
-/// kernel the only window is the (strided) input itself. Backends without pf's kernels (NdArray)
-/// run every convolution this way: their direct convolution, and above all its backward, is
-/// orders of magnitude slower than their matrix product. The `k·k` shifted, strided views of
-/// the padded input are stacked so that row `c·k·k + ky·k + kx` matches the weight's layout.
-///
-/// # Shapes
-/// - `x`: `[batch, in, height, width]`, `weight`: `[out, in, kh, kw]`
-/// - output: `[batch, out, height', width']`
-pub fn conv2d_as_matmul<B: Backend>(x: Tensor<B, 4>, weight: Tensor<B, 4>, stride: [usize; 2], padding: [usize; 2]) -> Tensor<B, 4> {
-    let [n, c, h, w] = x.dims();
-    let [o, _, kh, kw] = weight.dims();
-    let [sh, sw] = stride;
-    let [ph, pw] = padding;
-    let ho = (h + 2 * ph - kh) / sh + 1;
-    let wo = (w + 2 * pw - kw) / sw + 1;
-    let x = if ph + pw > 0 { x.pad((pw, pw, ph, ph), PadMode::Constant(0.0)) } else { x };
-    let mut windows = (0..kh)
-        .flat_map(|ky| (0..kw).map(move |kx| (ky, kx)))
-        .map(|(ky, kx)| {
-            let rows = ky..ky + sh * (ho - 1) + 1;
-            let cols = kx..kx + sw * (wo - 1) + 1;
-            x.clone().slice(s![.., .., rows;sh as isize, cols;sw as isize]).reshape([n, c, 1, ho * wo])
-        })
-        .collect::<Vec<_>>();
-    let columns = match windows.len() {
-        1 => windows.swap_remove(0),
-        _ => Tensor::cat(windows, 2),
-    };
-    let columns = columns.reshape([n, c * kh * kw, ho * wo]);
-    channel_matmul(weight.reshape([o, c * kh * kw]), columns).reshape([n, o, ho, wo])
-}
-
-/// `weight · columns[i]` for every image `i`. On large maps one product per image; on small ones
-/// (the last stages, a few pixels per image) one product over the whole batch, since a product
-/// per image repacks the weight for a handful of columns: 40× slower on a 1×1 map on NdArray.
-///
-/// # Shapes
-/// - `weight`: `[out, k]`, `columns`: `[batch, k, pixels]`
-/// - output: `[batch, out, pixels]`
-pub fn channel_matmul<B: Backend>(weight: Tensor<B, 2>, columns: Tensor<B, 3>) -> Tensor<B, 3> {
-    let [n, k, l] = columns.dims();
-    let [o, _] = weight.dims();
-    if l >= 32 || n == 1 {
-        return weight.reshape([1, o, k]).expand([n, o, k]).matmul(columns);
-    }
-    let flat = columns.swap_dims(0, 1).reshape([k, n * l]);
-    weight.matmul(flat).reshape([o, n, l]).swap_dims(0, 1)
 }
 
 #[cfg(test)]

@@ -2,7 +2,7 @@
 
 use burn::module::{Param, RunningState};
 use burn::prelude::*;
-use pf_kernels::FusedOps;
+use pf_kernels::{fused_batch_norm, FusedOps};
 
 use crate::exact::div;
 
@@ -52,12 +52,41 @@ impl<B: FusedOps> BatchNorm2d<B> {
     /// - `x`: `[batch, channels, height, width]`
     /// - output: same
     pub fn forward(&self, x: Tensor<B, 4>) -> Tensor<B, 4> {
+        self.forward_act(x, None, false)
+    }
+
+    /// `act(BN(x) (+ residual))`, act ReLU (`relu`) or none: a bottleneck's end in one pass
+    /// over the map on backends with pf's CPU kernels, the plain composition elsewhere.
+    ///
+    /// # Shapes
+    /// - `x`, `residual`: `[batch, channels, height, width]`
+    /// - output: same
+    pub fn forward_act(&self, x: Tensor<B, 4>, residual: Option<Tensor<B, 4>>, relu: bool) -> Tensor<B, 4> {
+        if B::CPU_KERNELS {
+            let training = B::ad_enabled(&x.device());
+            let running = (!training).then(|| (self.running_mean.value_sync(), self.running_var.value_sync()));
+            let [n, _, h, w] = x.dims();
+            let (y, batch) = fused_batch_norm(x, self.weight.val(), self.bias.val(), running, residual, relu, self.epsilon);
+            if let Some((mean, var)) = batch {
+                self.update_running(mean, var, n * h * w);
+            }
+            return y;
+        }
         let (mean, var) = self.statistics(&x);
         let c = mean.dims()[0];
         let inv_std = self.scale(var);
         // Centre first, as PyTorch does: `x · scale + shift` loses precision (and the weight's
         // gradient much more) when a channel's mean is large against its deviation.
-        (x - mean.reshape([1, c, 1, 1])) * inv_std.reshape([1, c, 1, 1]) + self.bias.val().reshape([1, c, 1, 1])
+        let y = (x - mean.reshape([1, c, 1, 1])) * inv_std.reshape([1, c, 1, 1]) + self.bias.val().reshape([1, c, 1, 1]);
+        let y = match residual {
+            Some(r) => y + r,
+            None => y,
+        };
+        if relu {
+            burn::tensor::activation::relu(y)
+        } else {
+            y
+        }
     }
 
     /// The batch norm as a per-channel affine map `x · scale + shift` for this input: batch
@@ -91,7 +120,6 @@ impl<B: FusedOps> BatchNorm2d<B> {
     /// Batch mean and biased variance per channel; updates the running statistics.
     fn batch_statistics(&self, x: &Tensor<B, 4>) -> (Tensor<B, 1>, Tensor<B, 1>) {
         let [n, c, h, w] = x.dims();
-        let count = n * h * w;
         // Reduce one axis at a time: short sums keep f32 accurate on every backend (a single
         // sum over n·h·w terms loses digits on GPU reductions), and equal group sizes make the
         // mean of means the mean.
@@ -99,15 +127,18 @@ impl<B: FusedOps> BatchNorm2d<B> {
         let mean = per_channel(x.clone());
         let var = per_channel((x.clone() - mean.clone()).square()).reshape([c]);
         let mean = mean.reshape([c]);
+        self.update_running(mean.clone(), var.clone(), n * h * w);
+        (mean, var)
+    }
 
+    /// `running = (1 - m) · running + m · batch`, the variance's batch term unbiased over
+    /// `count` values.
+    fn update_running(&self, mean: Tensor<B, 1>, var: Tensor<B, 1>, count: usize) {
         let unbiased = if count > 1 { count as f64 / (count - 1) as f64 } else { 1.0 };
         let m = self.momentum;
-        let running_mean = self.running_mean.value_sync().mul_scalar(1.0 - m)
-            + mean.clone().detach().mul_scalar(m);
-        let running_var = self.running_var.value_sync().mul_scalar(1.0 - m)
-            + var.clone().detach().mul_scalar(m * unbiased);
+        let running_mean = self.running_mean.value_sync().mul_scalar(1.0 - m) + mean.detach().mul_scalar(m);
+        let running_var = self.running_var.value_sync().mul_scalar(1.0 - m) + var.detach().mul_scalar(m * unbiased);
         self.running_mean.update(running_mean.detach());
         self.running_var.update(running_var.detach());
-        (mean, var)
     }
 }

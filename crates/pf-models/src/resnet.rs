@@ -3,7 +3,6 @@
 use burn::nn::{Initializer, Linear, LinearConfig};
 use burn::prelude::*;
 use pf_kernels::FusedOps;
-use burn::tensor::activation::relu;
 use pf_core::spatial::MaxPool;
 use pf_core::macs::{linear_cost, pool_cost};
 use pf_core::{ConvBn, ConvBnConfig, Cost, SpatialOp, SpatialOpConfig};
@@ -87,12 +86,11 @@ impl<B: FusedOps> Bottleneck<B> {
             SpatialOp::MaxPool(pool) if self.fused => self.reduction_block.forward_max_pool(x.clone(), pool.window()),
             op => op.forward(self.reduction_block.forward(x.clone())),
         };
-        let out = self.expansion_block.forward(out);
         let identity = match &self.downsample {
             Some(down) => down.forward(x),
             None => x,
         };
-        relu(out + identity)
+        self.expansion_block.forward_residual(out, identity)
     }
 }
 

@@ -21,6 +21,10 @@ struct Cli {
     /// Backend to run on (it must be compiled in; `cargo xtask` takes care of that).
     #[arg(long, value_enum, default_value = "ndarray", global = true)]
     backend: BackendKind,
+    /// Threads of pf's CPU kernels and of NdArray (default: `RAYON_NUM_THREADS`, else every
+    /// core).
+    #[arg(long, global = true, value_parser = clap::value_parser!(u16).range(1..=1024))]
+    threads: Option<u16>,
     #[command(subcommand)]
     command: Command,
 }
@@ -78,6 +82,9 @@ fn main() -> ExitCode {
 }
 
 fn run(cli: Cli) -> Result<ExitCode> {
+    if let Some(threads) = cli.threads {
+        rayon::ThreadPoolBuilder::new().num_threads(threads.into()).build_global().context("setting up the CPU threads")?;
+    }
     match cli.command {
         Command::Parity { fixtures, verbose } => {
             dispatch(cli.backend, Parity { dir: fixtures.unwrap_or_else(fixtures::default_dir), backend: cli.backend, verbose })

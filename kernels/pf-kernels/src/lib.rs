@@ -5,6 +5,7 @@
 //! tensor ops. The reference runs on every backend and is what the models use where no fused
 //! kernel exists. [`FusedOps`] is the backend extension; `fused_*` call it.
 
+pub mod cpu;
 #[cfg(feature = "cube")]
 mod cube;
 #[cfg(feature = "cube")]
@@ -15,7 +16,9 @@ pub mod reference;
 mod testing;
 
 pub use ops::{
-    bn_relu_max_pool_backward, fused_bn_relu_max_pool, fused_gelu_max_pool_gelu, gelu_max_pool_gelu_backward, FusedAutodiffBackend,
+    batch_norm_backward_by_reference, bn_relu_max_pool_backward, fused_batch_norm, fused_bn_relu_max_pool, fused_conv2d, fused_max_pool2d, fused_gelu_max_pool_gelu, gelu_max_pool_gelu_backward, FusedAutodiffBackend,
     FusedOps,
 };
-pub use reference::{gelu, gelu_derivative, reference_bn_relu_max_pool, reference_gelu_max_pool_gelu, Pool2d};
+pub use reference::{
+    channel_matmul, conv2d_as_matmul, gelu, gelu_derivative, reference_batch_norm, reference_bn_relu_max_pool, reference_gelu_max_pool_gelu, Pool2d,
+};

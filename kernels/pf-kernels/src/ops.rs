@@ -12,6 +12,7 @@ use burn::backend::autodiff::ops::{Backward, Ops, OpsKind};
 use burn::backend::Autodiff;
 use burn::prelude::*;
 use burn::tensor::ops::{FloatTensor, IntTensor};
+use burn::tensor::backend::AutodiffBackend;
 use burn::tensor::{IndexingUpdateOp, TensorPrimitive};
 
 use crate::reference::{gelu, gelu_derivative, reference_bn_relu_max_pool, reference_gelu_max_pool_gelu, Pool2d};
@@ -65,6 +66,302 @@ pub trait FusedOps: Backend {
             None => gelu_max_pool_gelu_by_reference::<Self>(tokens, grid),
         }
     }
+
+    /// Whether the backend runs pf's CPU kernels (`cpu.rs`): convolution, batch norm with its
+    /// residual sum and ReLU, and max-pool, each with its own backward. The models route these
+    /// layers through the methods below only where this holds.
+    const CPU_KERNELS: bool = false;
+
+    /// A bias-free convolution (dilation 1, one group); the reference twin is
+    /// [`conv2d_as_matmul`](crate::reference::conv2d_as_matmul).
+    ///
+    /// # Shapes
+    /// - `x`: `[batch, in, height, width]`, `weight`: `[out, in, kh, kw]`
+    /// - output: `[batch, out, height', width']`
+    fn conv2d_plain(x: FloatTensor<Self>, weight: FloatTensor<Self>, stride: [usize; 2], padding: [usize; 2]) -> FloatTensor<Self> {
+        conv2d_by_reference::<Self>(x, weight, stride, padding)
+    }
+
+    /// Gradients of [`FusedOps::conv2d_plain`] with respect to the input and the weight, each computed
+    /// only when `wanted`. Default: Burn's own convolution backward.
+    fn conv2d_plain_backward(
+        x: FloatTensor<Self>,
+        weight: FloatTensor<Self>,
+        grad: FloatTensor<Self>,
+        stride: [usize; 2],
+        padding: [usize; 2],
+        wanted: [bool; 2],
+    ) -> [Option<FloatTensor<Self>>; 2] {
+        let options = || burn::tensor::ops::ConvOptions::new(stride, padding, [1, 1], 1);
+        let gx = wanted[0].then(|| Self::conv2d_x_backward(x.clone(), weight.clone(), grad.clone(), options()));
+        let gw = wanted[1].then(|| Self::conv2d_weight_backward(x, weight, grad, options()));
+        [gx, gw]
+    }
+
+    /// [`reference_batch_norm`](crate::reference::reference_batch_norm) on primitives: the
+    /// output, then the mean and (biased) variance it normalised with (the batch's when
+    /// `running` is `None`, else the running ones).
+    #[allow(clippy::too_many_arguments)]
+    fn batch_norm_act(
+        x: FloatTensor<Self>,
+        weight: FloatTensor<Self>,
+        bias: FloatTensor<Self>,
+        running: Option<(FloatTensor<Self>, FloatTensor<Self>)>,
+        residual: Option<FloatTensor<Self>>,
+        relu: bool,
+        epsilon: f64,
+    ) -> [FloatTensor<Self>; 3] {
+        batch_norm_by_reference::<Self>(x, weight, bias, running, residual, relu, epsilon)
+    }
+
+    /// Gradients of [`FusedOps::batch_norm_act`] with respect to `x`, `weight`, `bias` and the
+    /// residual, given its output `y` and the `mean` and `var` it normalised with
+    /// (`batch_stats`: the batch's own, so that `x`'s gradient flows through them). Default:
+    /// the same formulas in plain ops.
+    #[allow(clippy::too_many_arguments)]
+    fn batch_norm_act_backward(
+        x: FloatTensor<Self>,
+        y: FloatTensor<Self>,
+        grad: FloatTensor<Self>,
+        mean: FloatTensor<Self>,
+        var: FloatTensor<Self>,
+        weight: FloatTensor<Self>,
+        epsilon: f64,
+        relu: bool,
+        batch_stats: bool,
+    ) -> [FloatTensor<Self>; 4] {
+        let (gx, gw, gb, gr) = batch_norm_backward_by_reference::<Self>(
+            float(x),
+            float(y),
+            float(grad),
+            float(mean),
+            float(var),
+            float(weight),
+            epsilon,
+            relu,
+            batch_stats,
+        );
+        [gx.into_primitive().tensor(), gw.into_primitive().tensor(), gb.into_primitive().tensor(), gr.into_primitive().tensor()]
+    }
+
+    /// Max-pool (padding never wins, the first maximum wins) with the flat index `h · W + w` of
+    /// every window's winner; `None` where the backend has no CPU kernel.
+    fn max_pool_with_indices(_x: FloatTensor<Self>, _pool: Pool2d) -> Option<(FloatTensor<Self>, IntTensor<Self>)> {
+        None
+    }
+
+    /// Max-pool; the reference is [`Pool2d::max_pool_by_shifts`].
+    fn max_pool_plain(x: FloatTensor<Self>, pool: Pool2d) -> FloatTensor<Self> {
+        match Self::max_pool_with_indices(x.clone(), pool) {
+            Some((out, _)) => out,
+            None => max_pool_by_reference::<Self>(x, pool),
+        }
+    }
+
+    /// Gradient of the max-pool of an input of shape `x_shape`: `grad` added onto the winners
+    /// `indices` of each plane.
+    fn max_pool_backward_of(x_shape: [usize; 4], indices: IntTensor<Self>, grad: FloatTensor<Self>) -> FloatTensor<Self> {
+        max_pool_backward_by_reference::<Self>(x_shape, indices, grad)
+    }
+
+    /// Gradient of `gelu(max_pool3x3(gelu(tokens)))` given the winners; default:
+    /// [`gelu_max_pool_gelu_backward`] in plain ops.
+    fn gelu_max_pool_gelu_backward_of(tokens: FloatTensor<Self>, indices: IntTensor<Self>, grad: FloatTensor<Self>) -> FloatTensor<Self> {
+        gelu_max_pool_gelu_backward::<Self>(float(tokens), Tensor::from_primitive(indices), float(grad)).into_primitive().tensor()
+    }
+
+    /// `act(x · weight + bias)` (Burn's `Linear` layout), act exact GELU (`gelu`) or none; with
+    /// GELU also the pre-activation, for the backward.
+    ///
+    /// # Shapes
+    /// - `x`: `[rows, in]`, `weight`: `[in, out]`, `bias`: `[out]`
+    /// - output: `[rows, out]` (twice with GELU)
+    fn linear_act(x: FloatTensor<Self>, weight: FloatTensor<Self>, bias: Option<FloatTensor<Self>>, gelu: bool) -> (FloatTensor<Self>, Option<FloatTensor<Self>>) {
+        linear_by_reference::<Self>(x, weight, bias, gelu)
+    }
+
+    /// Gradients of [`FusedOps::linear_act`] with respect to `x`, `weight` and `bias`.
+    fn linear_act_backward(
+        x: FloatTensor<Self>,
+        weight: FloatTensor<Self>,
+        grad: FloatTensor<Self>,
+        pre: Option<FloatTensor<Self>>,
+    ) -> [FloatTensor<Self>; 3] {
+        linear_backward_by_reference::<Self>(x, weight, grad, pre)
+    }
+
+    /// Layer norm over the last dimension: the output, each row's mean and `1 / sqrt(var + eps)`.
+    ///
+    /// # Shapes
+    /// - `x`: `[rows, d]`, `gamma`, `beta`: `[d]`
+    /// - output: `[rows, d]`, `[rows]`, `[rows]`
+    fn layer_norm_stats(x: FloatTensor<Self>, gamma: FloatTensor<Self>, beta: Option<FloatTensor<Self>>, epsilon: f64) -> [FloatTensor<Self>; 3] {
+        layer_norm_by_reference::<Self>(x, gamma, beta, epsilon)
+    }
+
+    /// Gradients of [`FusedOps::layer_norm`] with respect to `x`, `gamma` and `beta`.
+    fn layer_norm_stats_backward(
+        x: FloatTensor<Self>,
+        grad: FloatTensor<Self>,
+        mean: FloatTensor<Self>,
+        rstd: FloatTensor<Self>,
+        gamma: FloatTensor<Self>,
+    ) -> [FloatTensor<Self>; 3] {
+        layer_norm_backward_by_reference::<Self>(x, grad, mean, rstd, gamma)
+    }
+
+    /// Softmax over the last dimension of `[rows, d]`, shifted by each row's maximum.
+    fn softmax_last(x: FloatTensor<Self>) -> FloatTensor<Self> {
+        softmax_by_reference::<Self>(x)
+    }
+
+    /// Gradient of [`FusedOps::softmax_last`] given its output `y`: `y · (g − Σ g·y)`.
+    fn softmax_last_backward(y: FloatTensor<Self>, grad: FloatTensor<Self>) -> FloatTensor<Self> {
+        softmax_backward_by_reference::<Self>(y, grad)
+    }
+}
+
+/// [`FusedOps::max_pool_backward_of`] in plain ops.
+pub(crate) fn max_pool_backward_by_reference<B: Backend>(x_shape: [usize; 4], indices: IntTensor<B>, grad: FloatTensor<B>) -> FloatTensor<B> {
+    let [n, c, h, w] = x_shape;
+    let grad = float::<B, 4>(grad);
+    let [_, _, oh, ow] = grad.dims();
+    let indices = Tensor::<B, 4, Int>::from_primitive(indices).reshape([n, c, oh * ow]);
+    let zeros = Tensor::<B, 3>::zeros([n, c, h * w], (&grad.device(), grad.dtype()));
+    let gx = zeros.scatter(2, indices, grad.reshape([n, c, oh * ow]), IndexingUpdateOp::Add);
+    gx.reshape([n, c, h, w]).into_primitive().tensor()
+}
+
+/// [`FusedOps::linear_act`] in plain ops.
+pub(crate) fn linear_by_reference<B: Backend>(x: FloatTensor<B>, weight: FloatTensor<B>, bias: Option<FloatTensor<B>>, gelu: bool) -> (FloatTensor<B>, Option<FloatTensor<B>>) {
+    let z = float::<B, 2>(x).matmul(float(weight));
+    let z = match bias {
+        Some(b) => z + float::<B, 1>(b).unsqueeze(),
+        None => z,
+    };
+    if gelu {
+        (crate::reference::gelu(z.clone()).into_primitive().tensor(), Some(z.into_primitive().tensor()))
+    } else {
+        (z.into_primitive().tensor(), None)
+    }
+}
+
+/// Layer norm in plain ops (the values of [`FusedOps::layer_norm`]'s default).
+pub(crate) fn layer_norm_by_reference<B: Backend>(x: FloatTensor<B>, gamma: FloatTensor<B>, beta: Option<FloatTensor<B>>, epsilon: f64) -> [FloatTensor<B>; 3] {
+    let x = float::<B, 2>(x);
+    let [rows, _] = x.dims();
+    let mean = x.clone().mean_dim(1);
+    let centered = x - mean.clone();
+    let deviation = centered.clone().square().mean_dim(1).add_scalar(epsilon).sqrt();
+    let rstd = deviation.ones_like() / deviation;
+    let y = centered * rstd.clone() * float::<B, 1>(gamma).unsqueeze();
+    let y = match beta {
+        Some(b) => y + float::<B, 1>(b).unsqueeze(),
+        None => y,
+    };
+    [y.into_primitive().tensor(), mean.reshape([rows]).into_primitive().tensor(), rstd.reshape([rows]).into_primitive().tensor()]
+}
+
+/// Softmax over the last dimension in plain ops.
+pub(crate) fn softmax_by_reference<B: Backend>(x: FloatTensor<B>) -> FloatTensor<B> {
+    let x = float::<B, 2>(x);
+    let e = (x.clone() - x.detach().max_dim(1)).exp();
+    let sum = e.clone().sum_dim(1);
+    (e * (sum.ones_like() / sum)).into_primitive().tensor()
+}
+
+/// [`FusedOps::linear_act_backward`] in plain ops.
+pub(crate) fn linear_backward_by_reference<B: Backend>(x: FloatTensor<B>, weight: FloatTensor<B>, grad: FloatTensor<B>, pre: Option<FloatTensor<B>>) -> [FloatTensor<B>; 3] {
+    let g = float::<B, 2>(grad);
+    let g = match pre {
+        Some(z) => g * crate::reference::gelu_derivative(float::<B, 2>(z)),
+        None => g,
+    };
+    let gx = g.clone().matmul(float::<B, 2>(weight).transpose());
+    let gw = float::<B, 2>(x).transpose().matmul(g.clone());
+    let gb = g.sum_dim(0).squeeze_dim::<1>(0);
+    [gx.into_primitive().tensor(), gw.into_primitive().tensor(), gb.into_primitive().tensor()]
+}
+
+/// [`FusedOps::layer_norm_stats_backward`] in plain ops.
+pub(crate) fn layer_norm_backward_by_reference<B: Backend>(
+    x: FloatTensor<B>,
+    grad: FloatTensor<B>,
+    mean: FloatTensor<B>,
+    rstd: FloatTensor<B>,
+    gamma: FloatTensor<B>,
+) -> [FloatTensor<B>; 3] {
+    let (x, g) = (float::<B, 2>(x), float::<B, 2>(grad));
+    let [rows, _] = x.dims();
+    let rstd = float::<B, 1>(rstd).reshape([rows, 1]);
+    let xhat = (x - float::<B, 1>(mean).reshape([rows, 1])) * rstd.clone();
+    let gh = g.clone() * float::<B, 1>(gamma).unsqueeze();
+    let gx = (gh.clone() - gh.clone().mean_dim(1) - xhat.clone() * (gh * xhat.clone()).mean_dim(1)) * rstd;
+    let ggamma = (g.clone() * xhat).sum_dim(0).squeeze_dim::<1>(0);
+    let gbeta = g.sum_dim(0).squeeze_dim::<1>(0);
+    [gx.into_primitive().tensor(), ggamma.into_primitive().tensor(), gbeta.into_primitive().tensor()]
+}
+
+/// [`FusedOps::softmax_last_backward`] in plain ops.
+pub(crate) fn softmax_backward_by_reference<B: Backend>(y: FloatTensor<B>, grad: FloatTensor<B>) -> FloatTensor<B> {
+    let (y, g) = (float::<B, 2>(y), float::<B, 2>(grad));
+    let dot = (g.clone() * y.clone()).sum_dim(1);
+    (y * (g - dot)).into_primitive().tensor()
+}
+
+/// [`conv2d_as_matmul`](crate::reference::conv2d_as_matmul) on primitives.
+pub(crate) fn conv2d_by_reference<B: Backend>(x: FloatTensor<B>, weight: FloatTensor<B>, stride: [usize; 2], padding: [usize; 2]) -> FloatTensor<B> {
+    crate::reference::conv2d_as_matmul::<B>(float(x), float(weight), stride, padding).into_primitive().tensor()
+}
+
+/// [`reference_batch_norm`](crate::reference::reference_batch_norm) on primitives.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn batch_norm_by_reference<B: Backend>(
+    x: FloatTensor<B>,
+    weight: FloatTensor<B>,
+    bias: FloatTensor<B>,
+    running: Option<(FloatTensor<B>, FloatTensor<B>)>,
+    residual: Option<FloatTensor<B>>,
+    relu: bool,
+    epsilon: f64,
+) -> [FloatTensor<B>; 3] {
+    let running = running.map(|(m, v)| (float::<B, 1>(m), float::<B, 1>(v)));
+    let given = running.clone();
+    let (y, batch) = crate::reference::reference_batch_norm::<B>(float(x), float(weight), float(bias), running, residual.map(float), relu, epsilon);
+    let (mean, var) = batch.or(given).expect("either the batch's statistics or the running ones");
+    [y.into_primitive().tensor(), mean.into_primitive().tensor(), var.into_primitive().tensor()]
+}
+
+/// The batch norm's gradients in plain ops (see [`FusedOps::batch_norm_act_backward`]).
+#[allow(clippy::too_many_arguments)]
+pub fn batch_norm_backward_by_reference<B: Backend>(
+    x: Tensor<B, 4>,
+    y: Tensor<B, 4>,
+    grad: Tensor<B, 4>,
+    mean: Tensor<B, 1>,
+    var: Tensor<B, 1>,
+    weight: Tensor<B, 1>,
+    epsilon: f64,
+    relu: bool,
+    batch_stats: bool,
+) -> (Tensor<B, 4>, Tensor<B, 1>, Tensor<B, 1>, Tensor<B, 4>) {
+    let [n, c, h, w] = x.dims();
+    let at = |t: Tensor<B, 1>| t.reshape([1, c, 1, 1]);
+    let g = if relu { grad.mask_fill(y.lower_equal_elem(0.0), 0.0) } else { grad };
+    let deviation = var.add_scalar(epsilon).sqrt();
+    let inv_std = deviation.ones_like() / deviation;
+    let xhat = (x - at(mean)) * at(inv_std.clone());
+    let per_channel = |t: Tensor<B, 4>| t.sum_dim(3).sum_dim(2).sum_dim(0).reshape([c]);
+    let sum_g = per_channel(g.clone());
+    let sum_gxhat = per_channel(g.clone() * xhat.clone());
+    let k = at(weight * inv_std);
+    let gx = if batch_stats {
+        let count = (n * h * w) as f64;
+        (g.clone() - at(sum_g.clone().div_scalar(count)) - xhat * at(sum_gxhat.clone().div_scalar(count))) * k
+    } else {
+        g.clone() * k
+    };
+    (gx, sum_gxhat, sum_g, g)
 }
 
 fn float<B: Backend, const D: usize>(t: FloatTensor<B>) -> Tensor<B, D> {
@@ -123,6 +420,51 @@ pub fn bn_relu_max_pool_backward<B: Backend>(
     (gx.reshape([n, c, h, w]), per_channel(g.clone() * x_at), per_channel(g))
 }
 
+/// A bias-free convolution (dilation 1, one group) through [`FusedOps::conv2d_plain`]: pf's CPU
+/// kernel on NdArray, the reference twin [`conv2d_as_matmul`](crate::reference::conv2d_as_matmul)
+/// elsewhere.
+///
+/// # Shapes
+/// - `x`: `[batch, in, height, width]`, `weight`: `[out, in, kh, kw]`
+/// - output: `[batch, out, height', width']`
+pub fn fused_conv2d<B: FusedOps>(x: Tensor<B, 4>, weight: Tensor<B, 4>, stride: [usize; 2], padding: [usize; 2]) -> Tensor<B, 4> {
+    float(B::conv2d_plain(x.into_primitive().tensor(), weight.into_primitive().tensor(), stride, padding))
+}
+
+/// Batch norm, then the residual sum and ReLU, through [`FusedOps::batch_norm_act`]; the reference
+/// twin is [`reference_batch_norm`](crate::reference::reference_batch_norm). Returns the output
+/// and, without `running` statistics, the batch's mean and biased variance (no gradient).
+///
+/// # Shapes
+/// - `x`, `residual`: `[batch, channels, height, width]`; `weight`, `bias`, `running`: `[channels]`
+pub fn fused_batch_norm<B: FusedOps>(
+    x: Tensor<B, 4>,
+    weight: Tensor<B, 1>,
+    bias: Tensor<B, 1>,
+    running: Option<(Tensor<B, 1>, Tensor<B, 1>)>,
+    residual: Option<Tensor<B, 4>>,
+    relu: bool,
+    epsilon: f64,
+) -> (Tensor<B, 4>, Option<(Tensor<B, 1>, Tensor<B, 1>)>) {
+    let training = running.is_none();
+    let prim = |t: Tensor<B, 1>| t.into_primitive().tensor();
+    let [y, mean, var] = B::batch_norm_act(
+        x.into_primitive().tensor(),
+        prim(weight),
+        prim(bias),
+        running.map(|(m, v)| (prim(m), prim(v))),
+        residual.map(|r| r.into_primitive().tensor()),
+        relu,
+        epsilon,
+    );
+    (float(y), training.then(|| (float(mean), float(var))))
+}
+
+/// Max-pool through [`FusedOps::max_pool_plain`] (padding never wins, the first maximum wins).
+pub fn fused_max_pool2d<B: FusedOps>(x: Tensor<B, 4>, pool: Pool2d) -> Tensor<B, 4> {
+    float(B::max_pool_plain(x.into_primitive().tensor(), pool))
+}
+
 /// The fused `GELU → 3×3 max-pool → GELU` of the eff layer on tokens; the reference twin is
 /// [`reference_gelu_max_pool_gelu`].
 ///
@@ -149,7 +491,6 @@ pub fn gelu_max_pool_gelu_backward<B: Backend>(tokens: Tensor<B, 3>, indices: Te
     tokens.zeros_like().scatter(1, indices, g, IndexingUpdateOp::Add)
 }
 
-impl FusedOps for burn::backend::NdArray {}
 
 #[derive(Debug)]
 struct BnReluMaxPoolBackward;
@@ -195,17 +536,258 @@ impl<B: FusedOps, C: CheckpointStrategy> FusedOps for Autodiff<B, C> {
     }
 
     fn gelu_max_pool_gelu(tokens: FloatTensor<Self>, grid: [usize; 2]) -> FloatTensor<Self> {
-        if !B::HAS_KERNELS {
+        if !B::HAS_KERNELS && !B::CPU_KERNELS {
             // No kernel below: differentiate the reference twin.
             return gelu_max_pool_gelu_by_reference::<Self>(tokens, grid);
         }
         match GeluMaxPoolGeluBackward.prepare::<C>([tokens.node.clone()]).compute_bound().stateful() {
             OpsKind::Tracked(prep) => {
-                let (out, indices) =
-                    B::gelu_max_pool_gelu_with_indices(tokens.primitive.clone(), grid).expect("the backend has the kernel (HAS_KERNELS)");
+                let (out, indices) = B::gelu_max_pool_gelu_with_indices(tokens.primitive.clone(), grid)
+                    .expect("the backend has the kernel (HAS_KERNELS or CPU_KERNELS)");
                 prep.finish((tokens.primitive, indices), out)
             }
             OpsKind::UnTracked(prep) => prep.finish(B::gelu_max_pool_gelu(tokens.primitive, grid)),
+        }
+    }
+
+    const CPU_KERNELS: bool = B::CPU_KERNELS;
+
+    fn conv2d_plain(x: FloatTensor<Self>, weight: FloatTensor<Self>, stride: [usize; 2], padding: [usize; 2]) -> FloatTensor<Self> {
+        if !B::CPU_KERNELS {
+            return conv2d_by_reference::<Self>(x, weight, stride, padding);
+        }
+        match (Conv2dBackward { stride, padding }).prepare::<C>([x.node.clone(), weight.node.clone()]).compute_bound().stateful() {
+            OpsKind::Tracked(prep) => {
+                let out = B::conv2d_plain(x.primitive.clone(), weight.primitive.clone(), stride, padding);
+                prep.finish((x.primitive, weight.primitive), out)
+            }
+            OpsKind::UnTracked(prep) => prep.finish(B::conv2d_plain(x.primitive, weight.primitive, stride, padding)),
+        }
+    }
+
+    fn batch_norm_act(
+        x: FloatTensor<Self>,
+        weight: FloatTensor<Self>,
+        bias: FloatTensor<Self>,
+        running: Option<(FloatTensor<Self>, FloatTensor<Self>)>,
+        residual: Option<FloatTensor<Self>>,
+        relu: bool,
+        epsilon: f64,
+    ) -> [FloatTensor<Self>; 3] {
+        if !B::CPU_KERNELS {
+            return batch_norm_by_reference::<Self>(x, weight, bias, running, residual, relu, epsilon);
+        }
+        // The running statistics are constants here (their updates are detached).
+        let batch_stats = running.is_none();
+        let running = running.map(|(m, v)| (m.primitive, v.primitive));
+        let inner_residual = residual.as_ref().map(|r| r.primitive.clone());
+        let [y, mean, var] = B::batch_norm_act(x.primitive.clone(), weight.primitive.clone(), bias.primitive.clone(), running, inner_residual, relu, epsilon);
+        let backward = BatchNormBackward { epsilon, relu, batch_stats };
+        let state = (x.primitive, y.clone(), mean.clone(), var.clone(), weight.primitive);
+        let y = match residual {
+            Some(r) => match backward.prepare::<C>([x.node, weight.node, bias.node, r.node]).compute_bound().stateful() {
+                OpsKind::Tracked(prep) => prep.finish(state, y),
+                OpsKind::UnTracked(prep) => prep.finish(y),
+            },
+            None => match backward.prepare::<C>([x.node, weight.node, bias.node]).compute_bound().stateful() {
+                OpsKind::Tracked(prep) => prep.finish(state, y),
+                OpsKind::UnTracked(prep) => prep.finish(y),
+            },
+        };
+        [y, <Self as AutodiffBackend>::from_inner(mean), <Self as AutodiffBackend>::from_inner(var)]
+    }
+
+    fn linear_act(x: FloatTensor<Self>, weight: FloatTensor<Self>, bias: Option<FloatTensor<Self>>, gelu: bool) -> (FloatTensor<Self>, Option<FloatTensor<Self>>) {
+        if !B::CPU_KERNELS {
+            return linear_by_reference::<Self>(x, weight, bias, gelu);
+        }
+        let (y, pre) = B::linear_act(x.primitive.clone(), weight.primitive.clone(), bias.as_ref().map(|b| b.primitive.clone()), gelu);
+        let state = (x.primitive, weight.primitive, pre);
+        let y = match bias {
+            Some(b) => match LinearBackward.prepare::<C>([x.node, weight.node, b.node]).compute_bound().stateful() {
+                OpsKind::Tracked(prep) => prep.finish(state, y),
+                OpsKind::UnTracked(prep) => prep.finish(y),
+            },
+            None => match LinearBackward.prepare::<C>([x.node, weight.node]).compute_bound().stateful() {
+                OpsKind::Tracked(prep) => prep.finish(state, y),
+                OpsKind::UnTracked(prep) => prep.finish(y),
+            },
+        };
+        (y, None)
+    }
+
+    fn layer_norm_stats(x: FloatTensor<Self>, gamma: FloatTensor<Self>, beta: Option<FloatTensor<Self>>, epsilon: f64) -> [FloatTensor<Self>; 3] {
+        if !B::CPU_KERNELS {
+            return layer_norm_by_reference::<Self>(x, gamma, beta, epsilon);
+        }
+        let [y, mean, rstd] = B::layer_norm_stats(x.primitive.clone(), gamma.primitive.clone(), beta.as_ref().map(|b| b.primitive.clone()), epsilon);
+        let state = (x.primitive, mean.clone(), rstd.clone(), gamma.primitive);
+        let y = match beta {
+            Some(b) => match LayerNormBackward.prepare::<C>([x.node, gamma.node, b.node]).compute_bound().stateful() {
+                OpsKind::Tracked(prep) => prep.finish(state, y),
+                OpsKind::UnTracked(prep) => prep.finish(y),
+            },
+            None => match LayerNormBackward.prepare::<C>([x.node, gamma.node]).compute_bound().stateful() {
+                OpsKind::Tracked(prep) => prep.finish(state, y),
+                OpsKind::UnTracked(prep) => prep.finish(y),
+            },
+        };
+        [y, <Self as AutodiffBackend>::from_inner(mean), <Self as AutodiffBackend>::from_inner(rstd)]
+    }
+
+    fn softmax_last(x: FloatTensor<Self>) -> FloatTensor<Self> {
+        if !B::CPU_KERNELS {
+            return softmax_by_reference::<Self>(x);
+        }
+        let y = B::softmax_last(x.primitive);
+        match SoftmaxBackward.prepare::<C>([x.node]).compute_bound().stateful() {
+            OpsKind::Tracked(prep) => prep.finish(y.clone(), y),
+            OpsKind::UnTracked(prep) => prep.finish(y),
+        }
+    }
+
+    fn max_pool_plain(x: FloatTensor<Self>, pool: Pool2d) -> FloatTensor<Self> {
+        if !B::CPU_KERNELS {
+            return max_pool_by_reference::<Self>(x, pool);
+        }
+        let x_shape = float::<Self, 4>(x.clone()).dims();
+        match (MaxPoolBackward { x_shape }).prepare::<C>([x.node.clone()]).compute_bound().stateful() {
+            OpsKind::Tracked(prep) => {
+                let (out, indices) = B::max_pool_with_indices(x.primitive, pool).expect("the backend has the CPU kernels (CPU_KERNELS)");
+                prep.finish(indices, out)
+            }
+            OpsKind::UnTracked(prep) => prep.finish(B::max_pool_plain(x.primitive, pool)),
+        }
+    }
+}
+
+/// The max-pool of a backend without pf's CPU max-pool: Burn's on GPUs, the running maximum
+/// over shifted views elsewhere (see [`Pool2d::max_pool`]).
+pub(crate) fn max_pool_by_reference<B: FusedOps>(x: FloatTensor<B>, pool: Pool2d) -> FloatTensor<B> {
+    let x = float::<B, 4>(x);
+    let out = if B::HAS_KERNELS {
+        let (k, s, p) = (pool.kernel, pool.stride, pool.padding);
+        burn::tensor::module::max_pool2d(x, [k, k], [s, s], [p, p], [1, 1], false)
+    } else {
+        pool.max_pool_by_shifts(x)
+    };
+    out.into_primitive().tensor()
+}
+
+#[derive(Debug)]
+struct Conv2dBackward {
+    stride: [usize; 2],
+    padding: [usize; 2],
+}
+
+impl<B: FusedOps> Backward<B, 2> for Conv2dBackward {
+    type State = (FloatTensor<B>, FloatTensor<B>);
+
+    fn backward(self, ops: Ops<Self::State, 2>, grads: &mut Gradients, _checkpointer: &mut Checkpointer) {
+        let [node_x, node_w] = ops.parents;
+        let grad = grads.consume::<B>(&ops.node);
+        let (x, weight) = ops.state;
+        let [gx, gw] = B::conv2d_plain_backward(x, weight, grad, self.stride, self.padding, [node_x.is_some(), node_w.is_some()]);
+        for (node, g) in [(node_x, gx), (node_w, gw)] {
+            if let (Some(node), Some(g)) = (node, g) {
+                grads.register::<B>(node.id, g);
+            }
+        }
+    }
+}
+
+/// Parents: `x`, `weight`, `bias`, and the residual when there is one (`N = 4`).
+#[derive(Debug)]
+struct BatchNormBackward {
+    epsilon: f64,
+    relu: bool,
+    batch_stats: bool,
+}
+
+impl<B: FusedOps, const N: usize> Backward<B, N> for BatchNormBackward {
+    /// `x`, output, mean, variance, weight.
+    type State = (FloatTensor<B>, FloatTensor<B>, FloatTensor<B>, FloatTensor<B>, FloatTensor<B>);
+
+    fn backward(self, ops: Ops<Self::State, N>, grads: &mut Gradients, _checkpointer: &mut Checkpointer) {
+        let grad = grads.consume::<B>(&ops.node);
+        let (x, y, mean, var, weight) = ops.state;
+        let gradients = B::batch_norm_act_backward(x, y, grad, mean, var, weight, self.epsilon, self.relu, self.batch_stats);
+        for (node, g) in ops.parents.into_iter().zip(gradients) {
+            if let Some(node) = node {
+                grads.register::<B>(node.id, g);
+            }
+        }
+    }
+}
+
+#[derive(Debug)]
+struct MaxPoolBackward {
+    x_shape: [usize; 4],
+}
+
+impl<B: FusedOps> Backward<B, 1> for MaxPoolBackward {
+    type State = IntTensor<B>;
+
+    fn backward(self, ops: Ops<Self::State, 1>, grads: &mut Gradients, _checkpointer: &mut Checkpointer) {
+        let [node_x] = ops.parents;
+        let grad = grads.consume::<B>(&ops.node);
+        if let Some(node) = node_x {
+            grads.register::<B>(node.id, B::max_pool_backward_of(self.x_shape, ops.state, grad));
+        }
+    }
+}
+
+/// Parents: `x`, `weight`, and the bias when there is one (`N = 3`).
+#[derive(Debug)]
+struct LinearBackward;
+
+impl<B: FusedOps, const N: usize> Backward<B, N> for LinearBackward {
+    /// `x`, weight, pre-activation (with GELU).
+    type State = (FloatTensor<B>, FloatTensor<B>, Option<FloatTensor<B>>);
+
+    fn backward(self, ops: Ops<Self::State, N>, grads: &mut Gradients, _checkpointer: &mut Checkpointer) {
+        let grad = grads.consume::<B>(&ops.node);
+        let (x, weight, pre) = ops.state;
+        let gradients = B::linear_act_backward(x, weight, grad, pre);
+        for (node, g) in ops.parents.into_iter().zip(gradients) {
+            if let Some(node) = node {
+                grads.register::<B>(node.id, g);
+            }
+        }
+    }
+}
+
+/// Parents: `x`, `gamma`, and `beta` when there is one (`N = 3`).
+#[derive(Debug)]
+struct LayerNormBackward;
+
+impl<B: FusedOps, const N: usize> Backward<B, N> for LayerNormBackward {
+    /// `x`, mean, `1 / σ`, gamma.
+    type State = (FloatTensor<B>, FloatTensor<B>, FloatTensor<B>, FloatTensor<B>);
+
+    fn backward(self, ops: Ops<Self::State, N>, grads: &mut Gradients, _checkpointer: &mut Checkpointer) {
+        let grad = grads.consume::<B>(&ops.node);
+        let (x, mean, rstd, gamma) = ops.state;
+        let gradients = B::layer_norm_stats_backward(x, grad, mean, rstd, gamma);
+        for (node, g) in ops.parents.into_iter().zip(gradients) {
+            if let Some(node) = node {
+                grads.register::<B>(node.id, g);
+            }
+        }
+    }
+}
+
+#[derive(Debug)]
+struct SoftmaxBackward;
+
+impl<B: FusedOps> Backward<B, 1> for SoftmaxBackward {
+    type State = FloatTensor<B>;
+
+    fn backward(self, ops: Ops<Self::State, 1>, grads: &mut Gradients, _checkpointer: &mut Checkpointer) {
+        let [node_x] = ops.parents;
+        let grad = grads.consume::<B>(&ops.node);
+        if let Some(node) = node_x {
+            grads.register::<B>(node.id, B::softmax_last_backward(ops.state, grad));
         }
     }
 }
@@ -221,9 +803,7 @@ impl<B: FusedOps> Backward<B, 1> for GeluMaxPoolGeluBackward {
         let grad = grads.consume::<B>(&ops.node);
         let (tokens, indices) = ops.state;
         if let Some(node) = node_tokens {
-            let indices = Tensor::<B, 3, Int>::from_primitive(indices);
-            let g = gelu_max_pool_gelu_backward(float::<B, 3>(tokens), indices, float(grad));
-            grads.register::<B>(node.id, g.into_primitive().tensor());
+            grads.register::<B>(node.id, B::gelu_max_pool_gelu_backward_of(tokens, indices, grad));
         }
     }
 }

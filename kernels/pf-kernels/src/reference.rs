@@ -1,7 +1,9 @@
 //! Plain-ops reference twins: the specification of the fused kernels.
 
+use burn::prelude::*;
+use burn::tensor::module::max_pool2d;
 use burn::tensor::ops::PadMode;
-use burn::tensor::{backend::Backend, module::max_pool2d, s, Tensor};
+use burn::tensor::TensorPrimitive;
 
 use crate::ops::FusedOps;
 
@@ -26,16 +28,20 @@ impl Pool2d {
     /// Max-pool with `-inf` padding (padding never wins), as `nn.MaxPool2d`: the first maximum
     /// of a window (row-major) wins, and only it receives the gradient.
     ///
-    /// Backends with pf's kernels (GPUs) run Burn's `max_pool2d`. Backends without them
-    /// (NdArray) run it as a running maximum over the `k·k` shifted, strided views of the padded
-    /// input: exact, ties included (`max_pair` keeps its left operand on a tie, and the views come
-    /// in window order), differentiable, and two orders of magnitude faster there than Burn
-    /// 0.21's NdArray `max_pool2d`, which indexes element by element.
+    /// Backends with pf's CPU kernels (NdArray) run pf's max-pool kernel; backends with pf's GPU
+    /// kernels run Burn's `max_pool2d`. Other backends run it as a running maximum over the
+    /// `k·k` shifted, strided views of the padded input: exact, ties included (`max_pair` keeps
+    /// its left operand on a tie, and the views come in window order), differentiable, and two
+    /// orders of magnitude faster on NdArray than Burn 0.21's `max_pool2d`, which indexes
+    /// element by element.
     ///
     /// # Shapes
     /// - `x`: `[batch, channels, height, width]`
     /// - output: `[batch, channels, output_len(height), output_len(width)]`
     pub fn max_pool<B: FusedOps>(&self, x: Tensor<B, 4>) -> Tensor<B, 4> {
+        if B::CPU_KERNELS {
+            return Tensor::from_primitive(TensorPrimitive::Float(B::max_pool_plain(x.into_primitive().tensor(), *self)));
+        }
         if B::HAS_KERNELS {
             let (k, s, p) = (self.kernel, self.stride, self.padding);
             return max_pool2d(x, [k, k], [s, s], [p, p], [1, 1], false);
@@ -105,6 +111,122 @@ pub fn reference_gelu_max_pool_gelu<B: FusedOps>(tokens: Tensor<B, 3>, grid: [us
     let x = gelu(tokens).reshape([batch, height, width, channels]).permute([0, 3, 1, 2]);
     let x = Pool2d::new(3, 1, 1).max_pool(x);
     gelu(x.permute([0, 2, 3, 1]).reshape([batch, n, channels]))
+}
+
+/// A bias-free convolution as one matrix product over gathered windows (im2col); for a 1×1
+/// kernel the only window is the (strided) input itself. Backends without pf's kernels (NdArray)
+/// run every convolution this way: their direct convolution, and above all its backward, is
+/// orders of magnitude slower than their matrix product. The `k·k` shifted, strided views of
+/// the padded input are stacked so that row `c·k·k + ky·k + kx` matches the weight's layout.
+///
+/// # Shapes
+/// - `x`: `[batch, in, height, width]`, `weight`: `[out, in, kh, kw]`
+/// - output: `[batch, out, height', width']`
+pub fn conv2d_as_matmul<B: Backend>(x: Tensor<B, 4>, weight: Tensor<B, 4>, stride: [usize; 2], padding: [usize; 2]) -> Tensor<B, 4> {
+    let [n, c, h, w] = x.dims();
+    let [o, _, kh, kw] = weight.dims();
+    let [sh, sw] = stride;
+    let [ph, pw] = padding;
+    let ho = (h + 2 * ph - kh) / sh + 1;
+    let wo = (w + 2 * pw - kw) / sw + 1;
+    let x = if ph + pw > 0 { x.pad((pw, pw, ph, ph), PadMode::Constant(0.0)) } else { x };
+    let mut windows = (0..kh)
+        .flat_map(|ky| (0..kw).map(move |kx| (ky, kx)))
+        .map(|(ky, kx)| {
+            let rows = ky..ky + sh * (ho - 1) + 1;
+            let cols = kx..kx + sw * (wo - 1) + 1;
+            reshape(x.clone().slice(s![.., .., rows;sh as isize, cols;sw as isize]), [n, c, 1, ho * wo])
+        })
+        .collect::<Vec<_>>();
+    let columns = match windows.len() {
+        1 => windows.swap_remove(0),
+        _ => Tensor::cat(windows, 2),
+    };
+    let columns = reshape(columns, [n, c * kh * kw, ho * wo]);
+    channel_matmul(reshape(weight, [o, c * kh * kw]), columns, [ho, wo])
+}
+
+/// `weight · columns[i]` for every image `i`, laid out on the `[height, width]` output map. On
+/// large maps one product per image; on small ones (the last stages, a few pixels per image) one
+/// product over the whole batch, since a product per image repacks the weight for a handful of
+/// columns: 40× slower on a 1×1 map on NdArray.
+///
+/// # Shapes
+/// - `weight`: `[out, k]`, `columns`: `[batch, k, height · width]`
+/// - output: `[batch, out, height, width]`
+pub fn channel_matmul<B: Backend>(weight: Tensor<B, 2>, columns: Tensor<B, 3>, map: [usize; 2]) -> Tensor<B, 4> {
+    let [n, k, l] = columns.dims();
+    let [o, _] = weight.dims();
+    let [h, w] = map;
+    assert_eq!(l, h * w, "{l} columns per image for a {h}x{w} map");
+    if l >= 32 || n == 1 {
+        return reshape(weight.reshape([1, o, k]).expand([n, o, k]).matmul(columns), [n, o, h, w]);
+    }
+    let flat = reshape(columns.swap_dims(0, 1), [k, n * l]);
+    reshape(weight.matmul(flat), [o, n, h, w]).swap_dims(0, 1)
+}
+
+/// `t.reshape(shape)` through a flat view, in the forward pass and (since the gradient of a
+/// reshape is the reverse reshape) in the backward pass.
+///
+/// Burn 0.21's CubeCL backends (wgpu, CUDA) reshape a non-contiguous tensor into more dimensions
+/// wrongly when its shape has a unit dimension: burn-std's `split_strides` steps over the unit
+/// dimensions of the new shape but never over those of the old one, so a swapped view
+/// `[batch, out, 1]` with strides `[1, batch, 1]` reshaped to `[batch, out, 1, 1]` gets strides
+/// `[out, 1, 1, 1]`, the layout of a contiguous tensor, and the images' channels are read
+/// crosswise. In the convolution helpers such reshapes happen in the forward pass (the batched
+/// product of a 1×1 map) and in the backward pass (a gradient arriving as a swapped view is
+/// reshaped back to the gathered windows' shape): every 1×1 convolution on a 1×1 map (ResNet's
+/// last stage at 32×32) was wrong on wgpu. Flattening first takes Burn's copying path for a
+/// non-contiguous tensor, and a flat tensor is contiguous, so neither reshape meets the bug. The
+/// test `conv_helpers_match_ndarray_on_wgpu` (pf-tests, tests/src/conv.rs) fails without it.
+pub fn reshape<B: Backend, const D1: usize, const D2: usize>(t: Tensor<B, D1>, shape: [usize; D2]) -> Tensor<B, D2> {
+    let len = t.shape().num_elements();
+    t.reshape([len]).reshape(shape)
+}
+
+/// `act((x − mean[c]) · weight[c] / sqrt(var[c] + eps) + bias[c] (+ residual))`, act ReLU or
+/// none: `nn.BatchNorm2d` (then the residual sum and ReLU of a bottleneck's end). `running`:
+/// the running mean and variance to normalise with (evaluation); `None` normalises with the
+/// batch's mean and biased variance, which are returned with the output (training).
+///
+/// # Shapes
+/// - `x`, `residual`: `[batch, channels, height, width]`; `weight`, `bias`, `running`: `[channels]`
+/// - output: like `x`, and the batch's mean and biased variance, `[channels]` each
+pub fn reference_batch_norm<B: Backend>(
+    x: Tensor<B, 4>,
+    weight: Tensor<B, 1>,
+    bias: Tensor<B, 1>,
+    running: Option<(Tensor<B, 1>, Tensor<B, 1>)>,
+    residual: Option<Tensor<B, 4>>,
+    relu: bool,
+    epsilon: f64,
+) -> (Tensor<B, 4>, Option<(Tensor<B, 1>, Tensor<B, 1>)>) {
+    let [_, c, _, _] = x.dims();
+    let (mean, var, batch) = match running {
+        Some((mean, var)) => (mean, var, None),
+        None => {
+            // One axis at a time: short sums keep f32 accurate on every backend, and equal
+            // group sizes make the mean of means the mean.
+            let per_channel = |t: Tensor<B, 4>| t.mean_dim(3).mean_dim(2).mean_dim(0).reshape([c]);
+            let mean = per_channel(x.clone());
+            let var = per_channel((x.clone() - mean.clone().reshape([1, c, 1, 1])).square());
+            (mean.clone(), var.clone(), Some((mean, var)))
+        }
+    };
+    // `weight · (1 / σ)` with an exact division: Burn's gradient of a quotient goes through
+    // `recip`, approximate on NdArray.
+    let deviation = var.add_scalar(epsilon).sqrt();
+    let scale = weight * (deviation.ones_like() / deviation);
+    let at = |t: Tensor<B, 1>| t.reshape([1, c, 1, 1]);
+    // Centre first, as PyTorch does: `x · scale + shift` loses precision when a channel's mean
+    // is large against its deviation.
+    let y = (x - at(mean)) * at(scale) + at(bias);
+    let y = match residual {
+        Some(r) => y + r,
+        None => y,
+    };
+    (if relu { burn::tensor::activation::relu(y) } else { y }, batch)
 }
 
 #[cfg(test)]

@@ -1,0 +1,359 @@
+//! NdArray (pf's CPU backend) runs pf's CPU kernels: the convolution as gathered windows into a
+//! multithreaded GEMM (the `gemm` crate on rayon's pool), batch norm with its residual sum and
+//! ReLU in one pass over the map, and max-pool with its winners, each with its own backward.
+//! Burn 0.21's NdArray composes these layers from element-wise operations over strided views,
+//! each a pass over the map through ndarray's generic iteration on one core.
+//!
+//! The kernels take `f32` tensors; any other float type runs the reference twins.
+
+mod kernels;
+
+use std::borrow::Cow;
+
+use burn::backend::ndarray::{NdArray, NdArrayTensor};
+use burn::tensor::ops::{FloatTensor, IntTensor};
+use burn::tensor::{Shape, TensorData, TensorMetadata};
+
+pub use kernels::ConvGeometry;
+
+use crate::ops::{
+    batch_norm_by_reference, conv2d_by_reference, layer_norm_backward_by_reference, layer_norm_by_reference, linear_backward_by_reference, linear_by_reference,
+    max_pool_backward_by_reference, softmax_backward_by_reference, softmax_by_reference, FusedOps,
+};
+use crate::reference::Pool2d;
+
+/// The values of an `f32` tensor in row-major order (borrowed when already laid out so), or
+/// `None` for any other element type.
+fn values(t: &NdArrayTensor) -> Option<Cow<'_, [f32]>> {
+    match t {
+        NdArrayTensor::F32(storage) => {
+            let view = storage.view();
+            Some(match view.to_slice() {
+                Some(slice) => Cow::Borrowed(slice),
+                None => Cow::Owned(view.iter().copied().collect()),
+            })
+        }
+        _ => None,
+    }
+}
+
+/// The values of an `i64` index tensor in row-major order.
+fn index_values(t: &NdArrayTensor) -> Option<Vec<i64>> {
+    match t {
+        NdArrayTensor::I64(storage) => Some(storage.view().iter().copied().collect()),
+        _ => None,
+    }
+}
+
+fn dims<const D: usize>(t: &NdArrayTensor) -> [usize; D] {
+    t.shape().dims()
+}
+
+fn tensor(values: Vec<f32>, shape: impl Into<Shape>) -> NdArrayTensor {
+    NdArrayTensor::from_data(TensorData::new(values, shape))
+}
+
+impl FusedOps for NdArray {
+    const CPU_KERNELS: bool = true;
+
+    fn conv2d_plain(x: FloatTensor<Self>, weight: FloatTensor<Self>, stride: [usize; 2], padding: [usize; 2]) -> FloatTensor<Self> {
+        let (Some(xs), Some(ws)) = (values(&x), values(&weight)) else {
+            return conv2d_by_reference::<Self>(x, weight, stride, padding);
+        };
+        let g = geometry(&x, &weight, stride, padding);
+        let [ho, wo] = g.out_hw();
+        tensor(kernels::conv2d(&xs, &ws, &g), [g.batch, g.out_channels, ho, wo])
+    }
+
+    fn conv2d_plain_backward(
+        x: FloatTensor<Self>,
+        weight: FloatTensor<Self>,
+        grad: FloatTensor<Self>,
+        stride: [usize; 2],
+        padding: [usize; 2],
+        wanted: [bool; 2],
+    ) -> [Option<FloatTensor<Self>>; 2] {
+        let (Some(xs), Some(ws), Some(gs)) = (values(&x), values(&weight), values(&grad)) else {
+            let options = || burn::tensor::ops::ConvOptions::new(stride, padding, [1, 1], 1);
+            use burn::tensor::ops::ModuleOps;
+            let gx = wanted[0].then(|| Self::conv2d_x_backward(x.clone(), weight.clone(), grad.clone(), options()));
+            let gw = wanted[1].then(|| Self::conv2d_weight_backward(x.clone(), weight.clone(), grad.clone(), options()));
+            return [gx, gw];
+        };
+        let g = geometry(&x, &weight, stride, padding);
+        let gx = wanted[0].then(|| tensor(kernels::conv2d_input_grad(&ws, &gs, &g), dims::<4>(&x)));
+        let gw = wanted[1].then(|| tensor(kernels::conv2d_weight_grad(&xs, &gs, &g), dims::<4>(&weight)));
+        [gx, gw]
+    }
+
+    fn batch_norm_act(
+        x: FloatTensor<Self>,
+        weight: FloatTensor<Self>,
+        bias: FloatTensor<Self>,
+        running: Option<(FloatTensor<Self>, FloatTensor<Self>)>,
+        residual: Option<FloatTensor<Self>>,
+        relu: bool,
+        epsilon: f64,
+    ) -> [FloatTensor<Self>; 3] {
+        let running_values = running.as_ref().map(|(m, v)| (values(m), values(v)));
+        let residual_values = residual.as_ref().map(values);
+        let ready = matches!(running_values, None | Some((Some(_), Some(_)))) && !matches!(residual_values, Some(None));
+        let (Some(xs), Some(ws), Some(bs), true) = (values(&x), values(&weight), values(&bias), ready) else {
+            return batch_norm_by_reference::<Self>(x, weight, bias, running, residual, relu, epsilon);
+        };
+        let [n, c, h, w] = dims::<4>(&x);
+        let (mean, var) = match running_values {
+            Some((Some(m), Some(v))) => (m.into_owned(), v.into_owned()),
+            _ => kernels::batch_moments(&xs, n, c, h * w),
+        };
+        let scale: Vec<f32> = ws.iter().zip(&var).map(|(w, v)| w / (v + epsilon as f32).sqrt()).collect();
+        let residual = residual_values.flatten();
+        let y = kernels::normalize(&xs, &mean, &scale, &bs, residual.as_deref(), relu, h * w);
+        [tensor(y, [n, c, h, w]), tensor(mean, [c]), tensor(var, [c])]
+    }
+
+    fn batch_norm_act_backward(
+        x: FloatTensor<Self>,
+        y: FloatTensor<Self>,
+        grad: FloatTensor<Self>,
+        mean: FloatTensor<Self>,
+        var: FloatTensor<Self>,
+        weight: FloatTensor<Self>,
+        epsilon: f64,
+        relu: bool,
+        batch_stats: bool,
+    ) -> [FloatTensor<Self>; 4] {
+        let all = [&x, &y, &grad, &mean, &var, &weight].map(values);
+        let [Some(xs), Some(ys), Some(gs), Some(ms), Some(vs), Some(ws)] = all else {
+            let (gx, gw, gb, gr) = crate::ops::batch_norm_backward_by_reference::<Self>(
+                float(x),
+                float(y),
+                float(grad),
+                float(mean),
+                float(var),
+                float(weight),
+                epsilon,
+                relu,
+                batch_stats,
+            );
+            return [gx.into_primitive().tensor(), gw.into_primitive().tensor(), gb.into_primitive().tensor(), gr.into_primitive().tensor()];
+        };
+        let [n, c, h, w] = dims::<4>(&x);
+        let inv_std: Vec<f32> = vs.iter().map(|v| 1.0 / (v + epsilon as f32).sqrt()).collect();
+        let grads = kernels::normalize_backward(&xs, &ys, &gs, &ms, &inv_std, &ws, relu, batch_stats, n, h * w);
+        [tensor(grads.x, [n, c, h, w]), tensor(grads.weight, [c]), tensor(grads.bias, [c]), tensor(grads.residual, [n, c, h, w])]
+    }
+
+    fn gelu_max_pool_gelu_with_indices(tokens: FloatTensor<Self>, grid: [usize; 2]) -> Option<(FloatTensor<Self>, IntTensor<Self>)> {
+        let ts = values(&tokens)?;
+        let shape = dims::<3>(&tokens);
+        let (out, indices) = kernels::gelu_max_pool_gelu(&ts, grid, shape[2]);
+        Some((tensor(out, shape), NdArrayTensor::from_data(TensorData::new(indices, shape))))
+    }
+
+    fn gelu_max_pool_gelu_backward_of(tokens: FloatTensor<Self>, indices: IntTensor<Self>, grad: FloatTensor<Self>) -> FloatTensor<Self> {
+        let [_, n, c] = dims::<3>(&tokens);
+        match (values(&tokens), index_values(&indices), values(&grad)) {
+            (Some(ts), Some(is), Some(gs)) => tensor(kernels::gelu_max_pool_gelu_backward(&ts, &is, &gs, n, c), dims::<3>(&tokens)),
+            _ => crate::ops::gelu_max_pool_gelu_backward::<Self>(float(tokens), burn::tensor::Tensor::from_primitive(indices), float(grad))
+                .into_primitive()
+                .tensor(),
+        }
+    }
+
+    fn linear_act(x: FloatTensor<Self>, weight: FloatTensor<Self>, bias: Option<FloatTensor<Self>>, gelu: bool) -> (FloatTensor<Self>, Option<FloatTensor<Self>>) {
+        let bias_values = bias.as_ref().map(values);
+        let (Some(xs), Some(ws), false) = (values(&x), values(&weight), matches!(bias_values, Some(None))) else {
+            return linear_by_reference::<Self>(x, weight, bias, gelu);
+        };
+        let ([rows, inputs], [_, outputs]) = (dims::<2>(&x), dims::<2>(&weight));
+        let (y, pre) = kernels::linear(&xs, &ws, bias_values.flatten().as_deref(), rows, inputs, outputs, gelu);
+        (tensor(y, [rows, outputs]), pre.map(|z| tensor(z, [rows, outputs])))
+    }
+
+    fn linear_act_backward(x: FloatTensor<Self>, weight: FloatTensor<Self>, grad: FloatTensor<Self>, pre: Option<FloatTensor<Self>>) -> [FloatTensor<Self>; 3] {
+        let pre_values = pre.as_ref().map(values);
+        let (Some(xs), Some(ws), Some(gs), false) = (values(&x), values(&weight), values(&grad), matches!(pre_values, Some(None))) else {
+            return linear_backward_by_reference::<Self>(x, weight, grad, pre);
+        };
+        let ([rows, inputs], [_, outputs]) = (dims::<2>(&x), dims::<2>(&weight));
+        let (gx, gw, gb) = kernels::linear_backward(&xs, &ws, &gs, pre_values.flatten().as_deref(), rows, inputs, outputs);
+        [tensor(gx, [rows, inputs]), tensor(gw, [inputs, outputs]), tensor(gb, [outputs])]
+    }
+
+    fn layer_norm_stats(x: FloatTensor<Self>, gamma: FloatTensor<Self>, beta: Option<FloatTensor<Self>>, epsilon: f64) -> [FloatTensor<Self>; 3] {
+        let beta_values = beta.as_ref().map(values);
+        let (Some(xs), Some(gs), false) = (values(&x), values(&gamma), matches!(beta_values, Some(None))) else {
+            return layer_norm_by_reference::<Self>(x, gamma, beta, epsilon);
+        };
+        let [rows, d] = dims::<2>(&x);
+        let (y, mean, rstd) = kernels::layer_norm(&xs, &gs, beta_values.flatten().as_deref(), d, epsilon);
+        [tensor(y, [rows, d]), tensor(mean, [rows]), tensor(rstd, [rows])]
+    }
+
+    fn layer_norm_stats_backward(x: FloatTensor<Self>, grad: FloatTensor<Self>, mean: FloatTensor<Self>, rstd: FloatTensor<Self>, gamma: FloatTensor<Self>) -> [FloatTensor<Self>; 3] {
+        let all = [&x, &grad, &mean, &rstd, &gamma].map(values);
+        let [Some(xs), Some(gs), Some(ms), Some(rs), Some(gm)] = all else {
+            return layer_norm_backward_by_reference::<Self>(x, grad, mean, rstd, gamma);
+        };
+        let [rows, d] = dims::<2>(&x);
+        let (gx, ggamma, gbeta) = kernels::layer_norm_backward(&xs, &gs, &ms, &rs, &gm, d);
+        [tensor(gx, [rows, d]), tensor(ggamma, [d]), tensor(gbeta, [d])]
+    }
+
+    fn softmax_last(x: FloatTensor<Self>) -> FloatTensor<Self> {
+        let Some(xs) = values(&x) else {
+            return softmax_by_reference::<Self>(x);
+        };
+        let shape = dims::<2>(&x);
+        tensor(kernels::softmax(&xs, shape[1]), shape)
+    }
+
+    fn softmax_last_backward(y: FloatTensor<Self>, grad: FloatTensor<Self>) -> FloatTensor<Self> {
+        let (Some(ys), Some(gs)) = (values(&y), values(&grad)) else {
+            return softmax_backward_by_reference::<Self>(y, grad);
+        };
+        let shape = dims::<2>(&y);
+        tensor(kernels::softmax_backward(&ys, &gs, shape[1]), shape)
+    }
+
+    fn max_pool_with_indices(x: FloatTensor<Self>, pool: Pool2d) -> Option<(FloatTensor<Self>, IntTensor<Self>)> {
+        let xs = values(&x)?;
+        let [n, c, h, w] = dims::<4>(&x);
+        let (out, indices) = kernels::max_pool(&xs, n * c, c, [h, w], pool.kernel, pool.stride, pool.padding, None);
+        let shape = [n, c, pool.output_len(h), pool.output_len(w)];
+        Some((tensor(out, shape), NdArrayTensor::from_data(TensorData::new(indices, shape))))
+    }
+
+    fn max_pool_backward_of(x_shape: [usize; 4], indices: IntTensor<Self>, grad: FloatTensor<Self>) -> FloatTensor<Self> {
+        let [n, c, h, w] = x_shape;
+        match (values(&grad), index_values(&indices)) {
+            (Some(gs), Some(is)) => tensor(kernels::max_pool_backward(&gs, &is, n * c, h * w), x_shape),
+            _ => max_pool_backward_by_reference::<Self>(x_shape, indices, grad),
+        }
+    }
+}
+
+fn float<const D: usize>(t: FloatTensor<NdArray>) -> burn::tensor::Tensor<NdArray, D> {
+    burn::tensor::Tensor::from_primitive(burn::tensor::TensorPrimitive::Float(t))
+}
+
+fn geometry(x: &NdArrayTensor, weight: &NdArrayTensor, stride: [usize; 2], padding: [usize; 2]) -> ConvGeometry {
+    let [batch, channels, height, width] = dims::<4>(x);
+    let [out_channels, in_channels, kh, kw] = dims::<4>(weight);
+    assert_eq!(channels, in_channels, "convolution of {channels} channels with a weight for {in_channels}");
+    ConvGeometry { batch, channels, height, width, out_channels, kernel: [kh, kw], stride, padding }
+}
+
+#[cfg(test)]
+mod tests {
+    use burn::backend::{Autodiff, NdArray};
+    use burn::prelude::*;
+
+    use crate::reference::{conv2d_as_matmul, reference_batch_norm, Pool2d};
+    use crate::testing::Lcg;
+    use crate::{fused_batch_norm, fused_conv2d, fused_max_pool2d};
+
+    type Ad = Autodiff<NdArray>;
+
+    fn random<const D: usize>(rng: &mut Lcg, shape: [usize; D], scale: f64, offset: f64) -> Tensor<Ad, D> {
+        let values: Vec<f32> = (0..shape.iter().product()).map(|_| (offset + scale * rng.normal()) as f32).collect();
+        Tensor::from_data(TensorData::new(values, shape), &Default::default())
+    }
+
+    fn assert_close<const D: usize>(what: &str, got: Tensor<NdArray, D>, expected: Tensor<NdArray, D>, tolerance: f32) {
+        assert_eq!(got.dims(), expected.dims(), "{what}: shapes");
+        let (got, expected) = (got.into_data().to_vec::<f32>().unwrap(), expected.into_data().to_vec::<f32>().unwrap());
+        let scale = expected.iter().fold(1f32, |m, e| m.max(e.abs()));
+        for (i, (g, e)) in got.iter().zip(&expected).enumerate() {
+            assert!((g - e).abs() <= tolerance * scale, "{what}[{i}] = {g}, reference {e}");
+        }
+    }
+
+    /// The convolution kernel and its backward against the gathered-window product of plain
+    /// ops, on maps from 1×1 up (both the per-image and the whole-batch products), batch 1 and
+    /// above, kernels 1, 2, 3 and 7, strides 1 and 2, with and without padding.
+    #[test]
+    fn conv2d_matches_the_reference() {
+        let mut rng = Lcg(3);
+        let mut cases = vec![([2, 3, 13, 9], 7, 2, 3), ([1, 4, 5, 5], 3, 1, 1), ([3, 2, 8, 6], 3, 2, 1), ([1, 1, 4, 4], 2, 2, 0), ([4, 6, 3, 3], 3, 1, 1)];
+        for batch in [1, 3] {
+            for hw in [1, 2, 3, 7, 9] {
+                cases.extend([([batch, 5, hw, hw], 1, 1, 0), ([batch, 5, hw, hw + 1], 1, 2, 0), ([batch, 3, hw, hw], 3, 1, 1), ([batch, 3, hw + 2, hw], 3, 2, 1)]);
+            }
+        }
+        for (shape, kernel, stride, padding) in cases {
+            let case = format!("{shape:?} k{kernel} s{stride} p{padding}");
+            let x = random(&mut rng, shape, 1.0, 0.0).require_grad();
+            let w = random(&mut rng, [6, shape[1], kernel, kernel], 0.5, 0.0).require_grad();
+            let ours = fused_conv2d(x.clone(), w.clone(), [stride; 2], [padding; 2]);
+            let reference = conv2d_as_matmul(x.clone(), w.clone(), [stride; 2], [padding; 2]);
+            let weights = random(&mut rng, reference.dims(), 1.0, 0.0);
+            assert_close(&format!("{case} output"), ours.clone().inner(), reference.clone().inner(), 1e-5);
+            let g1 = (ours * weights.clone()).sum().backward();
+            let g2 = (reference * weights).sum().backward();
+            assert_close(&format!("{case} input gradient"), x.grad(&g1).unwrap(), x.grad(&g2).unwrap(), 1e-5);
+            assert_close(&format!("{case} weight gradient"), w.grad(&g1).unwrap(), w.grad(&g2).unwrap(), 1e-5);
+        }
+    }
+
+    /// Batch norm with and without the residual and the ReLU, with batch statistics (every
+    /// gradient flows through them) and with running ones, against the plain-ops twin.
+    #[test]
+    fn batch_norm_matches_the_reference() {
+        let mut rng = Lcg(5);
+        for shape in [[2, 3, 5, 4], [1, 4, 1, 1], [5, 2, 1, 1], [3, 6, 7, 7], [1, 1, 2, 3]] {
+            for (residual, relu, training) in [(false, false, true), (true, true, true), (false, true, true), (false, false, false), (true, true, false)] {
+                let case = format!("{shape:?} residual {residual} relu {relu} training {training}");
+                let c = shape[1];
+                // Offset means and spreads: the centring and the statistics matter.
+                let x = random(&mut rng, shape, 2.0, 0.7).require_grad();
+                let weight = random(&mut rng, [c], 0.5, 1.0).require_grad();
+                let bias = random(&mut rng, [c], 0.5, 0.0).require_grad();
+                let r = residual.then(|| random(&mut rng, shape, 1.0, 0.0).require_grad());
+                let running = (!training).then(|| (random(&mut rng, [c], 1.0, 0.0), random(&mut rng, [c], 0.3, 1.0).abs()));
+                let (ours, ours_stats) = fused_batch_norm(x.clone(), weight.clone(), bias.clone(), running.clone(), r.clone(), relu, 1e-5);
+                let (reference, reference_stats) = reference_batch_norm(x.clone(), weight.clone(), bias.clone(), running, r.clone(), relu, 1e-5);
+                assert_eq!(ours_stats.is_some(), training, "{case}: statistics returned");
+                if let (Some((m1, v1)), Some((m2, v2))) = (ours_stats, reference_stats) {
+                    assert_close(&format!("{case} mean"), m1.inner(), m2.inner(), 1e-5);
+                    assert_close(&format!("{case} variance"), v1.inner(), v2.inner(), 1e-5);
+                }
+                let weights = random(&mut rng, shape, 1.0, 0.0);
+                assert_close(&format!("{case} output"), ours.clone().inner(), reference.clone().inner(), 1e-5);
+                let g1 = (ours * weights.clone()).sum().backward();
+                let g2 = (reference * weights).sum().backward();
+                assert_close(&format!("{case} input gradient"), x.grad(&g1).unwrap(), x.grad(&g2).unwrap(), 1e-4);
+                assert_close(&format!("{case} weight gradient"), weight.grad(&g1).unwrap(), weight.grad(&g2).unwrap(), 1e-4);
+                assert_close(&format!("{case} bias gradient"), bias.grad(&g1).unwrap(), bias.grad(&g2).unwrap(), 1e-4);
+                if let Some(r) = r {
+                    assert_close(&format!("{case} residual gradient"), r.grad(&g1).unwrap(), r.grad(&g2).unwrap(), 1e-5);
+                }
+            }
+        }
+    }
+
+    /// Max-pool and its gradient against the shifted-views twin, ties included (rounded inputs):
+    /// the first maximum of a window takes the gradient.
+    #[test]
+    fn max_pool_matches_the_reference() {
+        let mut rng = Lcg(9);
+        for (shape, pool) in [
+            ([2, 3, 13, 9], Pool2d::new(3, 1, 1)),
+            ([1, 2, 8, 8], Pool2d::new(3, 2, 1)),
+            ([2, 1, 7, 5], Pool2d::new(2, 2, 0)),
+            ([1, 1, 1, 1], Pool2d::new(3, 1, 1)),
+            ([3, 2, 2, 2], Pool2d::new(3, 2, 1)),
+            ([1, 4, 6, 3], Pool2d::new(3, 2, 1)),
+        ] {
+            let x = random(&mut rng, shape, 2.0, 0.0).round().require_grad();
+            let ours = fused_max_pool2d(x.clone(), pool);
+            let reference = pool.max_pool_by_shifts(x.clone());
+            ours.clone().into_data().assert_eq(&reference.clone().into_data(), true);
+            let weights = random(&mut rng, reference.dims(), 1.0, 0.0);
+            let g1 = (ours * weights.clone()).sum().backward();
+            let g2 = (reference * weights).sum().backward();
+            assert_close(&format!("{shape:?} {pool:?} gradient"), x.grad(&g1).unwrap(), x.grad(&g2).unwrap(), 1e-6);
+        }
+    }
+}

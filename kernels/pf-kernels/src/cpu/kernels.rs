@@ -1,0 +1,652 @@
+//! The CPU kernels on plain `f32` slices in NCHW order: convolution, batch norm (with the
+//! residual sum and ReLU after it), max-pool with its winners. Each runs on rayon's pool and is
+//! deterministic: every sum is taken in a fixed order, whatever the number of threads, so that a
+//! training run repeats bit for bit.
+
+use std::borrow::Cow;
+
+use gemm::Parallelism;
+use rayon::prelude::*;
+
+/// Where the convolution's batch is split into a fixed number of parts (a part's images are
+/// summed in order, the parts' sums in order): the weight gradient does not depend on the
+/// number of threads.
+const WEIGHT_GRADIENT_PARTS: usize = 8;
+
+/// Below this many output pixels per image, a convolution is one product over the whole batch
+/// (a product per image would repack the weight for a handful of columns).
+const SMALL_MAP: usize = 64;
+
+/// A convolution without bias, dilation or groups: `[batch, in, h, w]` by `[out, in, kh, kw]`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ConvGeometry {
+    pub batch: usize,
+    pub channels: usize,
+    pub height: usize,
+    pub width: usize,
+    pub out_channels: usize,
+    pub kernel: [usize; 2],
+    pub stride: [usize; 2],
+    pub padding: [usize; 2],
+}
+
+impl ConvGeometry {
+    /// Output height and width.
+    pub fn out_hw(&self) -> [usize; 2] {
+        let len = |i: usize, k: usize, s: usize, p: usize| (i + 2 * p - k) / s + 1;
+        [len(self.height, self.kernel[0], self.stride[0], self.padding[0]), len(self.width, self.kernel[1], self.stride[1], self.padding[1])]
+    }
+
+    /// Rows of the gathered windows: `in · kh · kw`.
+    fn k(&self) -> usize {
+        self.channels * self.kernel[0] * self.kernel[1]
+    }
+
+    /// Output pixels per image.
+    fn l(&self) -> usize {
+        let [ho, wo] = self.out_hw();
+        ho * wo
+    }
+
+    /// Whether the input itself is the gathered matrix (`[in, h · w]` per image).
+    fn pointwise(&self) -> bool {
+        self.kernel == [1, 1] && self.stride == [1, 1] && self.padding == [0, 0]
+    }
+
+    fn image_len(&self) -> usize {
+        self.channels * self.height * self.width
+    }
+}
+
+/// `dst (+)= a · b` for row-major-like operands given by their row and column strides.
+#[allow(clippy::too_many_arguments)]
+fn matmul(m: usize, n: usize, k: usize, dst: &mut [f32], dst_rs: usize, accumulate: bool, a: &[f32], a_strides: [usize; 2], b: &[f32], b_strides: [usize; 2], parallel: bool) {
+    if m == 0 || n == 0 {
+        return;
+    }
+    if k == 0 {
+        if !accumulate {
+            for row in 0..m {
+                dst[row * dst_rs..row * dst_rs + n].fill(0.0);
+            }
+        }
+        return;
+    }
+    assert!(dst.len() >= (m - 1) * dst_rs + n, "gemm destination too short");
+    assert!(a.len() > (m - 1) * a_strides[0] + (k - 1) * a_strides[1], "gemm lhs too short");
+    assert!(b.len() > (k - 1) * b_strides[0] + (n - 1) * b_strides[1], "gemm rhs too short");
+    let parallelism = if parallel && rayon::current_num_threads() > 1 { Parallelism::Rayon(0) } else { Parallelism::None };
+    // Safety: the asserts above keep every index the product reads or writes inside the slices.
+    unsafe {
+        gemm::gemm(
+            m,
+            n,
+            k,
+            dst.as_mut_ptr(),
+            1,
+            dst_rs as isize,
+            accumulate,
+            a.as_ptr(),
+            a_strides[1] as isize,
+            a_strides[0] as isize,
+            b.as_ptr(),
+            b_strides[1] as isize,
+            b_strides[0] as isize,
+            1.0,
+            1.0,
+            false,
+            false,
+            false,
+            parallelism,
+        );
+    }
+}
+
+/// Gathers one image's windows: row `c·kh·kw + ky·kw + kx`, column `oy·wo + ox` of `cols` (rows
+/// `ld` apart) is `x[c, oy·sh + ky − ph, ox·sw + kx − pw]`, zero outside the image.
+fn im2col(x: &[f32], g: &ConvGeometry, cols: &mut [f32], ld: usize) {
+    let [kh, kw] = g.kernel;
+    let [sh, sw] = g.stride;
+    let [ph, pw] = g.padding;
+    let [ho, wo] = g.out_hw();
+    let (h, w) = (g.height, g.width);
+    for c in 0..g.channels {
+        let plane = &x[c * h * w..(c + 1) * h * w];
+        for ky in 0..kh {
+            for kx in 0..kw {
+                let row = (c * kh + ky) * kw + kx;
+                let dst = &mut cols[row * ld..row * ld + ho * wo];
+                // Output columns whose input column lies inside the image.
+                let first = (pw.saturating_sub(kx)).div_ceil(sw).min(wo);
+                let last = if w + pw > kx { ((w + pw - kx - 1) / sw + 1).min(wo) } else { 0 }.max(first);
+                for oy in 0..ho {
+                    let out = &mut dst[oy * wo..(oy + 1) * wo];
+                    let iy = (oy * sh + ky) as isize - ph as isize;
+                    if iy < 0 || iy >= h as isize {
+                        out.fill(0.0);
+                        continue;
+                    }
+                    let src = &plane[iy as usize * w..(iy as usize + 1) * w];
+                    out[..first].fill(0.0);
+                    out[last..].fill(0.0);
+                    if first == last {
+                        continue;
+                    }
+                    let x0 = first * sw + kx - pw;
+                    if sw == 1 {
+                        out[first..last].copy_from_slice(&src[x0..x0 + (last - first)]);
+                    } else {
+                        for (o, i) in out[first..last].iter_mut().zip((x0..).step_by(sw)) {
+                            *o = src[i];
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// The adjoint of [`im2col`]: adds every gathered element back onto its input position.
+fn col2im(cols: &[f32], ld: usize, g: &ConvGeometry, gx: &mut [f32]) {
+    let [kh, kw] = g.kernel;
+    let [sh, sw] = g.stride;
+    let [ph, pw] = g.padding;
+    let [ho, wo] = g.out_hw();
+    let (h, w) = (g.height, g.width);
+    for c in 0..g.channels {
+        let plane = &mut gx[c * h * w..(c + 1) * h * w];
+        for ky in 0..kh {
+            for kx in 0..kw {
+                let row = (c * kh + ky) * kw + kx;
+                let src = &cols[row * ld..row * ld + ho * wo];
+                let first = (pw.saturating_sub(kx)).div_ceil(sw).min(wo);
+                let last = if w + pw > kx { ((w + pw - kx - 1) / sw + 1).min(wo) } else { 0 }.max(first);
+                for oy in 0..ho {
+                    let iy = (oy * sh + ky) as isize - ph as isize;
+                    if iy < 0 || iy >= h as isize || first == last {
+                        continue;
+                    }
+                    let dst = &mut plane[iy as usize * w..(iy as usize + 1) * w];
+                    let x0 = first * sw + kx - pw;
+                    for (i, v) in (x0..).step_by(sw).zip(&src[oy * wo + first..oy * wo + last]) {
+                        dst[i] += v;
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// The whole batch's gathered windows side by side: `[k, batch · l]`, image `i` in columns
+/// `i·l..(i+1)·l`.
+fn batch_columns(x: &[f32], g: &ConvGeometry) -> Vec<f32> {
+    let (k, l, n) = (g.k(), g.l(), g.batch);
+    let mut cols = vec![0.0; k * n * l];
+    for i in 0..n {
+        im2col(&x[i * g.image_len()..(i + 1) * g.image_len()], g, &mut cols[i * l..], n * l);
+    }
+    cols
+}
+
+/// `[batch, out, l]` from `[out, batch · l]` (or back, `to_batch_major = false`).
+fn swap_batch(src: &[f32], n: usize, o: usize, l: usize, to_batch_major: bool) -> Vec<f32> {
+    let mut dst = vec![0.0; src.len()];
+    for i in 0..n {
+        for c in 0..o {
+            let (a, b) = ((c * n + i) * l, (i * o + c) * l);
+            let (from, to) = if to_batch_major { (a, b) } else { (b, a) };
+            dst[to..to + l].copy_from_slice(&src[from..from + l]);
+        }
+    }
+    dst
+}
+
+/// The convolution: `[batch, out, ho, wo]`.
+pub fn conv2d(x: &[f32], weight: &[f32], g: &ConvGeometry) -> Vec<f32> {
+    let (n, o, k, l) = (g.batch, g.out_channels, g.k(), g.l());
+    assert_eq!(x.len(), n * g.image_len(), "conv input size");
+    assert_eq!(weight.len(), o * k, "conv weight size");
+    if l < SMALL_MAP && n > 1 {
+        let cols = batch_columns(x, g);
+        let mut product = vec![0.0; o * n * l];
+        matmul(o, n * l, k, &mut product, n * l, false, weight, [k, 1], &cols, [n * l, 1], true);
+        return swap_batch(&product, n, o, l, true);
+    }
+    let mut out = vec![0.0; n * o * l];
+    let per_image = n >= rayon::current_num_threads();
+    let image = |(i, out): (usize, &mut [f32])| {
+        let x = &x[i * g.image_len()..(i + 1) * g.image_len()];
+        if g.pointwise() {
+            matmul(o, l, k, out, l, false, weight, [k, 1], x, [l, 1], !per_image);
+        } else {
+            let mut cols = vec![0.0; k * l];
+            im2col(x, g, &mut cols, l);
+            matmul(o, l, k, out, l, false, weight, [k, 1], &cols, [l, 1], !per_image);
+        }
+    };
+    if per_image {
+        out.par_chunks_mut(o * l).enumerate().for_each(image);
+    } else {
+        out.chunks_mut(o * l).enumerate().for_each(image);
+    }
+    out
+}
+
+/// Gradient of [`conv2d`] with respect to its input, for the output gradient `grad`.
+pub fn conv2d_input_grad(weight: &[f32], grad: &[f32], g: &ConvGeometry) -> Vec<f32> {
+    let (n, o, k, l) = (g.batch, g.out_channels, g.k(), g.l());
+    assert_eq!(grad.len(), n * o * l, "conv output gradient size");
+    let mut gx = vec![0.0; n * g.image_len()];
+    if l < SMALL_MAP && n > 1 {
+        let grad = swap_batch(grad, n, o, l, false);
+        let mut cols = vec![0.0; k * n * l];
+        matmul(k, n * l, o, &mut cols, n * l, false, weight, [1, k], &grad, [n * l, 1], true);
+        for (i, gx) in gx.chunks_mut(g.image_len()).enumerate() {
+            col2im(&cols[i * l..], n * l, g, gx);
+        }
+        return gx;
+    }
+    let per_image = n >= rayon::current_num_threads();
+    let image = |(i, gx): (usize, &mut [f32])| {
+        let grad = &grad[i * o * l..(i + 1) * o * l];
+        if g.pointwise() {
+            matmul(k, l, o, gx, l, false, weight, [1, k], grad, [l, 1], !per_image);
+        } else {
+            let mut cols = vec![0.0; k * l];
+            matmul(k, l, o, &mut cols, l, false, weight, [1, k], grad, [l, 1], !per_image);
+            col2im(&cols, l, g, gx);
+        }
+    };
+    if per_image {
+        gx.par_chunks_mut(g.image_len()).enumerate().for_each(image);
+    } else {
+        gx.chunks_mut(g.image_len()).enumerate().for_each(image);
+    }
+    gx
+}
+
+/// Gradient of [`conv2d`] with respect to its weight: `Σ_i grad_i · cols_iᵀ`, summed in a fixed
+/// order (see [`WEIGHT_GRADIENT_PARTS`]).
+pub fn conv2d_weight_grad(x: &[f32], grad: &[f32], g: &ConvGeometry) -> Vec<f32> {
+    let (n, o, k, l) = (g.batch, g.out_channels, g.k(), g.l());
+    assert_eq!(grad.len(), n * o * l, "conv output gradient size");
+    if l < SMALL_MAP && n > 1 {
+        let cols = batch_columns(x, g);
+        let grad = swap_batch(grad, n, o, l, false);
+        let mut gw = vec![0.0; o * k];
+        matmul(o, k, n * l, &mut gw, k, false, &grad, [n * l, 1], &cols, [1, n * l], true);
+        return gw;
+    }
+    let part_len = n.div_ceil(WEIGHT_GRADIENT_PARTS);
+    let parts: Vec<Vec<f32>> = (0..n.div_ceil(part_len))
+        .into_par_iter()
+        .map(|part| {
+            let mut gw = vec![0.0; o * k];
+            let mut cols = if g.pointwise() { Vec::new() } else { vec![0.0; k * l] };
+            for (j, i) in (part * part_len..((part + 1) * part_len).min(n)).enumerate() {
+                let x = &x[i * g.image_len()..(i + 1) * g.image_len()];
+                let grad = &grad[i * o * l..(i + 1) * o * l];
+                let cols = if g.pointwise() {
+                    x
+                } else {
+                    im2col(x, g, &mut cols, l);
+                    &cols[..]
+                };
+                matmul(o, k, l, &mut gw, k, j > 0, grad, [l, 1], cols, [1, l], false);
+            }
+            gw
+        })
+        .collect();
+    let mut parts = parts.into_iter();
+    let mut gw = parts.next().unwrap_or_else(|| vec![0.0; o * k]);
+    for part in parts {
+        gw.iter_mut().zip(part).for_each(|(a, b)| *a += b);
+    }
+    gw
+}
+
+/// Per-channel sums over batch and pixels of `f(index, channel)`, in f64, channels in parallel.
+fn channel_sums(n: usize, c: usize, hw: usize, f: impl Fn(usize, usize) -> f64 + Sync) -> Vec<f64> {
+    (0..c)
+        .into_par_iter()
+        .map(|ch| {
+            let mut total = 0.0;
+            for i in 0..n {
+                let base = (i * c + ch) * hw;
+                total += (base..base + hw).map(|j| f(j, ch)).sum::<f64>();
+            }
+            total
+        })
+        .collect()
+}
+
+/// Batch mean and biased variance per channel of `[batch, channels, hw]`, accumulated in f64.
+pub fn batch_moments(x: &[f32], n: usize, c: usize, hw: usize) -> (Vec<f32>, Vec<f32>) {
+    let count = (n * hw) as f64;
+    let mean = channel_sums(n, c, hw, |j, _| x[j] as f64);
+    let mean: Vec<f64> = mean.into_iter().map(|s| s / count).collect();
+    let var = channel_sums(n, c, hw, |j, ch| {
+        let d = x[j] as f64 - mean[ch];
+        d * d
+    });
+    (mean.iter().map(|&m| m as f32).collect(), var.into_iter().map(|v| (v / count) as f32).collect())
+}
+
+/// `y = act((x − mean[c]) · scale[c] + shift[c] (+ residual))`, act ReLU or none.
+pub fn normalize(x: &[f32], mean: &[f32], scale: &[f32], shift: &[f32], residual: Option<&[f32]>, relu: bool, hw: usize) -> Vec<f32> {
+    let c = mean.len();
+    let mut y = vec![0.0; x.len()];
+    y.par_chunks_mut(hw).enumerate().for_each(|(row, y)| {
+        let ch = row % c;
+        let (m, s, b) = (mean[ch], scale[ch], shift[ch]);
+        let x = &x[row * hw..(row + 1) * hw];
+        match residual {
+            Some(r) => {
+                let r = &r[row * hw..(row + 1) * hw];
+                for ((y, &x), &r) in y.iter_mut().zip(x).zip(r) {
+                    let v = (x - m) * s + b + r;
+                    *y = if relu { v.max(0.0) } else { v };
+                }
+            }
+            None => {
+                for (y, &x) in y.iter_mut().zip(x) {
+                    let v = (x - m) * s + b;
+                    *y = if relu { v.max(0.0) } else { v };
+                }
+            }
+        }
+    });
+    y
+}
+
+/// Gradients of a batch norm followed by an optional residual sum and ReLU.
+pub struct NormGrads {
+    pub x: Vec<f32>,
+    pub weight: Vec<f32>,
+    pub bias: Vec<f32>,
+    /// The gradient after the ReLU's mask: that of the residual input.
+    pub residual: Vec<f32>,
+}
+
+/// Backward of `y = act((x − mean) · weight · inv_std + bias (+ residual))` for the output
+/// gradient `grad`, given the output `y` (the ReLU's mask). `batch_stats`: mean and inverse
+/// deviation are the batch's own (training), so the input gradient flows through them too;
+/// otherwise they are constants (evaluation).
+#[allow(clippy::too_many_arguments)]
+pub fn normalize_backward(x: &[f32], y: &[f32], grad: &[f32], mean: &[f32], inv_std: &[f32], weight: &[f32], relu: bool, batch_stats: bool, n: usize, hw: usize) -> NormGrads {
+    let c = mean.len();
+    let g: Vec<f32> = if relu { grad.par_iter().zip(y).map(|(&g, &y)| if y > 0.0 { g } else { 0.0 }).collect() } else { grad.to_vec() };
+    let sum_g = channel_sums(n, c, hw, |j, _| g[j] as f64);
+    let sum_gxhat = channel_sums(n, c, hw, |j, ch| g[j] as f64 * ((x[j] - mean[ch]) * inv_std[ch]) as f64);
+    let count = (n * hw) as f64;
+    let mut gx = vec![0.0; x.len()];
+    gx.par_chunks_mut(hw).enumerate().for_each(|(row, gx)| {
+        let ch = row % c;
+        let (m, is, w) = (mean[ch], inv_std[ch], weight[ch]);
+        let g = &g[row * hw..(row + 1) * hw];
+        let x = &x[row * hw..(row + 1) * hw];
+        if batch_stats {
+            let (mg, mgx) = ((sum_g[ch] / count) as f32, (sum_gxhat[ch] / count) as f32);
+            let k = w * is;
+            for ((gx, &g), &x) in gx.iter_mut().zip(g).zip(x) {
+                *gx = k * (g - mg - (x - m) * is * mgx);
+            }
+        } else {
+            let k = w * is;
+            for (gx, &g) in gx.iter_mut().zip(g) {
+                *gx = k * g;
+            }
+        }
+    });
+    NormGrads {
+        x: gx,
+        weight: sum_gxhat.iter().map(|&v| v as f32).collect(),
+        bias: sum_g.iter().map(|&v| v as f32).collect(),
+        residual: g,
+    }
+}
+
+/// Max-pool (padding never wins, the first maximum of a window in row-major order wins) of
+/// `act(x · scale[c] + shift[c])` (`affine`: `None` pools `x` itself), with the flat index
+/// `iy · w + ix` of every window's winner.
+pub fn max_pool(x: &[f32], planes: usize, channels: usize, hw: [usize; 2], kernel: usize, stride: usize, padding: usize, affine: Option<(&[f32], &[f32])>) -> (Vec<f32>, Vec<i64>) {
+    let [h, w] = hw;
+    let out_len = |i: usize| (i + 2 * padding).saturating_sub(kernel) / stride + 1;
+    let (ho, wo) = (out_len(h), out_len(w));
+    let mut out = vec![0.0; planes * ho * wo];
+    let mut idx = vec![0i64; planes * ho * wo];
+    out.par_chunks_mut(ho * wo).zip(idx.par_chunks_mut(ho * wo)).enumerate().for_each(|(p, (out, idx))| {
+        let plane = &x[p * h * w..(p + 1) * h * w];
+        let act: Option<Vec<f32>> = affine.map(|(scale, shift)| {
+            let (s, b) = (scale[p % channels], shift[p % channels]);
+            plane.iter().map(|&v| (v * s + b).max(0.0)).collect()
+        });
+        let plane = act.as_deref().unwrap_or(plane);
+        for oy in 0..ho {
+            let y0 = (oy * stride) as isize - padding as isize;
+            let (ya, yb) = (y0.max(0) as usize, ((y0 + kernel as isize).min(h as isize)).max(0) as usize);
+            for ox in 0..wo {
+                let x0 = (ox * stride) as isize - padding as isize;
+                let (xa, xb) = (x0.max(0) as usize, ((x0 + kernel as isize).min(w as isize)).max(0) as usize);
+                let (mut best, mut at) = (f32::NEG_INFINITY, ya * w + xa);
+                for iy in ya..yb {
+                    for ix in xa..xb {
+                        let v = plane[iy * w + ix];
+                        // `>`: the first maximum stays; NaN wins as in PyTorch.
+                        if v > best || v.is_nan() && !best.is_nan() {
+                            best = v;
+                            at = iy * w + ix;
+                        }
+                    }
+                }
+                out[oy * wo + ox] = best;
+                idx[oy * wo + ox] = at as i64;
+            }
+        }
+    });
+    (out, idx)
+}
+
+/// Scatters `grad` onto the winners `indices` of [`max_pool`]: `[planes, h · w]`.
+pub fn max_pool_backward(grad: &[f32], indices: &[i64], planes: usize, hw: usize) -> Vec<f32> {
+    let out_len = grad.len() / planes.max(1);
+    let mut gx = vec![0.0; planes * hw];
+    gx.par_chunks_mut(hw).enumerate().for_each(|(p, gx)| {
+        for (&g, &i) in grad[p * out_len..(p + 1) * out_len].iter().zip(&indices[p * out_len..(p + 1) * out_len]) {
+            gx[i as usize] += g;
+        }
+    });
+    gx
+}
+
+/// Exact GELU, `x · Φ(x)`, in double precision through libm's `erf` (as NdArray's `erf`).
+pub fn gelu(x: f32) -> f32 {
+    let x = x as f64;
+    (0.5 * x * (1.0 + libm::erf(x * std::f64::consts::FRAC_1_SQRT_2))) as f32
+}
+
+/// The derivative of [`gelu`]: `Φ(x) + x · φ(x)`.
+pub fn gelu_derivative(x: f32) -> f32 {
+    let x = x as f64;
+    let cdf = 0.5 * (1.0 + libm::erf(x * std::f64::consts::FRAC_1_SQRT_2));
+    let density = (-0.5 * x * x).exp() * (std::f64::consts::FRAC_2_SQRT_PI * std::f64::consts::FRAC_1_SQRT_2 * 0.5);
+    (cdf + x * density) as f32
+}
+
+/// Sums of the rows of `[rows, d]` values `f(row, column)` per column, in f64: parts of a fixed
+/// number of rows in parallel, then the parts in order (the same sums for any thread count).
+fn column_sums(rows: usize, d: usize, f: impl Fn(usize, usize) -> f64 + Sync) -> Vec<f32> {
+    const PART: usize = 256;
+    let parts: Vec<Vec<f64>> = (0..rows.div_ceil(PART))
+        .into_par_iter()
+        .map(|part| {
+            let mut sums = vec![0.0; d];
+            for row in part * PART..((part + 1) * PART).min(rows) {
+                for (j, s) in sums.iter_mut().enumerate() {
+                    *s += f(row, j);
+                }
+            }
+            sums
+        })
+        .collect();
+    let mut total = vec![0.0f64; d];
+    for part in parts {
+        total.iter_mut().zip(part).for_each(|(t, p)| *t += p);
+    }
+    total.into_iter().map(|v| v as f32).collect()
+}
+
+/// `act(x · weight + bias)` for `x` `[rows, in]` and `weight` `[in, out]` (Burn's `Linear`
+/// layout), act GELU (`gelu`) or none; with GELU also the pre-activation, which the backward
+/// needs.
+pub fn linear(x: &[f32], weight: &[f32], bias: Option<&[f32]>, rows: usize, inputs: usize, outputs: usize, gelu_after: bool) -> (Vec<f32>, Option<Vec<f32>>) {
+    let mut z = vec![0.0; rows * outputs];
+    matmul(rows, outputs, inputs, &mut z, outputs, false, x, [inputs, 1], weight, [outputs, 1], true);
+    if let Some(bias) = bias {
+        z.par_chunks_mut(outputs).for_each(|row| row.iter_mut().zip(bias).for_each(|(z, b)| *z += b));
+    }
+    if !gelu_after {
+        return (z, None);
+    }
+    let y = z.par_iter().map(|&v| gelu(v)).collect();
+    (y, Some(z))
+}
+
+/// Gradients of [`linear`] with respect to `x`, `weight` and `bias`, given the pre-activation
+/// when GELU followed.
+#[allow(clippy::too_many_arguments)]
+pub fn linear_backward(x: &[f32], weight: &[f32], grad: &[f32], pre: Option<&[f32]>, rows: usize, inputs: usize, outputs: usize) -> (Vec<f32>, Vec<f32>, Vec<f32>) {
+    let g: Cow<[f32]> = match pre {
+        Some(z) => Cow::Owned(grad.par_iter().zip(z).map(|(&g, &z)| g * gelu_derivative(z)).collect()),
+        None => Cow::Borrowed(grad),
+    };
+    let mut gx = vec![0.0; rows * inputs];
+    matmul(rows, inputs, outputs, &mut gx, inputs, false, &g, [outputs, 1], weight, [1, outputs], true);
+    let mut gw = vec![0.0; inputs * outputs];
+    matmul(inputs, outputs, rows, &mut gw, outputs, false, x, [1, inputs], &g, [outputs, 1], true);
+    let gb = column_sums(rows, outputs, |r, j| g[r * outputs + j] as f64);
+    (gx, gw, gb)
+}
+
+/// Layer norm over the last dimension of `[rows, d]`: the output, and each row's mean and
+/// inverse deviation `1 / sqrt(var + eps)` (biased variance), in f64 within the row.
+pub fn layer_norm(x: &[f32], gamma: &[f32], beta: Option<&[f32]>, d: usize, epsilon: f64) -> (Vec<f32>, Vec<f32>, Vec<f32>) {
+    let rows = x.len() / d.max(1);
+    let mut y = vec![0.0; x.len()];
+    let mut stats = vec![(0.0f32, 0.0f32); rows];
+    y.par_chunks_mut(d).zip(stats.par_iter_mut()).enumerate().for_each(|(r, (y, stat))| {
+        let x = &x[r * d..(r + 1) * d];
+        let mean = x.iter().map(|&v| v as f64).sum::<f64>() / d as f64;
+        let var = x.iter().map(|&v| (v as f64 - mean).powi(2)).sum::<f64>() / d as f64;
+        let rstd = 1.0 / (var + epsilon).sqrt();
+        let (mean, rstd) = (mean as f32, rstd as f32);
+        for (j, (y, &v)) in y.iter_mut().zip(x).enumerate() {
+            *y = (v - mean) * rstd * gamma[j] + beta.map_or(0.0, |b| b[j]);
+        }
+        *stat = (mean, rstd);
+    });
+    let (mean, rstd) = stats.into_iter().unzip();
+    (y, mean, rstd)
+}
+
+/// Gradients of [`layer_norm`] with respect to `x`, `gamma` and `beta`.
+pub fn layer_norm_backward(x: &[f32], grad: &[f32], mean: &[f32], rstd: &[f32], gamma: &[f32], d: usize) -> (Vec<f32>, Vec<f32>, Vec<f32>) {
+    let rows = mean.len();
+    let mut gx = vec![0.0; x.len()];
+    gx.par_chunks_mut(d).enumerate().for_each(|(r, gx)| {
+        let (x, g) = (&x[r * d..(r + 1) * d], &grad[r * d..(r + 1) * d]);
+        let (m, s) = (mean[r], rstd[r]);
+        let (mut sum_g, mut sum_gx) = (0.0f64, 0.0f64);
+        for j in 0..d {
+            let gh = (g[j] * gamma[j]) as f64;
+            sum_g += gh;
+            sum_gx += gh * ((x[j] - m) * s) as f64;
+        }
+        let (mg, mgx) = ((sum_g / d as f64) as f32, (sum_gx / d as f64) as f32);
+        for j in 0..d {
+            let xhat = (x[j] - m) * s;
+            gx[j] = s * (g[j] * gamma[j] - mg - xhat * mgx);
+        }
+    });
+    let ggamma = column_sums(rows, d, |r, j| (grad[r * d + j] * ((x[r * d + j] - mean[r]) * rstd[r])) as f64);
+    let gbeta = column_sums(rows, d, |r, j| grad[r * d + j] as f64);
+    (gx, ggamma, gbeta)
+}
+
+/// Softmax over the last dimension of `[rows, d]`, shifted by the row's maximum.
+pub fn softmax(x: &[f32], d: usize) -> Vec<f32> {
+    let mut y = vec![0.0; x.len()];
+    y.par_chunks_mut(d).enumerate().for_each(|(r, y)| {
+        let x = &x[r * d..(r + 1) * d];
+        let max = x.iter().fold(f32::NEG_INFINITY, |m, &v| m.max(v));
+        let mut sum = 0.0f64;
+        for (y, &v) in y.iter_mut().zip(x) {
+            *y = (v - max).exp();
+            sum += *y as f64;
+        }
+        let sum = sum as f32;
+        y.iter_mut().for_each(|y| *y /= sum);
+    });
+    y
+}
+
+/// Gradient of [`softmax`] given its output: `y · (g − Σ g·y)` per row.
+pub fn softmax_backward(y: &[f32], grad: &[f32], d: usize) -> Vec<f32> {
+    let mut gx = vec![0.0; y.len()];
+    gx.par_chunks_mut(d).enumerate().for_each(|(r, gx)| {
+        let (y, g) = (&y[r * d..(r + 1) * d], &grad[r * d..(r + 1) * d]);
+        let dot = y.iter().zip(g).map(|(&y, &g)| (y * g) as f64).sum::<f64>() as f32;
+        for j in 0..d {
+            gx[j] = y[j] * (g[j] - dot);
+        }
+    });
+    gx
+}
+
+/// `gelu(max_pool3x3(gelu(tokens)))` over the `[height, width]` grid of `[batch, h·w, c]`
+/// tokens (stride 1, padding 1, padding never wins, the first maximum of a window in row-major
+/// order wins), with the token index of every window's winner.
+pub fn gelu_max_pool_gelu(tokens: &[f32], grid: [usize; 2], c: usize) -> (Vec<f32>, Vec<i64>) {
+    let [h, w] = grid;
+    let n = h * w;
+    let activated: Vec<f32> = tokens.par_iter().map(|&v| gelu(v)).collect();
+    let mut out = vec![0.0; tokens.len()];
+    let mut idx = vec![0i64; tokens.len()];
+    out.par_chunks_mut(c).zip(idx.par_chunks_mut(c)).enumerate().for_each(|(row, (out, idx))| {
+        let (b, t) = (row / n, row % n);
+        let (ty, tx) = (t / w, t % w);
+        out.fill(f32::NEG_INFINITY);
+        for y in ty.saturating_sub(1)..(ty + 2).min(h) {
+            for x in tx.saturating_sub(1)..(tx + 2).min(w) {
+                let token = y * w + x;
+                let values = &activated[(b * n + token) * c..(b * n + token + 1) * c];
+                for ((o, i), &v) in out.iter_mut().zip(idx.iter_mut()).zip(values) {
+                    if v > *o || v.is_nan() && !o.is_nan() {
+                        *o = v;
+                        *i = token as i64;
+                    }
+                }
+            }
+        }
+        out.iter_mut().for_each(|o| *o = gelu(*o));
+    });
+    (out, idx)
+}
+
+/// Gradient of [`gelu_max_pool_gelu`]: `grad · gelu'(m) · gelu'(x)` onto each window's winner
+/// `x`, where `m = gelu(x)`.
+pub fn gelu_max_pool_gelu_backward(tokens: &[f32], indices: &[i64], grad: &[f32], n: usize, c: usize) -> Vec<f32> {
+    let mut gx = vec![0.0; tokens.len()];
+    gx.par_chunks_mut(n * c).enumerate().for_each(|(b, gx)| {
+        let base = b * n * c;
+        for t in 0..n {
+            for ch in 0..c {
+                let at = base + t * c + ch;
+                let winner = indices[at] as usize;
+                let x = tokens[base + winner * c + ch];
+                gx[winner * c + ch] += grad[at] * gelu_derivative(gelu(x)) * gelu_derivative(x);
+            }
+        }
+    });
+    gx
+}
