@@ -78,6 +78,11 @@ impl<B: FusedOps> ConvBn<B> {
     /// backends without pf's kernels, and GPUs keep Burn's convolution for them.
     pub fn conv_forward(&self, x: Tensor<B, 4>) -> Tensor<B, 4> {
         let conv = &self.conv;
+        if conv.bias.is_none() {
+            if let Some(y) = conv2d_on_cpu_kernels(conv, x.clone()) {
+                return y;
+            }
+        }
         let plain = conv.groups == 1 && conv.dilation == [1, 1] && conv.bias.is_none();
         let padding = match conv.padding {
             PaddingConfig2d::Valid => Some([0, 0]),
@@ -86,7 +91,6 @@ impl<B: FusedOps> ConvBn<B> {
         };
         let pointwise = conv.kernel_size == [1, 1] && padding == Some([0, 0]);
         match padding {
-            Some(padding) if plain && B::CPU_KERNELS => fused_conv2d(x, conv.weight.val(), conv.stride, padding),
             Some(padding) if plain && (pointwise || !B::HAS_KERNELS) => conv2d_as_matmul(x, conv.weight.val(), conv.stride, padding),
             _ => conv.forward(x),
         }
@@ -95,6 +99,37 @@ impl<B: FusedOps> ConvBn<B> {
     /// Output size and cost on an `hw` map.
     pub fn cost(&self, hw: [usize; 2]) -> ([usize; 2], Cost) {
         conv_cost(&self.conv, hw)
+    }
+}
+
+/// `conv(x)` through pf's CPU convolution kernel (then the bias), where the backend has the
+/// kernels and the convolution is a plain one (one group, no dilation, symmetric padding);
+/// `None` otherwise.
+fn conv2d_on_cpu_kernels<B: FusedOps>(conv: &Conv2d<B>, x: Tensor<B, 4>) -> Option<Tensor<B, 4>> {
+    let padding = match conv.padding {
+        PaddingConfig2d::Valid => [0, 0],
+        PaddingConfig2d::Explicit(top, left, bottom, right) if top == bottom && left == right => [top, left],
+        _ => return None,
+    };
+    if !B::CPU_KERNELS || conv.groups != 1 || conv.dilation != [1, 1] {
+        return None;
+    }
+    let y = fused_conv2d(x, conv.weight.val(), conv.stride, padding);
+    Some(match &conv.bias {
+        Some(bias) => {
+            let o = bias.dims()[0];
+            y + bias.val().reshape([1, o, 1, 1])
+        }
+        None => y,
+    })
+}
+
+/// A convolution layer's forward pass: pf's CPU kernel where it applies (see
+/// `conv2d_on_cpu_kernels`), Burn's `Conv2d::forward` elsewhere.
+pub fn conv2d_forward<B: FusedOps>(conv: &Conv2d<B>, x: Tensor<B, 4>) -> Tensor<B, 4> {
+    match conv2d_on_cpu_kernels(conv, x.clone()) {
+        Some(y) => y,
+        None => conv.forward(x),
     }
 }
 

@@ -67,7 +67,13 @@ impl<B: Backend> LayerNorm<B> {
     /// # Shapes
     /// - `x`: `[..., d_model]`
     /// - output: same
-    pub fn forward<const D: usize>(&self, x: Tensor<B, D>) -> Tensor<B, D> {
+    pub fn forward<const D: usize>(&self, x: Tensor<B, D>) -> Tensor<B, D>
+    where
+        B: pf_kernels::FusedOps,
+    {
+        if B::CPU_KERNELS {
+            return pf_kernels::fused_layer_norm(x, self.gamma.val(), self.beta.as_ref().map(|b| b.val()), self.epsilon);
+        }
         let last = D - 1;
         let centered = x.clone() - x.mean_dim(last);
         let var = centered.clone().square().mean_dim(last);

@@ -3,7 +3,7 @@
 
 use burn::nn::{Dropout, DropoutConfig, Linear, LinearConfig};
 use burn::prelude::*;
-use pf_kernels::{fused_gelu_max_pool_gelu, gelu, reference_gelu_max_pool_gelu, FusedOps};
+use pf_kernels::{fused_gelu_max_pool_gelu, fused_linear, fused_softmax, gelu, reference_gelu_max_pool_gelu, FusedOps};
 use serde::{Deserialize, Serialize};
 
 use crate::drop::DropPath;
@@ -52,7 +52,7 @@ impl<B: FusedOps> Attention<B> {
     pub fn forward(&self, x: Tensor<B, 3>) -> Tensor<B, 3> {
         let [b, n, c] = x.dims();
         let head_dim = c / self.num_heads;
-        let qkv = self.qkv.forward(x);
+        let qkv = linear(&self.qkv, x, false);
         let split = |i: usize| {
             qkv.clone()
                 .narrow(2, i * c, c)
@@ -61,9 +61,10 @@ impl<B: FusedOps> Attention<B> {
         };
         let (q, k, v) = (split(0), split(1), split(2));
         let scores = q.mul_scalar((head_dim as f64).powf(-0.5)).matmul(k.swap_dims(2, 3));
-        let attn = self.attn_drop.forward(softmax(scores, 3));
+        let attn = if B::CPU_KERNELS { fused_softmax(scores) } else { softmax(scores, 3) };
+        let attn = self.attn_drop.forward(attn);
         let out = attn.matmul(v).swap_dims(1, 2).reshape([b, n, c]);
-        self.proj_drop.forward(self.proj.forward(out))
+        self.proj_drop.forward(linear(&self.proj, out, false))
     }
 }
 
@@ -85,9 +86,24 @@ impl<B: FusedOps> EffLayer<B> {
     /// - `x`: `[batch, height * width, dim]`, row-major grid
     /// - output: same
     pub fn forward(&self, x: Tensor<B, 3>, grid: [usize; 2]) -> Tensor<B, 3> {
-        let x = self.qkv.forward(x);
+        let x = linear(&self.qkv, x, false);
         let x = if self.fused { fused_gelu_max_pool_gelu(x, grid) } else { reference_gelu_max_pool_gelu(x, grid) };
-        self.proj_drop.forward(self.proj.forward(x))
+        self.proj_drop.forward(linear(&self.proj, x, false))
+    }
+}
+
+/// `layer(x)`, then exact GELU when `gelu`: one pass through pf's CPU kernel (a multithreaded
+/// GEMM, the bias and GELU on its output) where the backend has them, Burn's `Linear` and the
+/// plain-ops GELU elsewhere.
+pub fn linear<B: FusedOps, const D: usize>(layer: &Linear<B>, x: Tensor<B, D>, gelu_after: bool) -> Tensor<B, D> {
+    if B::CPU_KERNELS {
+        return fused_linear(x, layer.weight.val(), layer.bias.as_ref().map(|b| b.val()), gelu_after);
+    }
+    let y = layer.forward(x);
+    if gelu_after {
+        gelu(y)
+    } else {
+        y
     }
 }
 
@@ -107,8 +123,8 @@ pub struct Mlp<B: FusedOps> {
 
 impl<B: FusedOps> Mlp<B> {
     pub fn forward(&self, x: Tensor<B, 3>) -> Tensor<B, 3> {
-        let x = self.drop.forward(gelu(self.fc1.forward(x)));
-        self.drop.forward(self.fc2.forward(x))
+        let x = self.drop.forward(linear(&self.fc1, x, true));
+        self.drop.forward(linear(&self.fc2, x, false))
     }
 }
 

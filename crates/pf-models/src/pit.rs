@@ -189,13 +189,13 @@ impl<B: FusedOps> Pit<B> {
     /// - `x`: `[batch, 3, height, width]`
     /// - output: `[batch, num_classes]`
     pub fn forward(&self, x: Tensor<B, 4>) -> Tensor<B, 2> {
-        let x = self.patch_embed.conv.forward(x);
+        let x = pf_core::conv::conv2d_forward(&self.patch_embed.conv, x);
         let [_, _, h, w] = x.dims();
         let pos = resize_bicubic(self.pos_embed.val(), [h, w]);
         let mut x = self.pos_drop.forward(x + pos);
         for (s, stage) in self.transformers.iter().enumerate() {
             if s > 0 {
-                x = self.pools[s - 1].conv.forward(x);
+                x = pf_core::conv::conv2d_forward(&self.pools[s - 1].conv, x);
             }
             x = stage.forward(x);
         }

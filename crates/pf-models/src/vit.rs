@@ -137,7 +137,7 @@ impl<B: FusedOps> Vit<B> {
     /// - `x`: `[batch, 3, img_size, img_size]`
     /// - output: `[batch, num_classes]`
     pub fn forward(&self, x: Tensor<B, 4>) -> Tensor<B, 2> {
-        let x = self.patch_embed.proj.forward(x);
+        let x = pf_core::conv::conv2d_forward(&self.patch_embed.proj, x);
         let [b, d, gh, gw] = x.dims();
         let x = x.reshape([b, d, gh * gw]).swap_dims(1, 2);
         let x = self.pos_drop.forward(x + self.pos_embed.val());

@@ -357,3 +357,97 @@ mod tests {
         }
     }
 }
+
+#[cfg(test)]
+mod transformer_tests {
+    use burn::backend::{Autodiff, NdArray};
+    use burn::prelude::*;
+
+    use crate::reference::{gelu, reference_gelu_max_pool_gelu};
+    use crate::testing::Lcg;
+    use crate::{fused_gelu_max_pool_gelu, fused_layer_norm, fused_linear, fused_softmax};
+
+    type Ad = Autodiff<NdArray>;
+
+    fn random<const D: usize>(rng: &mut Lcg, shape: [usize; D], scale: f64, offset: f64) -> Tensor<Ad, D> {
+        let values: Vec<f32> = (0..shape.iter().product()).map(|_| (offset + scale * rng.normal()) as f32).collect();
+        Tensor::from_data(TensorData::new(values, shape), &Default::default())
+    }
+
+    fn assert_close<const D: usize>(what: &str, got: Tensor<NdArray, D>, expected: Tensor<NdArray, D>, tolerance: f32) {
+        assert_eq!(got.dims(), expected.dims(), "{what}: shapes");
+        let (got, expected) = (got.into_data().to_vec::<f32>().unwrap(), expected.into_data().to_vec::<f32>().unwrap());
+        let scale = expected.iter().fold(1f32, |m, e| m.max(e.abs()));
+        for (i, (g, e)) in got.iter().zip(&expected).enumerate() {
+            assert!((g - e).abs() <= tolerance * scale, "{what}[{i}] = {g}, reference {e}");
+        }
+    }
+
+    /// Forward and gradients of `op` against `reference` under a random output weighting.
+    fn compare<const D: usize, const P: usize>(what: &str, inputs: [Tensor<Ad, D>; P], op: impl Fn(&[Tensor<Ad, D>]) -> Tensor<Ad, 3>, reference: impl Fn(&[Tensor<Ad, D>]) -> Tensor<Ad, 3>, rng: &mut Lcg) {
+        let inputs = inputs.map(|t| t.require_grad());
+        let (ours, theirs) = (op(&inputs), reference(&inputs));
+        assert_close(&format!("{what} output"), ours.clone().inner(), theirs.clone().inner(), 1e-5);
+        let weights = random(rng, theirs.dims(), 1.0, 0.0);
+        let (g1, g2) = ((ours * weights.clone()).sum().backward(), (theirs * weights).sum().backward());
+        for (i, t) in inputs.iter().enumerate() {
+            match (t.grad(&g1), t.grad(&g2)) {
+                (Some(a), Some(b)) => assert_close(&format!("{what} gradient {i}"), a, b, 2e-5),
+                (None, None) => {} // an input the op does not use
+                (a, b) => panic!("{what}: gradient {i} present {} here, {} in the reference", a.is_some(), b.is_some()),
+            }
+        }
+    }
+
+    /// Linear (with and without bias and GELU), layer norm, softmax and the eff layer's
+    /// `GELU → max-pool → GELU` on token grids from 1×1 up, batch 1 and above, against plain ops.
+    #[test]
+    fn transformer_kernels_match_the_reference() {
+        let mut rng = Lcg(21);
+        for [b, h, w, d] in [[1, 1, 1, 4], [2, 3, 5, 6], [3, 4, 4, 8], [1, 7, 2, 3]] {
+            let n = h * w;
+            let case = format!("[{b}, {h}x{w}, {d}]");
+            let x = random(&mut rng, [b, n, d], 1.5, 0.3);
+            for (bias, act) in [(true, true), (false, false), (true, false)] {
+                let weight = random(&mut rng, [d, 5], 0.5, 0.0).reshape([1, d, 5]);
+                let b_ = random(&mut rng, [1, 1, 5], 0.5, 0.0);
+                compare(
+                    &format!("{case} linear bias {bias} gelu {act}"),
+                    [x.clone(), weight, b_],
+                    |t| fused_linear(t[0].clone(), t[1].clone().reshape([d, 5]), bias.then(|| t[2].clone().reshape([5])), act),
+                    |t| {
+                        let y = t[0].clone().matmul(t[1].clone());
+                        let y = if bias { y + t[2].clone() } else { y };
+                        if act { gelu(y) } else { y }
+                    },
+                    &mut rng,
+                );
+            }
+            let gamma = random(&mut rng, [1, 1, d], 0.5, 1.0);
+            let beta = random(&mut rng, [1, 1, d], 0.5, 0.0);
+            compare(
+                &format!("{case} layer norm"),
+                [x.clone(), gamma, beta],
+                |t| fused_layer_norm(t[0].clone(), t[1].clone().reshape([d]), Some(t[2].clone().reshape([d])), 1e-6),
+                |t| {
+                    let centered = t[0].clone() - t[0].clone().mean_dim(2);
+                    let deviation = centered.clone().square().mean_dim(2).add_scalar(1e-6).sqrt();
+                    centered * (deviation.ones_like() / deviation) * t[1].clone() + t[2].clone()
+                },
+                &mut rng,
+            );
+            compare(
+                &format!("{case} softmax"),
+                [x.clone()],
+                |t| fused_softmax(t[0].clone()),
+                |t| {
+                    let e = (t[0].clone() - t[0].clone().detach().max_dim(2)).exp();
+                    let sum = e.clone().sum_dim(2);
+                    e * (sum.ones_like() / sum)
+                },
+                &mut rng,
+            );
+            compare(&format!("{case} gelu-max-pool-gelu"), [x], |t| fused_gelu_max_pool_gelu(t[0].clone(), [h, w]), |t| reference_gelu_max_pool_gelu(t[0].clone(), [h, w]), &mut rng);
+        }
+    }
+}

@@ -460,6 +460,40 @@ pub fn fused_batch_norm<B: FusedOps>(
     (float(y), training.then(|| (float(mean), float(var))))
 }
 
+/// `act(x · weight + bias)` over the last dimension (Burn's `Linear`, then exact GELU when
+/// `gelu`) through [`FusedOps::linear_act`].
+///
+/// # Shapes
+/// - `x`: `[..., in]`, `weight`: `[in, out]`, `bias`: `[out]`
+/// - output: `[..., out]`
+pub fn fused_linear<B: FusedOps, const D: usize>(x: Tensor<B, D>, weight: Tensor<B, 2>, bias: Option<Tensor<B, 1>>, gelu: bool) -> Tensor<B, D> {
+    let mut shape = x.dims();
+    let [inputs, outputs] = weight.dims();
+    let rows = shape.iter().product::<usize>() / inputs.max(1);
+    let x = x.reshape([rows, inputs]).into_primitive().tensor();
+    let (y, _) = B::linear_act(x, weight.into_primitive().tensor(), bias.map(|b| b.into_primitive().tensor()), gelu);
+    shape[D - 1] = outputs;
+    float::<B, 2>(y).reshape(shape)
+}
+
+/// Layer norm over the last dimension (`nn.LayerNorm(d, eps)`) through
+/// [`FusedOps::layer_norm_stats`].
+pub fn fused_layer_norm<B: FusedOps, const D: usize>(x: Tensor<B, D>, gamma: Tensor<B, 1>, beta: Option<Tensor<B, 1>>, epsilon: f64) -> Tensor<B, D> {
+    let shape = x.dims();
+    let d = shape[D - 1];
+    let rows = shape.iter().product::<usize>() / d.max(1);
+    let [y, _, _] = B::layer_norm_stats(x.reshape([rows, d]).into_primitive().tensor(), gamma.into_primitive().tensor(), beta.map(|b| b.into_primitive().tensor()), epsilon);
+    float::<B, 2>(y).reshape(shape)
+}
+
+/// Softmax over the last dimension through [`FusedOps::softmax_last`].
+pub fn fused_softmax<B: FusedOps, const D: usize>(x: Tensor<B, D>) -> Tensor<B, D> {
+    let shape = x.dims();
+    let d = shape[D - 1];
+    let rows = shape.iter().product::<usize>() / d.max(1);
+    float::<B, 2>(B::softmax_last(x.reshape([rows, d]).into_primitive().tensor())).reshape(shape)
+}
+
 /// Max-pool through [`FusedOps::max_pool_plain`] (padding never wins, the first maximum wins).
 pub fn fused_max_pool2d<B: FusedOps>(x: Tensor<B, 4>, pool: Pool2d) -> Tensor<B, 4> {
     float(B::max_pool_plain(x.into_primitive().tensor(), pool))
