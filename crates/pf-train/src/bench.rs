@@ -319,6 +319,8 @@ pub fn draw_chart(path: &std::path::Path, title: &str, records: &[ModelRecord]) 
 pub fn kernel_note<B: FusedOps>() -> &'static str {
     if B::HAS_KERNELS {
         "fused = pf's CubeCL kernel"
+    } else if B::CPU_KERNELS {
+        "pf's CPU kernels: GELU -> max-pool -> GELU fused = one CPU kernel; BN -> ReLU -> max-pool fused = the reference twin, whose max-pool is pf's CPU kernel in both columns"
     } else {
         "this backend has no pf kernels: fused = the reference twin, so the ratios are ~1"
     }
