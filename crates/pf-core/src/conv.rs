@@ -78,17 +78,11 @@ impl<B: FusedOps> ConvBn<B> {
     /// backends without pf's kernels, and GPUs keep Burn's convolution for them.
     pub fn conv_forward(&self, x: Tensor<B, 4>) -> Tensor<B, 4> {
         let conv = &self.conv;
-        if conv.bias.is_none() {
-            if let Some(y) = conv2d_on_cpu_kernels(conv, x.clone()) {
-                return y;
-            }
+        if let Some(y) = conv2d_on_cpu_kernels(conv, x.clone()) {
+            return y;
         }
         let plain = conv.groups == 1 && conv.dilation == [1, 1] && conv.bias.is_none();
-        let padding = match conv.padding {
-            PaddingConfig2d::Valid => Some([0, 0]),
-            PaddingConfig2d::Explicit(top, left, bottom, right) if top == bottom && left == right => Some([top, left]),
-            _ => None,
-        };
+        let padding = symmetric_padding(conv);
         let pointwise = conv.kernel_size == [1, 1] && padding == Some([0, 0]);
         match padding {
             Some(padding) if plain && (pointwise || !B::HAS_KERNELS) => conv2d_as_matmul(x, conv.weight.val(), conv.stride, padding),
@@ -106,14 +100,10 @@ impl<B: FusedOps> ConvBn<B> {
 /// kernels and the convolution is a plain one (one group, no dilation, symmetric padding);
 /// `None` otherwise.
 fn conv2d_on_cpu_kernels<B: FusedOps>(conv: &Conv2d<B>, x: Tensor<B, 4>) -> Option<Tensor<B, 4>> {
-    let padding = match conv.padding {
-        PaddingConfig2d::Valid => [0, 0],
-        PaddingConfig2d::Explicit(top, left, bottom, right) if top == bottom && left == right => [top, left],
-        _ => return None,
-    };
     if !B::CPU_KERNELS || conv.groups != 1 || conv.dilation != [1, 1] {
         return None;
     }
+    let padding = symmetric_padding(conv)?;
     let y = fused_conv2d(x, conv.weight.val(), conv.stride, padding);
     Some(match &conv.bias {
         Some(bias) => {
@@ -122,6 +112,15 @@ fn conv2d_on_cpu_kernels<B: FusedOps>(conv: &Conv2d<B>, x: Tensor<B, 4>) -> Opti
         }
         None => y,
     })
+}
+
+/// `[height, width]` padding, where it is the same on both sides of each axis.
+fn symmetric_padding<B: Backend>(conv: &Conv2d<B>) -> Option<[usize; 2]> {
+    match conv.padding {
+        PaddingConfig2d::Valid => Some([0, 0]),
+        PaddingConfig2d::Explicit(top, left, bottom, right) if top == bottom && left == right => Some([top, left]),
+        _ => None,
+    }
 }
 
 /// A convolution layer's forward pass: pf's CPU kernel where it applies (see

@@ -56,37 +56,24 @@ impl<B: FusedOps> BatchNorm2d<B> {
     }
 
     /// `act(BN(x) (+ residual))`, act ReLU (`relu`) or none: a bottleneck's end in one pass
-    /// over the map on backends with pf's CPU kernels, the plain composition elsewhere.
+    /// over the map on backends with pf's CPU kernels, the reference twin's plain composition
+    /// elsewhere ([`pf_kernels::reference_batch_norm`]: centred first, as PyTorch, since
+    /// `x · scale + shift` loses precision when a channel's mean is large against its
+    /// deviation). Training mode (an autodiff backend) normalises with the batch's statistics
+    /// and updates the running ones.
     ///
     /// # Shapes
     /// - `x`, `residual`: `[batch, channels, height, width]`
     /// - output: same
     pub fn forward_act(&self, x: Tensor<B, 4>, residual: Option<Tensor<B, 4>>, relu: bool) -> Tensor<B, 4> {
-        if B::CPU_KERNELS {
-            let training = B::ad_enabled(&x.device());
-            let running = (!training).then(|| (self.running_mean.value_sync(), self.running_var.value_sync()));
-            let [n, _, h, w] = x.dims();
-            let (y, batch) = fused_batch_norm(x, self.weight.val(), self.bias.val(), running, residual, relu, self.epsilon);
-            if let Some((mean, var)) = batch {
-                self.update_running(mean, var, n * h * w);
-            }
-            return y;
+        let training = B::ad_enabled(&x.device());
+        let running = (!training).then(|| (self.running_mean.value_sync(), self.running_var.value_sync()));
+        let [n, _, h, w] = x.dims();
+        let (y, batch) = fused_batch_norm(x, self.weight.val(), self.bias.val(), running, residual, relu, self.epsilon);
+        if let Some((mean, var)) = batch {
+            self.update_running(mean, var, n * h * w);
         }
-        let (mean, var) = self.statistics(&x);
-        let c = mean.dims()[0];
-        let inv_std = self.scale(var);
-        // Centre first, as PyTorch does: `x · scale + shift` loses precision (and the weight's
-        // gradient much more) when a channel's mean is large against its deviation.
-        let y = (x - mean.reshape([1, c, 1, 1])) * inv_std.reshape([1, c, 1, 1]) + self.bias.val().reshape([1, c, 1, 1]);
-        let y = match residual {
-            Some(r) => y + r,
-            None => y,
-        };
-        if relu {
-            burn::tensor::activation::relu(y)
-        } else {
-            y
-        }
+        y
     }
 
     /// The batch norm as a per-channel affine map `x · scale + shift` for this input: batch

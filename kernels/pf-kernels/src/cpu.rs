@@ -14,10 +14,8 @@ use burn::backend::ndarray::{NdArray, NdArrayTensor};
 use burn::tensor::ops::{FloatTensor, IntTensor};
 use burn::tensor::{Shape, TensorData, TensorMetadata};
 
-pub use kernels::ConvGeometry;
-
 use crate::ops::{
-    batch_norm_by_reference, conv2d_by_reference, layer_norm_backward_by_reference, layer_norm_by_reference, linear_backward_by_reference, linear_by_reference,
+    batch_norm_backward_by_reference, batch_norm_by_reference, conv2d_backward_by_burn, conv2d_by_reference, layer_norm_backward_by_reference, layer_norm_by_reference, linear_backward_by_reference, linear_by_reference,
     max_pool_backward_by_reference, softmax_backward_by_reference, softmax_by_reference, FusedOps,
 };
 use crate::reference::Pool2d;
@@ -74,11 +72,7 @@ impl FusedOps for NdArray {
         wanted: [bool; 2],
     ) -> [Option<FloatTensor<Self>>; 2] {
         let (Some(xs), Some(ws), Some(gs)) = (values(&x), values(&weight), values(&grad)) else {
-            let options = || burn::tensor::ops::ConvOptions::new(stride, padding, [1, 1], 1);
-            use burn::tensor::ops::ModuleOps;
-            let gx = wanted[0].then(|| Self::conv2d_x_backward(x.clone(), weight.clone(), grad.clone(), options()));
-            let gw = wanted[1].then(|| Self::conv2d_weight_backward(x.clone(), weight.clone(), grad.clone(), options()));
-            return [gx, gw];
+            return conv2d_backward_by_burn::<Self>(x.clone(), weight.clone(), grad.clone(), stride, padding, wanted);
         };
         let g = geometry(&x, &weight, stride, padding);
         let gx = wanted[0].then(|| tensor(kernels::conv2d_input_grad(&ws, &gs, &g), dims::<4>(&x)));
@@ -125,18 +119,7 @@ impl FusedOps for NdArray {
     ) -> [FloatTensor<Self>; 4] {
         let all = [&x, &y, &grad, &mean, &var, &weight].map(values);
         let [Some(xs), Some(ys), Some(gs), Some(ms), Some(vs), Some(ws)] = all else {
-            let (gx, gw, gb, gr) = crate::ops::batch_norm_backward_by_reference::<Self>(
-                float(x),
-                float(y),
-                float(grad),
-                float(mean),
-                float(var),
-                float(weight),
-                epsilon,
-                relu,
-                batch_stats,
-            );
-            return [gx.into_primitive().tensor(), gw.into_primitive().tensor(), gb.into_primitive().tensor(), gr.into_primitive().tensor()];
+            return batch_norm_backward_by_reference::<Self>(x.clone(), y.clone(), grad.clone(), mean.clone(), var.clone(), weight.clone(), epsilon, relu, batch_stats);
         };
         let [n, c, h, w] = dims::<4>(&x);
         let inv_std: Vec<f32> = vs.iter().map(|v| 1.0 / (v + epsilon as f32).sqrt()).collect();
@@ -238,11 +221,11 @@ fn float<const D: usize>(t: FloatTensor<NdArray>) -> burn::tensor::Tensor<NdArra
     burn::tensor::Tensor::from_primitive(burn::tensor::TensorPrimitive::Float(t))
 }
 
-fn geometry(x: &NdArrayTensor, weight: &NdArrayTensor, stride: [usize; 2], padding: [usize; 2]) -> ConvGeometry {
+fn geometry(x: &NdArrayTensor, weight: &NdArrayTensor, stride: [usize; 2], padding: [usize; 2]) -> kernels::ConvGeometry {
     let [batch, channels, height, width] = dims::<4>(x);
     let [out_channels, in_channels, kh, kw] = dims::<4>(weight);
     assert_eq!(channels, in_channels, "convolution of {channels} channels with a weight for {in_channels}");
-    ConvGeometry { batch, channels, height, width, out_channels, kernel: [kh, kw], stride, padding }
+    kernels::ConvGeometry { batch, channels, height, width, out_channels, kernel: [kh, kw], stride, padding }
 }
 
 #[cfg(test)]
@@ -250,9 +233,9 @@ mod tests {
     use burn::backend::{Autodiff, NdArray};
     use burn::prelude::*;
 
-    use crate::reference::{conv2d_as_matmul, reference_batch_norm, Pool2d};
+    use crate::reference::{conv2d_as_matmul, gelu, reference_batch_norm, reference_gelu_max_pool_gelu, Pool2d};
     use crate::testing::Lcg;
-    use crate::{fused_batch_norm, fused_conv2d, fused_max_pool2d};
+    use crate::{fused_batch_norm, fused_conv2d, fused_gelu_max_pool_gelu, fused_layer_norm, fused_linear, fused_max_pool2d, fused_softmax};
 
     type Ad = Autodiff<NdArray>;
 
@@ -354,32 +337,6 @@ mod tests {
             let g1 = (ours * weights.clone()).sum().backward();
             let g2 = (reference * weights).sum().backward();
             assert_close(&format!("{shape:?} {pool:?} gradient"), x.grad(&g1).unwrap(), x.grad(&g2).unwrap(), 1e-6);
-        }
-    }
-}
-
-#[cfg(test)]
-mod transformer_tests {
-    use burn::backend::{Autodiff, NdArray};
-    use burn::prelude::*;
-
-    use crate::reference::{gelu, reference_gelu_max_pool_gelu};
-    use crate::testing::Lcg;
-    use crate::{fused_gelu_max_pool_gelu, fused_layer_norm, fused_linear, fused_softmax};
-
-    type Ad = Autodiff<NdArray>;
-
-    fn random<const D: usize>(rng: &mut Lcg, shape: [usize; D], scale: f64, offset: f64) -> Tensor<Ad, D> {
-        let values: Vec<f32> = (0..shape.iter().product()).map(|_| (offset + scale * rng.normal()) as f32).collect();
-        Tensor::from_data(TensorData::new(values, shape), &Default::default())
-    }
-
-    fn assert_close<const D: usize>(what: &str, got: Tensor<NdArray, D>, expected: Tensor<NdArray, D>, tolerance: f32) {
-        assert_eq!(got.dims(), expected.dims(), "{what}: shapes");
-        let (got, expected) = (got.into_data().to_vec::<f32>().unwrap(), expected.into_data().to_vec::<f32>().unwrap());
-        let scale = expected.iter().fold(1f32, |m, e| m.max(e.abs()));
-        for (i, (g, e)) in got.iter().zip(&expected).enumerate() {
-            assert!((g - e).abs() <= tolerance * scale, "{what}[{i}] = {g}, reference {e}");
         }
     }
 

@@ -92,10 +92,7 @@ pub trait FusedOps: Backend {
         padding: [usize; 2],
         wanted: [bool; 2],
     ) -> [Option<FloatTensor<Self>>; 2] {
-        let options = || burn::tensor::ops::ConvOptions::new(stride, padding, [1, 1], 1);
-        let gx = wanted[0].then(|| Self::conv2d_x_backward(x.clone(), weight.clone(), grad.clone(), options()));
-        let gw = wanted[1].then(|| Self::conv2d_weight_backward(x, weight, grad, options()));
-        [gx, gw]
+        conv2d_backward_by_burn::<Self>(x, weight, grad, stride, padding, wanted)
     }
 
     /// [`reference_batch_norm`](crate::reference::reference_batch_norm) on primitives: the
@@ -130,18 +127,7 @@ pub trait FusedOps: Backend {
         relu: bool,
         batch_stats: bool,
     ) -> [FloatTensor<Self>; 4] {
-        let (gx, gw, gb, gr) = batch_norm_backward_by_reference::<Self>(
-            float(x),
-            float(y),
-            float(grad),
-            float(mean),
-            float(var),
-            float(weight),
-            epsilon,
-            relu,
-            batch_stats,
-        );
-        [gx.into_primitive().tensor(), gw.into_primitive().tensor(), gb.into_primitive().tensor(), gr.into_primitive().tensor()]
+        batch_norm_backward_by_reference::<Self>(x, y, grad, mean, var, weight, epsilon, relu, batch_stats)
     }
 
     /// Max-pool (padding never wins, the first maximum wins) with the flat index `h · W + w` of
@@ -332,19 +318,37 @@ pub(crate) fn batch_norm_by_reference<B: Backend>(
     [y.into_primitive().tensor(), mean.into_primitive().tensor(), var.into_primitive().tensor()]
 }
 
-/// The batch norm's gradients in plain ops (see [`FusedOps::batch_norm_act_backward`]).
+/// [`FusedOps::conv2d_plain_backward`] by Burn's own convolution backward.
+pub(crate) fn conv2d_backward_by_burn<B: Backend>(
+    x: FloatTensor<B>,
+    weight: FloatTensor<B>,
+    grad: FloatTensor<B>,
+    stride: [usize; 2],
+    padding: [usize; 2],
+    wanted: [bool; 2],
+) -> [Option<FloatTensor<B>>; 2] {
+    let options = || burn::tensor::ops::ConvOptions::new(stride, padding, [1, 1], 1);
+    let gx = wanted[0].then(|| B::conv2d_x_backward(x.clone(), weight.clone(), grad.clone(), options()));
+    let gw = wanted[1].then(|| B::conv2d_weight_backward(x, weight, grad, options()));
+    [gx, gw]
+}
+
+/// The batch norm's gradients in plain ops (see [`FusedOps::batch_norm_act_backward`]): of `x`,
+/// the weight, the bias and the residual.
 #[allow(clippy::too_many_arguments)]
-pub fn batch_norm_backward_by_reference<B: Backend>(
-    x: Tensor<B, 4>,
-    y: Tensor<B, 4>,
-    grad: Tensor<B, 4>,
-    mean: Tensor<B, 1>,
-    var: Tensor<B, 1>,
-    weight: Tensor<B, 1>,
+pub(crate) fn batch_norm_backward_by_reference<B: Backend>(
+    x: FloatTensor<B>,
+    y: FloatTensor<B>,
+    grad: FloatTensor<B>,
+    mean: FloatTensor<B>,
+    var: FloatTensor<B>,
+    weight: FloatTensor<B>,
     epsilon: f64,
     relu: bool,
     batch_stats: bool,
-) -> (Tensor<B, 4>, Tensor<B, 1>, Tensor<B, 1>, Tensor<B, 4>) {
+) -> [FloatTensor<B>; 4] {
+    let (x, y, grad) = (float::<B, 4>(x), float::<B, 4>(y), float::<B, 4>(grad));
+    let (mean, var, weight) = (float::<B, 1>(mean), float::<B, 1>(var), float::<B, 1>(weight));
     let [n, c, h, w] = x.dims();
     let at = |t: Tensor<B, 1>| t.reshape([1, c, 1, 1]);
     let g = if relu { grad.mask_fill(y.lower_equal_elem(0.0), 0.0) } else { grad };
@@ -361,7 +365,7 @@ pub fn batch_norm_backward_by_reference<B: Backend>(
     } else {
         g.clone() * k
     };
-    (gx, sum_gxhat, sum_g, g)
+    [gx.into_primitive().tensor(), sum_gxhat.into_primitive().tensor(), sum_g.into_primitive().tensor(), g.into_primitive().tensor()]
 }
 
 fn float<B: Backend, const D: usize>(t: FloatTensor<B>) -> Tensor<B, D> {
@@ -590,13 +594,9 @@ impl<B: FusedOps, C: CheckpointStrategy> FusedOps for Autodiff<B, C> {
         if !B::CPU_KERNELS {
             return conv2d_by_reference::<Self>(x, weight, stride, padding);
         }
-        match (Conv2dBackward { stride, padding }).prepare::<C>([x.node.clone(), weight.node.clone()]).compute_bound().stateful() {
-            OpsKind::Tracked(prep) => {
-                let out = B::conv2d_plain(x.primitive.clone(), weight.primitive.clone(), stride, padding);
-                prep.finish((x.primitive, weight.primitive), out)
-            }
-            OpsKind::UnTracked(prep) => prep.finish(B::conv2d_plain(x.primitive, weight.primitive, stride, padding)),
-        }
+        let out = B::conv2d_plain(x.primitive.clone(), weight.primitive.clone(), stride, padding);
+        let state = (x.primitive.clone(), weight.primitive.clone());
+        record::<B, C, _, 2>(Conv2dBackward { stride, padding }, [&x, &weight], state, out)
     }
 
     fn batch_norm_act(
@@ -617,16 +617,10 @@ impl<B: FusedOps, C: CheckpointStrategy> FusedOps for Autodiff<B, C> {
         let inner_residual = residual.as_ref().map(|r| r.primitive.clone());
         let [y, mean, var] = B::batch_norm_act(x.primitive.clone(), weight.primitive.clone(), bias.primitive.clone(), running, inner_residual, relu, epsilon);
         let backward = BatchNormBackward { epsilon, relu, batch_stats };
-        let state = (x.primitive, y.clone(), mean.clone(), var.clone(), weight.primitive);
-        let y = match residual {
-            Some(r) => match backward.prepare::<C>([x.node, weight.node, bias.node, r.node]).compute_bound().stateful() {
-                OpsKind::Tracked(prep) => prep.finish(state, y),
-                OpsKind::UnTracked(prep) => prep.finish(y),
-            },
-            None => match backward.prepare::<C>([x.node, weight.node, bias.node]).compute_bound().stateful() {
-                OpsKind::Tracked(prep) => prep.finish(state, y),
-                OpsKind::UnTracked(prep) => prep.finish(y),
-            },
+        let state = (x.primitive.clone(), y.clone(), mean.clone(), var.clone(), weight.primitive.clone());
+        let y = match &residual {
+            Some(r) => record::<B, C, _, 4>(backward, [&x, &weight, &bias, r], state, y),
+            None => record::<B, C, _, 3>(backward, [&x, &weight, &bias], state, y),
         };
         [y, <Self as AutodiffBackend>::from_inner(mean), <Self as AutodiffBackend>::from_inner(var)]
     }
@@ -636,16 +630,10 @@ impl<B: FusedOps, C: CheckpointStrategy> FusedOps for Autodiff<B, C> {
             return linear_by_reference::<Self>(x, weight, bias, gelu);
         }
         let (y, pre) = B::linear_act(x.primitive.clone(), weight.primitive.clone(), bias.as_ref().map(|b| b.primitive.clone()), gelu);
-        let state = (x.primitive, weight.primitive, pre);
-        let y = match bias {
-            Some(b) => match LinearBackward.prepare::<C>([x.node, weight.node, b.node]).compute_bound().stateful() {
-                OpsKind::Tracked(prep) => prep.finish(state, y),
-                OpsKind::UnTracked(prep) => prep.finish(y),
-            },
-            None => match LinearBackward.prepare::<C>([x.node, weight.node]).compute_bound().stateful() {
-                OpsKind::Tracked(prep) => prep.finish(state, y),
-                OpsKind::UnTracked(prep) => prep.finish(y),
-            },
+        let state = (x.primitive.clone(), weight.primitive.clone(), pre);
+        let y = match &bias {
+            Some(b) => record::<B, C, _, 3>(LinearBackward, [&x, &weight, b], state, y),
+            None => record::<B, C, _, 2>(LinearBackward, [&x, &weight], state, y),
         };
         (y, None)
     }
@@ -655,16 +643,10 @@ impl<B: FusedOps, C: CheckpointStrategy> FusedOps for Autodiff<B, C> {
             return layer_norm_by_reference::<Self>(x, gamma, beta, epsilon);
         }
         let [y, mean, rstd] = B::layer_norm_stats(x.primitive.clone(), gamma.primitive.clone(), beta.as_ref().map(|b| b.primitive.clone()), epsilon);
-        let state = (x.primitive, mean.clone(), rstd.clone(), gamma.primitive);
-        let y = match beta {
-            Some(b) => match LayerNormBackward.prepare::<C>([x.node, gamma.node, b.node]).compute_bound().stateful() {
-                OpsKind::Tracked(prep) => prep.finish(state, y),
-                OpsKind::UnTracked(prep) => prep.finish(y),
-            },
-            None => match LayerNormBackward.prepare::<C>([x.node, gamma.node]).compute_bound().stateful() {
-                OpsKind::Tracked(prep) => prep.finish(state, y),
-                OpsKind::UnTracked(prep) => prep.finish(y),
-            },
+        let state = (x.primitive.clone(), mean.clone(), rstd.clone(), gamma.primitive.clone());
+        let y = match &beta {
+            Some(b) => record::<B, C, _, 3>(LayerNormBackward, [&x, &gamma, b], state, y),
+            None => record::<B, C, _, 2>(LayerNormBackward, [&x, &gamma], state, y),
         };
         [y, <Self as AutodiffBackend>::from_inner(mean), <Self as AutodiffBackend>::from_inner(rstd)]
     }
@@ -673,11 +655,8 @@ impl<B: FusedOps, C: CheckpointStrategy> FusedOps for Autodiff<B, C> {
         if !B::CPU_KERNELS {
             return softmax_by_reference::<Self>(x);
         }
-        let y = B::softmax_last(x.primitive);
-        match SoftmaxBackward.prepare::<C>([x.node]).compute_bound().stateful() {
-            OpsKind::Tracked(prep) => prep.finish(y.clone(), y),
-            OpsKind::UnTracked(prep) => prep.finish(y),
-        }
+        let y = B::softmax_last(x.primitive.clone());
+        record::<B, C, _, 1>(SoftmaxBackward, [&x], y.clone(), y)
     }
 
     fn max_pool_plain(x: FloatTensor<Self>, pool: Pool2d) -> FloatTensor<Self> {
@@ -692,6 +671,20 @@ impl<B: FusedOps, C: CheckpointStrategy> FusedOps for Autodiff<B, C> {
             }
             OpsKind::UnTracked(prep) => prep.finish(B::max_pool_plain(x.primitive, pool)),
         }
+    }
+}
+
+/// `out` as the output of the operation `op` on `parents`, with `state` kept for its backward
+/// when any parent is tracked.
+fn record<B: FusedOps, C: CheckpointStrategy, T: Backward<B, N>, const N: usize>(
+    op: T,
+    parents: [&FloatTensor<Autodiff<B, C>>; N],
+    state: T::State,
+    out: FloatTensor<B>,
+) -> FloatTensor<Autodiff<B, C>> {
+    match op.prepare::<C>(parents.map(|p| p.node.clone())).compute_bound().stateful() {
+        OpsKind::Tracked(prep) => prep.finish(state, out),
+        OpsKind::UnTracked(prep) => prep.finish(out),
     }
 }
 

@@ -102,79 +102,67 @@ fn matmul(m: usize, n: usize, k: usize, dst: &mut [f32], dst_rs: usize, accumula
     }
 }
 
-/// Gathers one image's windows: row `c·kh·kw + ky·kw + kx`, column `oy·wo + ox` of `cols` (rows
-/// `ld` apart) is `x[c, oy·sh + ky − ph, ox·sw + kx − pw]`, zero outside the image.
-fn im2col(x: &[f32], g: &ConvGeometry, cols: &mut [f32], ld: usize) {
+/// Output positions `first..last` along one axis (of `out`) whose input position
+/// `o · stride + k − padding` lies inside `0..len`.
+fn inside(len: usize, k: usize, stride: usize, padding: usize, out: usize) -> (usize, usize) {
+    let first = padding.saturating_sub(k).div_ceil(stride).min(out);
+    let last = if len + padding > k { ((len + padding - k - 1) / stride + 1).min(out) } else { 0 };
+    (first, last.max(first))
+}
+
+/// The runs of one image's gathered windows that lie inside the image, for [`im2col`] and
+/// [`col2im`]: `f(row, column, input, len)` says that `len` elements of gathered row `row`, from
+/// column `column` on, are the input elements at `input, input + sw, input + 2·sw, …`.
+fn inside_runs(g: &ConvGeometry, mut f: impl FnMut(usize, usize, usize, usize)) {
     let [kh, kw] = g.kernel;
     let [sh, sw] = g.stride;
     let [ph, pw] = g.padding;
     let [ho, wo] = g.out_hw();
     let (h, w) = (g.height, g.width);
     for c in 0..g.channels {
-        let plane = &x[c * h * w..(c + 1) * h * w];
         for ky in 0..kh {
+            let (oy0, oy1) = inside(h, ky, sh, ph, ho);
             for kx in 0..kw {
+                let (ox0, ox1) = inside(w, kx, sw, pw, wo);
+                if ox0 == ox1 {
+                    continue;
+                }
                 let row = (c * kh + ky) * kw + kx;
-                let dst = &mut cols[row * ld..row * ld + ho * wo];
-                // Output columns whose input column lies inside the image.
-                let first = (pw.saturating_sub(kx)).div_ceil(sw).min(wo);
-                let last = if w + pw > kx { ((w + pw - kx - 1) / sw + 1).min(wo) } else { 0 }.max(first);
-                for oy in 0..ho {
-                    let out = &mut dst[oy * wo..(oy + 1) * wo];
-                    let iy = (oy * sh + ky) as isize - ph as isize;
-                    if iy < 0 || iy >= h as isize {
-                        out.fill(0.0);
-                        continue;
-                    }
-                    let src = &plane[iy as usize * w..(iy as usize + 1) * w];
-                    out[..first].fill(0.0);
-                    out[last..].fill(0.0);
-                    if first == last {
-                        continue;
-                    }
-                    let x0 = first * sw + kx - pw;
-                    if sw == 1 {
-                        out[first..last].copy_from_slice(&src[x0..x0 + (last - first)]);
-                    } else {
-                        for (o, i) in out[first..last].iter_mut().zip((x0..).step_by(sw)) {
-                            *o = src[i];
-                        }
-                    }
+                for oy in oy0..oy1 {
+                    let iy = oy * sh + ky - ph;
+                    f(row, oy * wo + ox0, c * h * w + iy * w + ox0 * sw + kx - pw, ox1 - ox0);
                 }
             }
         }
     }
 }
 
-/// The adjoint of [`im2col`]: adds every gathered element back onto its input position.
-fn col2im(cols: &[f32], ld: usize, g: &ConvGeometry, gx: &mut [f32]) {
-    let [kh, kw] = g.kernel;
-    let [sh, sw] = g.stride;
-    let [ph, pw] = g.padding;
-    let [ho, wo] = g.out_hw();
-    let (h, w) = (g.height, g.width);
-    for c in 0..g.channels {
-        let plane = &mut gx[c * h * w..(c + 1) * h * w];
-        for ky in 0..kh {
-            for kx in 0..kw {
-                let row = (c * kh + ky) * kw + kx;
-                let src = &cols[row * ld..row * ld + ho * wo];
-                let first = (pw.saturating_sub(kx)).div_ceil(sw).min(wo);
-                let last = if w + pw > kx { ((w + pw - kx - 1) / sw + 1).min(wo) } else { 0 }.max(first);
-                for oy in 0..ho {
-                    let iy = (oy * sh + ky) as isize - ph as isize;
-                    if iy < 0 || iy >= h as isize || first == last {
-                        continue;
-                    }
-                    let dst = &mut plane[iy as usize * w..(iy as usize + 1) * w];
-                    let x0 = first * sw + kx - pw;
-                    for (i, v) in (x0..).step_by(sw).zip(&src[oy * wo + first..oy * wo + last]) {
-                        dst[i] += v;
-                    }
-                }
+/// Gathers one image's windows: row `c·kh·kw + ky·kw + kx`, column `oy·wo + ox` of `cols` (rows
+/// `ld` apart) is `x[c, oy·sh + ky − ph, ox·sw + kx − pw]`. Elements whose window leaves the
+/// image are not written: `cols` holds zeros there (a fresh buffer, or one filled by `im2col`
+/// for the same geometry).
+fn im2col(x: &[f32], g: &ConvGeometry, cols: &mut [f32], ld: usize) {
+    let sw = g.stride[1];
+    inside_runs(g, |row, column, input, len| {
+        let dst = &mut cols[row * ld + column..row * ld + column + len];
+        if sw == 1 {
+            dst.copy_from_slice(&x[input..input + len]);
+        } else {
+            for (d, i) in dst.iter_mut().zip((input..).step_by(sw)) {
+                *d = x[i];
             }
         }
-    }
+    });
+}
+
+/// The adjoint of [`im2col`]: adds every gathered element back onto its input position.
+fn col2im(cols: &[f32], ld: usize, g: &ConvGeometry, gx: &mut [f32]) {
+    let sw = g.stride[1];
+    inside_runs(g, |row, column, input, len| {
+        for (v, i) in cols[row * ld + column..row * ld + column + len].iter().zip((input..).step_by(sw)) {
+            gx[i] += v;
+        }
+    });
 }
 
 /// The whole batch's gathered windows side by side: `[k, batch · l]`, image `i` in columns
