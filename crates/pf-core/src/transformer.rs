@@ -3,7 +3,7 @@
 
 use burn::nn::{Dropout, DropoutConfig, Linear, LinearConfig};
 use burn::prelude::*;
-use pf_kernels::{fused_gelu_max_pool_gelu, fused_linear, fused_softmax, gelu, reference_gelu_max_pool_gelu, FusedOps};
+use pf_kernels::{fused_attention, fused_gelu_max_pool_gelu, fused_linear, gelu, reference_gelu_max_pool_gelu, FusedOps};
 use serde::{Deserialize, Serialize};
 
 use crate::drop::DropPath;
@@ -52,18 +52,24 @@ impl<B: FusedOps> Attention<B> {
     pub fn forward(&self, x: Tensor<B, 3>) -> Tensor<B, 3> {
         let [b, n, c] = x.dims();
         let head_dim = c / self.num_heads;
+        let scale = (head_dim as f64).powf(-0.5);
         let qkv = linear(&self.qkv, x, false);
-        let split = |i: usize| {
-            qkv.clone()
-                .narrow(2, i * c, c)
-                .reshape([b, n, self.num_heads, head_dim])
-                .swap_dims(1, 2)
+        // pf's CPU kernel takes the whole core in one pass; it has no dropout on the attention,
+        // which only acts while training with `attn_drop` above 0.
+        let dropout_acts = self.attn_drop.prob > 0.0 && B::ad_enabled(&qkv.device());
+        let out = if B::CPU_KERNELS && !dropout_acts {
+            fused_attention(qkv, self.num_heads, scale)
+        } else {
+            let split = |i: usize| {
+                qkv.clone()
+                    .narrow(2, i * c, c)
+                    .reshape([b, n, self.num_heads, head_dim])
+                    .swap_dims(1, 2)
+            };
+            let (q, k, v) = (split(0), split(1), split(2));
+            let attn = self.attn_drop.forward(softmax(q.mul_scalar(scale).matmul(k.swap_dims(2, 3)), 3));
+            attn.matmul(v).swap_dims(1, 2).reshape([b, n, c])
         };
-        let (q, k, v) = (split(0), split(1), split(2));
-        let scores = q.mul_scalar((head_dim as f64).powf(-0.5)).matmul(k.swap_dims(2, 3));
-        let attn = if B::CPU_KERNELS { fused_softmax(scores) } else { softmax(scores, 3) };
-        let attn = self.attn_drop.forward(attn);
-        let out = attn.matmul(v).swap_dims(1, 2).reshape([b, n, c]);
         self.proj_drop.forward(linear(&self.proj, out, false))
     }
 }

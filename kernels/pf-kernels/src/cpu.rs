@@ -15,7 +15,7 @@ use burn::tensor::ops::{FloatTensor, IntTensor};
 use burn::tensor::{Shape, TensorData, TensorMetadata};
 
 use crate::ops::{
-    batch_norm_backward_by_reference, batch_norm_by_reference, conv2d_backward_by_burn, conv2d_by_reference, layer_norm_backward_by_reference, layer_norm_by_reference, linear_backward_by_reference, linear_by_reference,
+    attention_backward_by_reference, attention_by_reference, batch_norm_backward_by_reference, batch_norm_by_reference, conv2d_backward_by_burn, conv2d_by_reference, layer_norm_backward_by_reference, layer_norm_by_reference, linear_backward_by_reference, linear_by_reference,
     max_pool_backward_by_reference, softmax_backward_by_reference, softmax_by_reference, FusedOps,
 };
 use crate::reference::Pool2d;
@@ -200,6 +200,23 @@ impl FusedOps for NdArray {
         tensor(kernels::softmax_backward(&ys, &gs, shape[1]), shape)
     }
 
+    fn self_attention(qkv: FloatTensor<Self>, heads: usize, scale: f64) -> [FloatTensor<Self>; 2] {
+        let Some(values) = values(&qkv) else {
+            return attention_by_reference::<Self>(qkv, heads, scale);
+        };
+        let g = attention_geometry(&qkv, heads);
+        let (out, attention) = kernels::attention(&values, &g, scale as f32);
+        [tensor(out, [g.batch, g.tokens, g.heads * g.head_dim]), tensor(attention, [g.batch, g.heads, g.tokens, g.tokens])]
+    }
+
+    fn self_attention_backward(qkv: FloatTensor<Self>, attention: FloatTensor<Self>, grad: FloatTensor<Self>, heads: usize, scale: f64) -> FloatTensor<Self> {
+        let (Some(qs), Some(ps), Some(gs)) = (values(&qkv), values(&attention), values(&grad)) else {
+            return attention_backward_by_reference::<Self>(qkv.clone(), attention.clone(), grad.clone(), heads, scale);
+        };
+        let g = attention_geometry(&qkv, heads);
+        tensor(kernels::attention_backward(&qs, &ps, &gs, &g, scale as f32), dims::<3>(&qkv))
+    }
+
     fn max_pool_with_indices(x: FloatTensor<Self>, pool: Pool2d) -> Option<(FloatTensor<Self>, IntTensor<Self>)> {
         let xs = values(&x)?;
         let [n, c, h, w] = dims::<4>(&x);
@@ -221,6 +238,12 @@ fn float<const D: usize>(t: FloatTensor<NdArray>) -> burn::tensor::Tensor<NdArra
     burn::tensor::Tensor::from_primitive(burn::tensor::TensorPrimitive::Float(t))
 }
 
+fn attention_geometry(qkv: &NdArrayTensor, heads: usize) -> kernels::AttentionGeometry {
+    let [batch, tokens, channels] = dims::<3>(qkv);
+    assert!(heads > 0 && channels % (3 * heads) == 0, "{channels} channels are not q, k and v of {heads} heads");
+    kernels::AttentionGeometry { batch, tokens, heads, head_dim: channels / (3 * heads) }
+}
+
 fn geometry(x: &NdArrayTensor, weight: &NdArrayTensor, stride: [usize; 2], padding: [usize; 2]) -> kernels::ConvGeometry {
     let [batch, channels, height, width] = dims::<4>(x);
     let [out_channels, in_channels, kh, kw] = dims::<4>(weight);
@@ -235,7 +258,7 @@ mod tests {
 
     use crate::reference::{conv2d_as_matmul, gelu, reference_batch_norm, reference_gelu_max_pool_gelu, Pool2d};
     use crate::testing::Lcg;
-    use crate::{fused_batch_norm, fused_conv2d, fused_gelu_max_pool_gelu, fused_layer_norm, fused_linear, fused_max_pool2d, fused_softmax};
+    use crate::{fused_attention, fused_batch_norm, fused_conv2d, fused_gelu_max_pool_gelu, fused_layer_norm, fused_linear, fused_max_pool2d, fused_softmax};
 
     type Ad = Autodiff<NdArray>;
 
@@ -356,6 +379,40 @@ mod tests {
         }
     }
 
+    /// timm's attention core, written as the model writes it on GPUs (softmax by its formula).
+    fn plain_attention(qkv: Tensor<Ad, 3>, heads: usize, scale: f64) -> Tensor<Ad, 3> {
+        let [b, n, c3] = qkv.dims();
+        let (c, d) = (c3 / 3, c3 / 3 / heads);
+        let split = |i: usize| qkv.clone().narrow(2, i * c, c).reshape([b, n, heads, d]).swap_dims(1, 2);
+        let scores = split(0).mul_scalar(scale).matmul(split(1).swap_dims(2, 3));
+        let e = (scores.clone() - scores.detach().max_dim(3)).exp();
+        let sum = e.clone().sum_dim(3);
+        (e * (sum.ones_like() / sum)).matmul(split(2)).swap_dims(1, 2).reshape([b, n, c])
+    }
+
+    /// The CPU kernels' GELU and its derivative against the formulas in f64 (`Φ` through `erfc`,
+    /// precise in the tail), from deep in the negative tail, where `Φ` is tiny and only its
+    /// relative precision counts, to large positive arguments: within 2e-6 of the terms' size,
+    /// plus, in the tail, the rounding of `x / √2` and its square in `f32` (relative `x² · 2^-22`
+    /// at most in `e^(−x²/2)`).
+    #[test]
+    fn gelu_keeps_f32_precision() {
+        let cdf = |x: f64| 0.5 * libm::erfc(-x / std::f64::consts::SQRT_2);
+        let density = |x: f64| (-0.5 * x * x).exp() / (2.0 * std::f64::consts::PI).sqrt();
+        for i in -1250..=1300 {
+            let x = i as f32 / 100.0 + 0.003;
+            let x64 = x as f64;
+            let tolerance = 2e-6 + x64 * x64 * 2.4e-7;
+            let got = super::kernels::gelu(x) as f64;
+            let want = x64 * cdf(x64);
+            assert!((got - want).abs() <= tolerance * want.abs(), "gelu({x}) = {got}, exact {want}");
+            let got = super::kernels::gelu_derivative(x) as f64;
+            let (want, size) = (cdf(x64) + x64 * density(x64), cdf(x64) + (x64 * density(x64)).abs());
+            assert!((got - want).abs() <= tolerance * size, "gelu'({x}) = {got}, exact {want}");
+        }
+        assert!(super::kernels::gelu(f32::NAN).is_nan());
+    }
+
     /// Linear (with and without bias and GELU), layer norm, softmax and the eff layer's
     /// `GELU → max-pool → GELU` on token grids from 1×1 up, batch 1 and above, against plain ops.
     #[test]
@@ -404,6 +461,11 @@ mod tests {
                 },
                 &mut rng,
             );
+            for heads in [1, 2] {
+                let qkv = random(&mut rng, [b, n, 3 * heads * d], 1.0, 0.1);
+                let scale = (d as f64).powf(-0.5);
+                compare(&format!("{case} attention, {heads} heads"), [qkv], |t| fused_attention(t[0].clone(), heads, scale), |t| plain_attention(t[0].clone(), heads, scale), &mut rng);
+            }
             compare(&format!("{case} gelu-max-pool-gelu"), [x], |t| fused_gelu_max_pool_gelu(t[0].clone(), [h, w]), |t| reference_gelu_max_pool_gelu(t[0].clone(), [h, w]), &mut rng);
         }
     }

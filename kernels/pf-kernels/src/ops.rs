@@ -15,7 +15,7 @@ use burn::tensor::ops::{FloatTensor, IntTensor};
 use burn::tensor::backend::AutodiffBackend;
 use burn::tensor::{IndexingUpdateOp, TensorPrimitive};
 
-use crate::reference::{gelu, gelu_derivative, reference_bn_relu_max_pool, reference_gelu_max_pool_gelu, Pool2d};
+use crate::reference::{gelu, gelu_derivative, reference_bn_relu_max_pool, reference_gelu_max_pool_gelu, reshape, Pool2d};
 
 /// Backends that can run pf's fused operations. Every method has the reference twin as its
 /// default, so any backend may implement the trait with an empty body.
@@ -205,6 +205,23 @@ pub trait FusedOps: Backend {
     fn softmax_last_backward(y: FloatTensor<Self>, grad: FloatTensor<Self>) -> FloatTensor<Self> {
         softmax_backward_by_reference::<Self>(y, grad)
     }
+
+    /// Multi-head self-attention's core on timm's fused projection: q, k and v split from
+    /// `qkv`'s channels into `heads` heads, `softmax(scale · q · kᵀ) · v`, the heads joined
+    /// again. Returns the output and the attention (for the backward).
+    ///
+    /// # Shapes
+    /// - `qkv`: `[batch, tokens, 3 · dim]`
+    /// - output: `[batch, tokens, dim]`, `[batch, heads, tokens, tokens]`
+    fn self_attention(qkv: FloatTensor<Self>, heads: usize, scale: f64) -> [FloatTensor<Self>; 2] {
+        attention_by_reference::<Self>(qkv, heads, scale)
+    }
+
+    /// Gradient of [`FusedOps::attention`] with respect to `qkv`, given the attention it
+    /// returned and the output's gradient.
+    fn self_attention_backward(qkv: FloatTensor<Self>, attention: FloatTensor<Self>, grad: FloatTensor<Self>, heads: usize, scale: f64) -> FloatTensor<Self> {
+        attention_backward_by_reference::<Self>(qkv, attention, grad, heads, scale)
+    }
 }
 
 /// [`FusedOps::max_pool_backward_of`] in plain ops.
@@ -293,6 +310,50 @@ pub(crate) fn softmax_backward_by_reference<B: Backend>(y: FloatTensor<B>, grad:
     let (y, g) = (float::<B, 2>(y), float::<B, 2>(grad));
     let dot = (g.clone() * y.clone()).sum_dim(1);
     (y * (g - dot)).into_primitive().tensor()
+}
+
+/// q, k and v of `[batch, tokens, 3 · dim]` as `[batch, heads, tokens, dim / heads]` each.
+fn split_heads<B: Backend>(qkv: Tensor<B, 3>, heads: usize) -> [Tensor<B, 4>; 3] {
+    let [b, n, c3] = qkv.dims();
+    let c = c3 / 3;
+    [0, 1, 2].map(|i| reshape(qkv.clone().narrow(2, i * c, c), [b, n, heads, c / heads]).swap_dims(1, 2))
+}
+
+/// `[batch, heads, tokens, head_dim]` back to `[batch, tokens, heads · head_dim]`.
+fn join_heads<B: Backend>(x: Tensor<B, 4>) -> Tensor<B, 3> {
+    let [b, h, n, d] = x.dims();
+    reshape(x.swap_dims(1, 2), [b, n, h * d])
+}
+
+/// Softmax over the last dimension of a 4-d tensor, as [`softmax_by_reference`].
+fn softmax4<B: Backend>(x: Tensor<B, 4>) -> Tensor<B, 4> {
+    let shape = x.dims();
+    float::<B, 2>(softmax_by_reference::<B>(reshape(x, [shape[0] * shape[1] * shape[2], shape[3]]).into_primitive().tensor())).reshape(shape)
+}
+
+/// [`FusedOps::attention`] in plain ops.
+pub(crate) fn attention_by_reference<B: Backend>(qkv: FloatTensor<B>, heads: usize, scale: f64) -> [FloatTensor<B>; 2] {
+    let [q, k, v] = split_heads(float::<B, 3>(qkv), heads);
+    let attention = softmax4(q.mul_scalar(scale).matmul(k.swap_dims(2, 3)));
+    let out = join_heads(attention.clone().matmul(v));
+    [out.into_primitive().tensor(), attention.into_primitive().tensor()]
+}
+
+/// [`FusedOps::attention_backward`] in plain ops.
+pub(crate) fn attention_backward_by_reference<B: Backend>(qkv: FloatTensor<B>, attention: FloatTensor<B>, grad: FloatTensor<B>, heads: usize, scale: f64) -> FloatTensor<B> {
+    let [q, k, v] = split_heads(float::<B, 3>(qkv), heads);
+    let p = float::<B, 4>(attention);
+    let go = float::<B, 3>(grad);
+    let [b, n, c] = go.dims();
+    let go = reshape(go, [b, n, heads, c / heads]).swap_dims(1, 2);
+    let gv = p.clone().swap_dims(2, 3).matmul(go.clone());
+    let dp = go.matmul(v.swap_dims(2, 3));
+    let shape = dp.dims();
+    let flat = |t: Tensor<B, 4>| reshape(t, [shape[0] * shape[1] * shape[2], shape[3]]).into_primitive().tensor();
+    let ds = float::<B, 2>(softmax_backward_by_reference::<B>(flat(p), flat(dp))).reshape(shape);
+    let gq = ds.clone().matmul(k).mul_scalar(scale);
+    let gk = ds.swap_dims(2, 3).matmul(q.mul_scalar(scale));
+    Tensor::cat(vec![join_heads(gq), join_heads(gk), join_heads(gv)], 2).into_primitive().tensor()
 }
 
 /// [`conv2d_as_matmul`](crate::reference::conv2d_as_matmul) on primitives.
@@ -498,6 +559,19 @@ pub fn fused_softmax<B: FusedOps, const D: usize>(x: Tensor<B, D>) -> Tensor<B, 
     float::<B, 2>(B::softmax_last(x.reshape([rows, d]).into_primitive().tensor())).reshape(shape)
 }
 
+/// Multi-head self-attention's core through [`FusedOps::attention`]: `softmax(scale · q · kᵀ) · v`
+/// per head, q, k and v split from timm's fused projection.
+///
+/// # Shapes
+/// - `qkv`: `[batch, tokens, 3 · dim]`, `dim` a multiple of `heads`
+/// - output: `[batch, tokens, dim]`
+pub fn fused_attention<B: FusedOps>(qkv: Tensor<B, 3>, heads: usize, scale: f64) -> Tensor<B, 3> {
+    let [_, _, c3] = qkv.dims();
+    assert!(heads > 0 && c3 % (3 * heads) == 0, "{c3} channels are not q, k and v of {heads} heads");
+    let [out, _] = B::self_attention(qkv.into_primitive().tensor(), heads, scale);
+    float(out)
+}
+
 /// Max-pool through [`FusedOps::max_pool_plain`] (padding never wins, the first maximum wins).
 pub fn fused_max_pool2d<B: FusedOps>(x: Tensor<B, 4>, pool: Pool2d) -> Tensor<B, 4> {
     float(B::max_pool_plain(x.into_primitive().tensor(), pool))
@@ -659,6 +733,15 @@ impl<B: FusedOps, C: CheckpointStrategy> FusedOps for Autodiff<B, C> {
         record::<B, C, _, 1>(SoftmaxBackward, [&x], y.clone(), y)
     }
 
+    fn self_attention(qkv: FloatTensor<Self>, heads: usize, scale: f64) -> [FloatTensor<Self>; 2] {
+        if !B::CPU_KERNELS {
+            return attention_by_reference::<Self>(qkv, heads, scale);
+        }
+        let [out, attention] = B::self_attention(qkv.primitive.clone(), heads, scale);
+        let state = (qkv.primitive.clone(), attention.clone(), heads, scale);
+        [record::<B, C, _, 1>(AttentionBackward, [&qkv], state, out), <Self as AutodiffBackend>::from_inner(attention)]
+    }
+
     fn max_pool_plain(x: FloatTensor<Self>, pool: Pool2d) -> FloatTensor<Self> {
         if !B::CPU_KERNELS {
             return max_pool_by_reference::<Self>(x, pool);
@@ -815,6 +898,23 @@ impl<B: FusedOps> Backward<B, 1> for SoftmaxBackward {
         let grad = grads.consume::<B>(&ops.node);
         if let Some(node) = node_x {
             grads.register::<B>(node.id, B::softmax_last_backward(ops.state, grad));
+        }
+    }
+}
+
+#[derive(Debug)]
+struct AttentionBackward;
+
+impl<B: FusedOps> Backward<B, 1> for AttentionBackward {
+    /// `qkv`, the attention, heads, scale.
+    type State = (FloatTensor<B>, FloatTensor<B>, usize, f64);
+
+    fn backward(self, ops: Ops<Self::State, 1>, grads: &mut Gradients, _checkpointer: &mut Checkpointer) {
+        let [node_qkv] = ops.parents;
+        let grad = grads.consume::<B>(&ops.node);
+        let (qkv, attention, heads, scale) = ops.state;
+        if let Some(node) = node_qkv {
+            grads.register::<B>(node.id, B::self_attention_backward(qkv, attention, grad, heads, scale));
         }
     }
 }

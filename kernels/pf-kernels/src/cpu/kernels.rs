@@ -447,18 +447,83 @@ pub fn max_pool_backward(grad: &[f32], indices: &[i64], planes: usize, hw: usize
     gx
 }
 
-/// Exact GELU, `x · Φ(x)`, in double precision through libm's `erf` (as NdArray's `erf`).
+/// `e^x` for `x ≤ 0` in `f32` (below −87 it is `e^−87`, not 0): `2^n` through the exponent bits
+/// and `e^r`, `|r| ≤ ln 2 / 2`, by its Taylor polynomial to degree 7 (truncation below 1e-8).
+/// Branch-free, so that loops over it vectorize.
+#[inline(always)]
+fn exp_nonpositive(x: f32) -> f32 {
+    // Adding and subtracting 1.5 · 2^23 rounds to the nearest integer without a rounding call.
+    const ROUND: f32 = 12_582_912.0;
+    const LN2_HI: f32 = 0.693_145_75;
+    const LN2_LO: f32 = 1.428_606_8e-6;
+    let x = x.clamp(-87.0, 0.0);
+    let n = (x * std::f32::consts::LOG2_E + ROUND) - ROUND;
+    let r = (x - n * LN2_HI) - n * LN2_LO;
+    let mut p = 1.0 / 5040.0;
+    for c in [1.0 / 720.0, 1.0 / 120.0, 1.0 / 24.0, 1.0 / 6.0, 0.5, 1.0, 1.0] {
+        p = p * r + c;
+    }
+    p * f32::from_bits(((n as i32 + 127) as u32) << 23)
+}
+
+/// `erfc(z)` for `z ≥ 0` with a relative error below 1.2e-7 over the whole range (the Chebyshev
+/// fit of Numerical Recipes' `erfcc`), so that `Φ(x)` keeps its relative precision where it is
+/// tiny (large negative `x`), unlike `1 + erf(x)`.
+#[inline(always)]
+fn erfc_nonnegative(z: f32) -> f32 {
+    const C: [f32; 10] = [0.170_872_77, -0.822_152_23, 1.488_515_87, -1.135_203_98, 0.278_868_07, -0.186_288_06, 0.096_784_18, 0.374_091_96, 1.000_023_68, -1.265_512_23];
+    let t = 1.0 / (1.0 + 0.5 * z);
+    let mut p = C[0];
+    for c in &C[1..] {
+        p = p * t + c;
+    }
+    t * exp_nonpositive(p - z * z)
+}
+
+/// `Φ(x)`, the standard normal distribution function.
+#[inline(always)]
+fn normal_cdf(x: f32) -> f32 {
+    let half_tail = 0.5 * erfc_nonnegative(x.abs() * std::f32::consts::FRAC_1_SQRT_2);
+    if x < 0.0 {
+        half_tail
+    } else {
+        1.0 - half_tail
+    }
+}
+
+/// Exact GELU, `x · Φ(x)` (not the tanh approximation), to a few units in the last place of
+/// `f32`.
+#[inline(always)]
 pub fn gelu(x: f32) -> f32 {
-    let x = x as f64;
-    (0.5 * x * (1.0 + libm::erf(x * std::f64::consts::FRAC_1_SQRT_2))) as f32
+    x * normal_cdf(x)
 }
 
 /// The derivative of [`gelu`]: `Φ(x) + x · φ(x)`.
+#[inline(always)]
 pub fn gelu_derivative(x: f32) -> f32 {
-    let x = x as f64;
-    let cdf = 0.5 * (1.0 + libm::erf(x * std::f64::consts::FRAC_1_SQRT_2));
-    let density = (-0.5 * x * x).exp() * (std::f64::consts::FRAC_2_SQRT_PI * std::f64::consts::FRAC_1_SQRT_2 * 0.5);
-    (cdf + x * density) as f32
+    // 1/√(2π)
+    const FRAC_1_SQRT_2PI: f32 = 0.398_942_3;
+    normal_cdf(x) + x * FRAC_1_SQRT_2PI * exp_nonpositive(-0.5 * x * x)
+}
+
+/// Elements per parallel task of the element-wise maps.
+const ELEMENT_RUN: usize = 4096;
+
+/// `f` of every element: runs of contiguous elements in parallel, each a plain loop (which the
+/// compiler vectorizes for a branch-free `f`).
+fn map_elements(src: &[f32], f: impl Fn(f32) -> f32 + Sync) -> Vec<f32> {
+    let mut dst = vec![0.0; src.len()];
+    dst.par_chunks_mut(ELEMENT_RUN).zip(src.par_chunks(ELEMENT_RUN)).for_each(|(d, s)| d.iter_mut().zip(s).for_each(|(d, &s)| *d = f(s)));
+    dst
+}
+
+/// `f(a, b)` of every pair of elements, as [`map_elements`].
+fn zip_elements(a: &[f32], b: &[f32], f: impl Fn(f32, f32) -> f32 + Sync) -> Vec<f32> {
+    let mut dst = vec![0.0; a.len()];
+    dst.par_chunks_mut(ELEMENT_RUN).zip(a.par_chunks(ELEMENT_RUN).zip(b.par_chunks(ELEMENT_RUN))).for_each(|(d, (a, b))| {
+        d.iter_mut().zip(a.iter().zip(b)).for_each(|(d, (&a, &b))| *d = f(a, b));
+    });
+    dst
 }
 
 /// Sums of the rows of `[rows, d]` values `f(row, column)` per column, in f64: parts of a fixed
@@ -496,8 +561,7 @@ pub fn linear(x: &[f32], weight: &[f32], bias: Option<&[f32]>, rows: usize, inpu
     if !gelu_after {
         return (z, None);
     }
-    let y = z.par_iter().map(|&v| gelu(v)).collect();
-    (y, Some(z))
+    (map_elements(&z, gelu), Some(z))
 }
 
 /// Gradients of [`linear`] with respect to `x`, `weight` and `bias`, given the pre-activation
@@ -505,7 +569,7 @@ pub fn linear(x: &[f32], weight: &[f32], bias: Option<&[f32]>, rows: usize, inpu
 #[allow(clippy::too_many_arguments)]
 pub fn linear_backward(x: &[f32], weight: &[f32], grad: &[f32], pre: Option<&[f32]>, rows: usize, inputs: usize, outputs: usize) -> (Vec<f32>, Vec<f32>, Vec<f32>) {
     let g: Cow<[f32]> = match pre {
-        Some(z) => Cow::Owned(grad.par_iter().zip(z).map(|(&g, &z)| g * gelu_derivative(z)).collect()),
+        Some(z) => Cow::Owned(zip_elements(grad, z, |g, z| g * gelu_derivative(z))),
         None => Cow::Borrowed(grad),
     };
     let mut gx = vec![0.0; rows * inputs];
@@ -561,34 +625,138 @@ pub fn layer_norm_backward(x: &[f32], grad: &[f32], mean: &[f32], rstd: &[f32], 
     (gx, ggamma, gbeta)
 }
 
+/// Softmax of one row in place, shifted by the row's maximum (the sum in f64).
+fn softmax_row(row: &mut [f32]) {
+    let max = row.iter().fold(f32::NEG_INFINITY, |m, &v| m.max(v));
+    let mut sum = 0.0f64;
+    for v in row.iter_mut() {
+        *v = (*v - max).exp();
+        sum += *v as f64;
+    }
+    let sum = sum as f32;
+    row.iter_mut().for_each(|v| *v /= sum);
+}
+
 /// Softmax over the last dimension of `[rows, d]`, shifted by the row's maximum.
 pub fn softmax(x: &[f32], d: usize) -> Vec<f32> {
-    let mut y = vec![0.0; x.len()];
-    y.par_chunks_mut(d).enumerate().for_each(|(r, y)| {
-        let x = &x[r * d..(r + 1) * d];
-        let max = x.iter().fold(f32::NEG_INFINITY, |m, &v| m.max(v));
-        let mut sum = 0.0f64;
-        for (y, &v) in y.iter_mut().zip(x) {
-            *y = (v - max).exp();
-            sum += *y as f64;
-        }
-        let sum = sum as f32;
-        y.iter_mut().for_each(|y| *y /= sum);
-    });
+    let mut y = x.to_vec();
+    y.par_chunks_mut(d.max(1)).for_each(softmax_row);
     y
+}
+
+/// The gradient of a softmax row given its output `y` and the gradient `g` at it, in place of
+/// `g`: `y · (g − Σ g·y)`.
+fn softmax_row_backward(y: &[f32], g: &mut [f32]) {
+    let dot = y.iter().zip(g.iter()).map(|(&y, &g)| (y * g) as f64).sum::<f64>() as f32;
+    g.iter_mut().zip(y).for_each(|(g, &y)| *g = y * (*g - dot));
 }
 
 /// Gradient of [`softmax`] given its output: `y · (g − Σ g·y)` per row.
 pub fn softmax_backward(y: &[f32], grad: &[f32], d: usize) -> Vec<f32> {
-    let mut gx = vec![0.0; y.len()];
-    gx.par_chunks_mut(d).enumerate().for_each(|(r, gx)| {
-        let (y, g) = (&y[r * d..(r + 1) * d], &grad[r * d..(r + 1) * d]);
-        let dot = y.iter().zip(g).map(|(&y, &g)| (y * g) as f64).sum::<f64>() as f32;
-        for j in 0..d {
-            gx[j] = y[j] * (g[j] - dot);
-        }
-    });
+    let mut gx = grad.to_vec();
+    gx.par_chunks_mut(d.max(1)).zip(y.par_chunks(d.max(1))).for_each(|(g, y)| softmax_row_backward(y, g));
     gx
+}
+
+/// The layout of multi-head self-attention on timm's fused projection: `qkv` is
+/// `[batch, tokens, 3 · heads · head_dim]`, q, k and v one after the other, each `heads` heads of
+/// `head_dim` channels.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct AttentionGeometry {
+    pub batch: usize,
+    pub tokens: usize,
+    pub heads: usize,
+    pub head_dim: usize,
+}
+
+impl AttentionGeometry {
+    /// Channels of q (and of the output): `heads · head_dim`.
+    fn dim(&self) -> usize {
+        self.heads * self.head_dim
+    }
+
+    /// Where head `h` of q in image `b` starts in `qkv` (k and v: `dim()` and `2 · dim()` on).
+    fn q_start(&self, b: usize, h: usize) -> usize {
+        b * self.tokens * 3 * self.dim() + h * self.head_dim
+    }
+
+    /// Head `h` of q in image `b`, times `scale`, as a contiguous `[tokens, head_dim]` matrix (the
+    /// reference scales q before the product).
+    fn scaled_q(&self, qkv: &[f32], b: usize, h: usize, scale: f32) -> Vec<f32> {
+        let (start, row) = (self.q_start(b, h), 3 * self.dim());
+        (0..self.tokens).flat_map(|t| qkv[start + t * row..start + t * row + self.head_dim].iter().map(move |&v| v * scale)).collect()
+    }
+
+    /// Gathers per-head `[batch, heads, parts, tokens, head_dim]` blocks into token rows
+    /// `[batch, tokens, parts · heads · head_dim]` (part `i`, head `h` at `(i · heads + h) · head_dim`).
+    fn gather_heads(&self, blocks: &[f32], parts: usize) -> Vec<f32> {
+        let (n, d, heads) = (self.tokens, self.head_dim, self.heads);
+        let row_len = parts * heads * d;
+        let mut rows = vec![0.0; self.batch * n * row_len];
+        rows.par_chunks_mut(row_len.max(1)).enumerate().for_each(|(bt, row)| {
+            let (b, t) = (bt / n, bt % n);
+            for i in 0..parts {
+                for h in 0..heads {
+                    let block = (((b * heads + h) * parts + i) * n + t) * d;
+                    row[(i * heads + h) * d..(i * heads + h + 1) * d].copy_from_slice(&blocks[block..block + d]);
+                }
+            }
+        });
+        rows
+    }
+}
+
+/// Multi-head self-attention's core, `softmax(scale · q · kᵀ) · v` per image and head (one task
+/// each, every product read in place from `qkv`'s strided rows). Returns the output
+/// `[batch, tokens, heads · head_dim]` and the attention `[batch, heads, tokens, tokens]`, which
+/// the backward needs.
+pub fn attention(qkv: &[f32], g: &AttentionGeometry, scale: f32) -> (Vec<f32>, Vec<f32>) {
+    let (n, d, c) = (g.tokens, g.head_dim, g.dim());
+    let mut probs = vec![0.0; g.batch * g.heads * n * n];
+    let mut heads_out = vec![0.0; g.batch * g.heads * n * d];
+    if probs.is_empty() || heads_out.is_empty() {
+        return (vec![0.0; g.batch * n * c], probs);
+    }
+    probs.par_chunks_mut(n * n).zip(heads_out.par_chunks_mut(n * d)).enumerate().for_each(|(bh, (p, o))| {
+        let (b, h) = (bh / g.heads, bh % g.heads);
+        let (start, row) = (g.q_start(b, h), 3 * c);
+        let q = g.scaled_q(qkv, b, h, scale);
+        matmul(n, n, d, p, n, false, &q, [d, 1], &qkv[start + c..], [1, row], false);
+        p.chunks_mut(n).for_each(softmax_row);
+        matmul(n, d, n, o, d, false, p, [n, 1], &qkv[start + 2 * c..], [row, 1], false);
+    });
+    (g.gather_heads(&heads_out, 1), probs)
+}
+
+/// Gradient of [`attention`] with respect to `qkv`, given its attention and the output's
+/// gradient `grad` `[batch, tokens, heads · head_dim]`.
+pub fn attention_backward(qkv: &[f32], probs: &[f32], grad: &[f32], g: &AttentionGeometry, scale: f32) -> Vec<f32> {
+    let (n, d, c) = (g.tokens, g.head_dim, g.dim());
+    let mut blocks = vec![0.0; g.batch * g.heads * 3 * n * d];
+    if blocks.is_empty() {
+        return vec![0.0; qkv.len()];
+    }
+    blocks.par_chunks_mut(3 * n * d).enumerate().for_each(|(bh, block)| {
+        let (b, h) = (bh / g.heads, bh % g.heads);
+        let (start, row) = (g.q_start(b, h), 3 * c);
+        let (k, v) = (&qkv[start + c..], &qkv[start + 2 * c..]);
+        let go = &grad[b * n * c + h * d..];
+        let p = &probs[bh * n * n..(bh + 1) * n * n];
+        let (dq, rest) = block.split_at_mut(n * d);
+        let (dk, dv) = rest.split_at_mut(n * d);
+        // v: pᵀ · ∂out
+        matmul(n, d, n, dv, d, false, p, [1, n], go, [c, 1], false);
+        // the scores: softmax's backward of ∂out · vᵀ
+        let mut ds = vec![0.0; n * n];
+        matmul(n, n, d, &mut ds, n, false, go, [c, 1], v, [1, row], false);
+        ds.chunks_mut(n).zip(p.chunks(n)).for_each(|(ds, p)| softmax_row_backward(p, ds));
+        // q: scale · (∂scores · k); k: ∂scoresᵀ · (scale · q)
+        matmul(n, d, n, dq, d, false, &ds, [n, 1], k, [row, 1], false);
+        dq.iter_mut().for_each(|v| *v *= scale);
+        let q = g.scaled_q(qkv, b, h, scale);
+        matmul(n, d, n, dk, d, false, &ds, [1, n], &q, [d, 1], false);
+    });
+    g.gather_heads(&blocks, 3)
 }
 
 /// `gelu(max_pool3x3(gelu(tokens)))` over the `[height, width]` grid of `[batch, h·w, c]`
@@ -597,7 +765,7 @@ pub fn softmax_backward(y: &[f32], grad: &[f32], d: usize) -> Vec<f32> {
 pub fn gelu_max_pool_gelu(tokens: &[f32], grid: [usize; 2], c: usize) -> (Vec<f32>, Vec<i64>) {
     let [h, w] = grid;
     let n = h * w;
-    let activated: Vec<f32> = tokens.par_iter().map(|&v| gelu(v)).collect();
+    let activated = map_elements(tokens, gelu);
     let mut out = vec![0.0; tokens.len()];
     let mut idx = vec![0i64; tokens.len()];
     out.par_chunks_mut(c).zip(idx.par_chunks_mut(c)).enumerate().for_each(|(row, (out, idx))| {
