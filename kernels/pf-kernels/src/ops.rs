@@ -217,7 +217,7 @@ pub trait FusedOps: Backend {
         attention_by_reference::<Self>(qkv, heads, scale)
     }
 
-    /// Gradient of [`FusedOps::attention`] with respect to `qkv`, given the attention it
+    /// Gradient of [`FusedOps::self_attention`] with respect to `qkv`, given the attention it
     /// returned and the output's gradient.
     fn self_attention_backward(qkv: FloatTensor<Self>, attention: FloatTensor<Self>, grad: FloatTensor<Self>, heads: usize, scale: f64) -> FloatTensor<Self> {
         attention_backward_by_reference::<Self>(qkv, attention, grad, heads, scale)
@@ -325,16 +325,18 @@ fn join_heads<B: Backend>(x: Tensor<B, 4>) -> Tensor<B, 3> {
     reshape(x.swap_dims(1, 2), [b, n, h * d])
 }
 
-/// Softmax over the last dimension of a 4-d tensor, as [`softmax_by_reference`].
-fn softmax4<B: Backend>(x: Tensor<B, 4>) -> Tensor<B, 4> {
-    let shape = x.dims();
-    float::<B, 2>(softmax_by_reference::<B>(reshape(x, [shape[0] * shape[1] * shape[2], shape[3]]).into_primitive().tensor())).reshape(shape)
+/// A 4-d tensor as the rows of its last dimension, the form of the softmax twins.
+fn rows<B: Backend>(x: Tensor<B, 4>) -> FloatTensor<B> {
+    let [a, b, c, d] = x.dims();
+    reshape(x, [a * b * c, d]).into_primitive().tensor()
 }
 
-/// [`FusedOps::attention`] in plain ops.
+/// [`FusedOps::self_attention`] in plain ops.
 pub(crate) fn attention_by_reference<B: Backend>(qkv: FloatTensor<B>, heads: usize, scale: f64) -> [FloatTensor<B>; 2] {
     let [q, k, v] = split_heads(float::<B, 3>(qkv), heads);
-    let attention = softmax4(q.mul_scalar(scale).matmul(k.swap_dims(2, 3)));
+    let scores = q.mul_scalar(scale).matmul(k.swap_dims(2, 3));
+    let shape = scores.dims();
+    let attention = float::<B, 2>(softmax_by_reference::<B>(rows(scores))).reshape(shape);
     let out = join_heads(attention.clone().matmul(v));
     [out.into_primitive().tensor(), attention.into_primitive().tensor()]
 }
@@ -349,8 +351,7 @@ pub(crate) fn attention_backward_by_reference<B: Backend>(qkv: FloatTensor<B>, a
     let gv = p.clone().swap_dims(2, 3).matmul(go.clone());
     let dp = go.matmul(v.swap_dims(2, 3));
     let shape = dp.dims();
-    let flat = |t: Tensor<B, 4>| reshape(t, [shape[0] * shape[1] * shape[2], shape[3]]).into_primitive().tensor();
-    let ds = float::<B, 2>(softmax_backward_by_reference::<B>(flat(p), flat(dp))).reshape(shape);
+    let ds = float::<B, 2>(softmax_backward_by_reference::<B>(rows(p), rows(dp))).reshape(shape);
     let gq = ds.clone().matmul(k).mul_scalar(scale);
     let gk = ds.swap_dims(2, 3).matmul(q.mul_scalar(scale));
     Tensor::cat(vec![join_heads(gq), join_heads(gk), join_heads(gv)], 2).into_primitive().tensor()
@@ -559,7 +560,7 @@ pub fn fused_softmax<B: FusedOps, const D: usize>(x: Tensor<B, D>) -> Tensor<B, 
     float::<B, 2>(B::softmax_last(x.reshape([rows, d]).into_primitive().tensor())).reshape(shape)
 }
 
-/// Multi-head self-attention's core through [`FusedOps::attention`]: `softmax(scale · q · kᵀ) · v`
+/// Multi-head self-attention's core through [`FusedOps::self_attention`]: `softmax(scale · q · kᵀ) · v`
 /// per head, q, k and v split from timm's fused projection.
 ///
 /// # Shapes
