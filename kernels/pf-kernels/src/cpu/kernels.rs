@@ -513,11 +513,31 @@ pub fn gelu_derivative(x: f32) -> f32 {
 /// Elements per parallel task of the element-wise maps.
 const ELEMENT_RUN: usize = 4096;
 
+/// Runs `f` compiled for AVX2 where the CPU has it, as it is elsewhere. pf builds for baseline
+/// x86-64, whose SSE2 loops are 4 lanes wide; the element-wise kernels' loops (branch-free
+/// `#[inline(always)]` math) get 8 lanes here. The results are the same: no fused multiply-adds
+/// (Rust does not contract `a · b + c`), the same operations in the same order per element.
+#[inline(always)]
+fn wide<R>(f: impl FnOnce() -> R) -> R {
+    #[cfg(target_arch = "x86_64")]
+    {
+        #[target_feature(enable = "avx2")]
+        fn avx2<R>(f: impl FnOnce() -> R) -> R {
+            f()
+        }
+        if std::arch::is_x86_feature_detected!("avx2") {
+            // Safety: this CPU has AVX2.
+            return unsafe { avx2(f) };
+        }
+    }
+    f()
+}
+
 /// `f` of every element: runs of contiguous elements in parallel, each a plain loop (which the
 /// compiler vectorizes for a branch-free `f`).
 fn map_elements(src: &[f32], f: impl Fn(f32) -> f32 + Sync) -> Vec<f32> {
     let mut dst = vec![0.0; src.len()];
-    dst.par_chunks_mut(ELEMENT_RUN).zip(src.par_chunks(ELEMENT_RUN)).for_each(|(d, s)| d.iter_mut().zip(s).for_each(|(d, &s)| *d = f(s)));
+    dst.par_chunks_mut(ELEMENT_RUN).zip(src.par_chunks(ELEMENT_RUN)).for_each(|(d, s)| wide(#[inline(always)] || map_run(d, s, &f)));
     dst
 }
 
@@ -525,9 +545,23 @@ fn map_elements(src: &[f32], f: impl Fn(f32) -> f32 + Sync) -> Vec<f32> {
 fn zip_elements(a: &[f32], b: &[f32], f: impl Fn(f32, f32) -> f32 + Sync) -> Vec<f32> {
     let mut dst = vec![0.0; a.len()];
     dst.par_chunks_mut(ELEMENT_RUN).zip(a.par_chunks(ELEMENT_RUN).zip(b.par_chunks(ELEMENT_RUN))).for_each(|(d, (a, b))| {
-        d.iter_mut().zip(a.iter().zip(b)).for_each(|(d, (&a, &b))| *d = f(a, b));
+        wide(#[inline(always)] || zip_run(d, a, b, &f));
     });
     dst
+}
+
+#[inline(always)]
+fn map_run(dst: &mut [f32], src: &[f32], f: &impl Fn(f32) -> f32) {
+    for (d, &s) in dst.iter_mut().zip(src) {
+        *d = f(s);
+    }
+}
+
+#[inline(always)]
+fn zip_run(dst: &mut [f32], a: &[f32], b: &[f32], f: &impl Fn(f32, f32) -> f32) {
+    for (d, (&a, &b)) in dst.iter_mut().zip(a.iter().zip(b)) {
+        *d = f(a, b);
+    }
 }
 
 /// Sums of the rows of `[rows, d]` values `f(row, column)` per column, in f64: parts of a fixed
@@ -573,7 +607,7 @@ pub fn linear(x: &[f32], weight: &[f32], bias: Option<&[f32]>, rows: usize, inpu
 #[allow(clippy::too_many_arguments)]
 pub fn linear_backward(x: &[f32], weight: &[f32], grad: &[f32], pre: Option<&[f32]>, rows: usize, inputs: usize, outputs: usize) -> (Vec<f32>, Vec<f32>, Vec<f32>) {
     let g: Cow<[f32]> = match pre {
-        Some(z) => Cow::Owned(zip_elements(grad, z, |g, z| g * gelu_derivative(z))),
+        Some(z) => Cow::Owned(zip_elements(grad, z, #[inline(always)] |g, z| g * gelu_derivative(z))),
         None => Cow::Borrowed(grad),
     };
     let mut gx = vec![0.0; rows * inputs];
@@ -631,14 +665,38 @@ pub fn layer_norm_backward(x: &[f32], grad: &[f32], mean: &[f32], rstd: &[f32], 
 
 /// Softmax of one row in place, shifted by the row's maximum (the sum in f64).
 fn softmax_row(row: &mut [f32]) {
+    wide(#[inline(always)] || softmax_in_place(row))
+}
+
+#[inline(always)]
+fn softmax_in_place(row: &mut [f32]) {
     let max = row.iter().fold(f32::NEG_INFINITY, |m, &v| m.max(v));
-    let mut sum = 0.0f64;
-    for v in row.iter_mut() {
-        *v = (*v - max).exp();
-        sum += *v as f64;
-    }
-    let sum = sum as f32;
+    row.iter_mut().for_each(|v| *v = exp_shifted(*v - max));
+    let sum = sum_f64(row.iter().copied()) as f32;
     row.iter_mut().for_each(|v| *v /= sum);
+}
+
+/// `e^x` for a softmax's shifted inputs `x ≤ 0`: 0 below −87 (where `f32`'s `e^x` is subnormal or
+/// 0) and NaN for NaN, as `f32::exp`; branch-free.
+#[inline(always)]
+fn exp_shifted(x: f32) -> f32 {
+    let e = if x < -87.0 { 0.0 } else { exp_nonpositive(x) };
+    if x.is_nan() {
+        x
+    } else {
+        e
+    }
+}
+
+/// The sum of `values` in f64, in 8 interleaved partial sums added in a fixed order (so that
+/// the loop vectorizes, and the sum does not depend on the thread count).
+#[inline(always)]
+fn sum_f64(values: impl Iterator<Item = f32>) -> f64 {
+    let mut lanes = [0.0f64; 8];
+    for (i, v) in values.enumerate() {
+        lanes[i % 8] += v as f64;
+    }
+    lanes.iter().sum()
 }
 
 /// Softmax over the last dimension of `[rows, d]`, shifted by the row's maximum.
@@ -651,7 +709,12 @@ pub fn softmax(x: &[f32], d: usize) -> Vec<f32> {
 /// The gradient of a softmax row given its output `y` and the gradient `g` at it, in place of
 /// `g`: `y · (g − Σ g·y)`.
 fn softmax_row_backward(y: &[f32], g: &mut [f32]) {
-    let dot = y.iter().zip(g.iter()).map(|(&y, &g)| (y * g) as f64).sum::<f64>() as f32;
+    wide(#[inline(always)] || softmax_backward_in_place(y, g))
+}
+
+#[inline(always)]
+fn softmax_backward_in_place(y: &[f32], g: &mut [f32]) {
+    let dot = sum_f64(y.iter().zip(g.iter()).map(|(&y, &g)| y * g)) as f32;
     g.iter_mut().zip(y).for_each(|(g, &y)| *g = y * (*g - dot));
 }
 
@@ -772,41 +835,99 @@ pub fn gelu_max_pool_gelu(tokens: &[f32], grid: [usize; 2], c: usize) -> (Vec<f3
     let activated = map_elements(tokens, gelu);
     let mut out = vec![0.0; tokens.len()];
     let mut idx = vec![0i64; tokens.len()];
-    out.par_chunks_mut(c).zip(idx.par_chunks_mut(c)).enumerate().for_each(|(row, (out, idx))| {
-        let (b, t) = (row / n, row % n);
-        let (ty, tx) = (t / w, t % w);
-        out.fill(f32::NEG_INFINITY);
-        for y in ty.saturating_sub(1)..(ty + 2).min(h) {
-            for x in tx.saturating_sub(1)..(tx + 2).min(w) {
-                let token = y * w + x;
-                let values = &activated[(b * n + token) * c..(b * n + token + 1) * c];
-                for ((o, i), &v) in out.iter_mut().zip(idx.iter_mut()).zip(values) {
-                    // Without short-circuits, so that the loop vectorizes.
-                    let wins = (v > *o) | (v.is_nan() & !o.is_nan());
-                    *o = if wins { v } else { *o };
-                    *i = if wins { token as i64 } else { *i };
-                }
-            }
-        }
-        out.iter_mut().for_each(|o| *o = gelu(*o));
-    });
+    // The winners as `i32` while the window is scanned, so that the comparison, the value's
+    // blend and the index's blend share a lane width and the loop vectorizes.
+    out.par_chunks_mut(c).zip(idx.par_chunks_mut(c)).enumerate().for_each_init(
+        || vec![0i32; c],
+        |winners, (row, (out, idx))| {
+            let (b, t) = (row / n, row % n);
+            let (ty, tx) = (t / w, t % w);
+            let window = (ty.saturating_sub(1)..(ty + 2).min(h)).flat_map(|y| (tx.saturating_sub(1)..(tx + 2).min(w)).map(move |x| y * w + x));
+            let batch = &activated[b * n * c..(b + 1) * n * c];
+            wide(#[inline(always)] || window_max_gelu(batch, c, window, out, winners, idx));
+        },
+    );
     (out, idx)
+}
+
+/// `gelu` of the channel-wise maximum over the tokens `window` of `tokens` (`[tokens, c]`) into
+/// `out`, with each channel's first winner in `idx` (`winners`: scratch of `c`).
+#[inline(always)]
+fn window_max_gelu(tokens: &[f32], c: usize, window: impl Iterator<Item = usize>, out: &mut [f32], winners: &mut [i32], idx: &mut [i64]) {
+    out.fill(f32::NEG_INFINITY);
+    winners.fill(0);
+    for token in window {
+        let values = &tokens[token * c..(token + 1) * c];
+        for ((o, i), &v) in out.iter_mut().zip(winners.iter_mut()).zip(values) {
+            // A bit mask instead of a branch, so that the loop vectorizes (without a
+            // conditional store).
+            let wins = (v > *o) | (v.is_nan() & !o.is_nan());
+            let mask = (wins as u32).wrapping_neg();
+            *o = f32::from_bits((v.to_bits() & mask) | (o.to_bits() & !mask));
+            *i = (token as i32 & mask as i32) | (*i & !(mask as i32));
+        }
+    }
+    out.iter_mut().for_each(|o| *o = gelu(*o));
+    idx.iter_mut().zip(winners.iter()).for_each(|(i, &t)| *i = t as i64);
 }
 
 /// Gradient of [`gelu_max_pool_gelu`]: `grad · gelu'(m) · gelu'(x)` onto each window's winner
 /// `x`, where `m = gelu(x)`.
 pub fn gelu_max_pool_gelu_backward(tokens: &[f32], indices: &[i64], grad: &[f32], n: usize, c: usize) -> Vec<f32> {
+    // `gelu'(gelu(x)) · gelu'(x)` of every token in one vectorized pass, then each output's
+    // gradient times its winner's factor, added onto the winner.
+    let factor = map_elements(tokens, #[inline(always)] |x| gelu_derivative(gelu(x)) * gelu_derivative(x));
     let mut gx = vec![0.0; tokens.len()];
     gx.par_chunks_mut(n * c).enumerate().for_each(|(b, gx)| {
         let base = b * n * c;
         for t in 0..n {
-            for ch in 0..c {
-                let at = base + t * c + ch;
-                let winner = indices[at] as usize;
-                let x = tokens[base + winner * c + ch];
-                gx[winner * c + ch] += grad[at] * gelu_derivative(gelu(x)) * gelu_derivative(x);
+            let at = base + t * c;
+            for (ch, (&g, &winner)) in grad[at..at + c].iter().zip(&indices[at..at + c]).enumerate() {
+                let j = winner as usize * c + ch;
+                gx[j] += g * factor[base + j];
             }
         }
     });
     gx
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn softmax_keeps_the_edges_of_exp() {
+        // Very negative and infinite inputs weigh 0, as with `f32::exp`.
+        let row = [0.0, f32::NEG_INFINITY, -100.0, 1.0, -3.5];
+        let total: f64 = row.iter().map(|&v| (v as f64 - 1.0).exp()).sum();
+        for (got, &v) in softmax(&row, row.len()).iter().zip(&row) {
+            let expected = ((v as f64 - 1.0).exp() / total) as f32;
+            assert!((got - expected).abs() <= 2e-7 * expected.max(1e-30), "{v}: {got} against {expected}");
+        }
+        // A NaN anywhere makes the row NaN, as in PyTorch.
+        assert!(softmax(&[0.5, f32::NAN, 1.0], 3).iter().all(|v| v.is_nan()));
+        // Rows of one, and rows longer than the vector width with a remainder.
+        assert_eq!(softmax(&[3.0, -7.0], 1), vec![1.0, 1.0]);
+        let long: Vec<f32> = (0..37).map(|i| (i as f32 * 0.37).sin() * 4.0).collect();
+        assert!((softmax(&long, 37).iter().map(|&v| v as f64).sum::<f64>() - 1.0).abs() < 1e-6);
+    }
+
+    #[test]
+    fn the_window_maximum_takes_the_first_winner_and_nan() {
+        // A 3×3 grid of one channel: all equal, so every window's winner is its first token.
+        let (out, idx) = gelu_max_pool_gelu(&[1.0; 9], [3, 3], 1);
+        assert_eq!(idx, vec![0, 0, 1, 0, 0, 1, 3, 3, 4]);
+        assert!(out.iter().all(|&v| v == gelu(gelu(1.0))));
+        // A NaN wins every window it is in; a later larger value does not displace it.
+        let mut tokens = vec![0.0; 9 * 2];
+        tokens[4 * 2] = f32::NAN;
+        tokens[8 * 2] = 5.0;
+        tokens[8 * 2 + 1] = 5.0;
+        let (out, idx) = gelu_max_pool_gelu(&tokens, [3, 3], 2);
+        for t in 0..9 {
+            assert!(out[t * 2].is_nan() && idx[t * 2] == 4, "token {t}: channel 0 is NaN's");
+        }
+        assert_eq!(idx[8 * 2 + 1], 8);
+        assert_eq!(idx[1], 0);
+    }
 }
