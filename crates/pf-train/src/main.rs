@@ -105,9 +105,23 @@ fn keep_freed_memory() {
 fn keep_freed_memory() {}
 
 fn run(cli: Cli) -> Result<ExitCode> {
+    // `--threads`, else `RAYON_NUM_THREADS`, else every core (rayon's own default).
+    let mut pool = rayon::ThreadPoolBuilder::new().stack_size(WORKER_STACK);
     if let Some(threads) = cli.threads {
-        rayon::ThreadPoolBuilder::new().num_threads(threads.into()).build_global().context("setting up the CPU threads")?;
+        pool = pool.num_threads(threads.into());
     }
+    pool.build_global().context("setting up the CPU threads")?;
+    // The command runs on one of the pool's threads: each parallel kernel then splits its work
+    // from inside the pool (the other threads steal their share) instead of handing it over
+    // from outside and sleeping until it is done, two thread switches per kernel call.
+    rayon::scope(|_| command(cli))
+}
+
+/// The stack of the thread that runs the command (the main thread's default: autodiff's graph
+/// walk recurses).
+const WORKER_STACK: usize = 8 << 20;
+
+fn command(cli: Cli) -> Result<ExitCode> {
     match cli.command {
         Command::Parity { fixtures, verbose } => {
             dispatch(cli.backend, Parity { dir: fixtures.unwrap_or_else(fixtures::default_dir), backend: cli.backend, verbose })
