@@ -293,15 +293,17 @@ pub fn conv2d_weight_grad(x: &[f32], grad: &[f32], g: &ConvGeometry) -> Vec<f32>
     gw
 }
 
-/// Per-channel sums over batch and pixels of `f(index, channel)`, in f64, channels in parallel.
-fn channel_sums(n: usize, c: usize, hw: usize, f: impl Fn(usize, usize) -> f64 + Sync) -> Vec<f64> {
+/// Per-channel sums over batch and pixels of `f(a, b)` for the elements of `[batch, c, hw]`
+/// tensors `a` and `b`, in f64, channels in parallel (see [`sum_lanes`] for the order).
+fn channel_sums(a: &[f32], b: &[f32], n: usize, c: usize, hw: usize, f: impl Fn(f32, f32, usize) -> f64 + Sync) -> Vec<f64> {
     (0..c)
         .into_par_iter()
         .map(|ch| {
             let mut total = 0.0;
             for i in 0..n {
-                let base = (i * c + ch) * hw;
-                total += (base..base + hw).map(|j| f(j, ch)).sum::<f64>();
+                let run = (i * c + ch) * hw..(i * c + ch + 1) * hw;
+                let (a, b) = (&a[run.clone()], &b[run]);
+                total += wide(#[inline(always)] || sum_lanes(a, b, |a, b| f(a, b, ch)));
             }
             total
         })
@@ -311,10 +313,10 @@ fn channel_sums(n: usize, c: usize, hw: usize, f: impl Fn(usize, usize) -> f64 +
 /// Batch mean and biased variance per channel of `[batch, channels, hw]`, accumulated in f64.
 pub fn batch_moments(x: &[f32], n: usize, c: usize, hw: usize) -> (Vec<f32>, Vec<f32>) {
     let count = (n * hw) as f64;
-    let mean = channel_sums(n, c, hw, |j, _| x[j] as f64);
+    let mean = channel_sums(x, x, n, c, hw, #[inline(always)] |v, _, _| v as f64);
     let mean: Vec<f64> = mean.into_iter().map(|s| s / count).collect();
-    let var = channel_sums(n, c, hw, |j, ch| {
-        let d = x[j] as f64 - mean[ch];
+    let var = channel_sums(x, x, n, c, hw, #[inline(always)] |v, _, ch| {
+        let d = v as f64 - mean[ch];
         d * d
     });
     (mean.iter().map(|&m| m as f32).collect(), var.into_iter().map(|v| (v / count) as f32).collect())
@@ -331,20 +333,22 @@ pub fn normalize(x: &[f32], mean: &[f32], scale: &[f32], shift: &[f32], residual
         match residual {
             Some(r) => {
                 let r = &r[row * hw..(row + 1) * hw];
-                for ((y, &x), &r) in y.iter_mut().zip(x).zip(r) {
-                    let v = (x - m) * s + b + r;
-                    *y = if relu { v.max(0.0) } else { v };
-                }
+                wide(#[inline(always)] || zip_run(y, x, r, #[inline(always)] |x, r| relu_if(relu, (x - m) * s + b + r)));
             }
-            None => {
-                for (y, &x) in y.iter_mut().zip(x) {
-                    let v = (x - m) * s + b;
-                    *y = if relu { v.max(0.0) } else { v };
-                }
-            }
+            None => wide(#[inline(always)] || map_run(y, x, #[inline(always)] |x| relu_if(relu, (x - m) * s + b))),
         }
     });
     y
+}
+
+/// `v`, or ReLU of it when `relu`.
+#[inline(always)]
+fn relu_if(relu: bool, v: f32) -> f32 {
+    if relu {
+        v.max(0.0)
+    } else {
+        v
+    }
 }
 
 /// Gradients of a batch norm followed by an optional residual sum and ReLU.
@@ -363,9 +367,9 @@ pub struct NormGrads {
 #[allow(clippy::too_many_arguments)]
 pub fn normalize_backward(x: &[f32], y: &[f32], grad: &[f32], mean: &[f32], inv_std: &[f32], weight: &[f32], relu: bool, batch_stats: bool, n: usize, hw: usize) -> NormGrads {
     let c = mean.len();
-    let g: Vec<f32> = if relu { grad.par_iter().zip(y).map(|(&g, &y)| if y > 0.0 { g } else { 0.0 }).collect() } else { grad.to_vec() };
-    let sum_g = channel_sums(n, c, hw, |j, _| g[j] as f64);
-    let sum_gxhat = channel_sums(n, c, hw, |j, ch| g[j] as f64 * ((x[j] - mean[ch]) * inv_std[ch]) as f64);
+    let g: Vec<f32> = if relu { zip_elements(grad, y, #[inline(always)] |g, y| if y > 0.0 { g } else { 0.0 }) } else { grad.to_vec() };
+    let sum_g = channel_sums(&g, &g, n, c, hw, #[inline(always)] |g, _, _| g as f64);
+    let sum_gxhat = channel_sums(&g, x, n, c, hw, #[inline(always)] |g, x, ch| g as f64 * ((x - mean[ch]) * inv_std[ch]) as f64);
     let count = (n * hw) as f64;
     let mut gx = vec![0.0; x.len()];
     gx.par_chunks_mut(hw).enumerate().for_each(|(row, gx)| {
@@ -376,9 +380,7 @@ pub fn normalize_backward(x: &[f32], y: &[f32], grad: &[f32], mean: &[f32], inv_
         if batch_stats {
             let (mg, mgx) = ((sum_g[ch] / count) as f32, (sum_gxhat[ch] / count) as f32);
             let k = w * is;
-            for ((gx, &g), &x) in gx.iter_mut().zip(g).zip(x) {
-                *gx = k * (g - mg - (x - m) * is * mgx);
-            }
+            wide(#[inline(always)] || zip_run(gx, g, x, #[inline(always)] |g, x| k * (g - mg - (x - m) * is * mgx)));
         } else {
             let k = w * is;
             for (gx, &g) in gx.iter_mut().zip(g) {
@@ -400,39 +402,73 @@ pub fn normalize_backward(x: &[f32], y: &[f32], grad: &[f32], mean: &[f32], inv_
 pub fn max_pool(x: &[f32], planes: usize, channels: usize, hw: [usize; 2], kernel: usize, stride: usize, padding: usize, affine: Option<(&[f32], &[f32])>) -> (Vec<f32>, Vec<i64>) {
     let [h, w] = hw;
     let out_len = |i: usize| (i + 2 * padding).saturating_sub(kernel) / stride + 1;
-    let (ho, wo) = (out_len(h), out_len(w));
-    let mut out = vec![0.0; planes * ho * wo];
-    let mut idx = vec![0i64; planes * ho * wo];
-    out.par_chunks_mut(ho * wo).zip(idx.par_chunks_mut(ho * wo)).enumerate().for_each(|(p, (out, idx))| {
-        let plane = &x[p * h * w..(p + 1) * h * w];
-        let act: Option<Vec<f32>> = affine.map(|(scale, shift)| {
-            let (s, b) = (scale[p % channels], shift[p % channels]);
-            plane.iter().map(|&v| (v * s + b).max(0.0)).collect()
-        });
-        let plane = act.as_deref().unwrap_or(plane);
+    let window = PoolWindow { hw, out: [out_len(h), out_len(w)], kernel, stride, padding };
+    let plane_out = window.out[0] * window.out[1];
+    let mut out = vec![0.0; planes * plane_out];
+    let mut idx = vec![0i64; planes * plane_out];
+    out.par_chunks_mut(plane_out).zip(idx.par_chunks_mut(plane_out)).enumerate().for_each_init(
+        || (vec![0i32; plane_out], if affine.is_some() { vec![0.0; h * w] } else { Vec::new() }),
+        |(winners, activated), (p, (out, idx))| {
+            let plane = &x[p * h * w..(p + 1) * h * w];
+            let plane = match affine {
+                Some((scale, shift)) => {
+                    let (s, b) = (scale[p % channels], shift[p % channels]);
+                    wide(#[inline(always)] || map_run(activated, plane, #[inline(always)] |v| (v * s + b).max(0.0)));
+                    &activated[..]
+                }
+                None => plane,
+            };
+            wide(#[inline(always)] || window.max(plane, out, winners));
+            idx.iter_mut().zip(winners.iter()).for_each(|(i, &t)| *i = t as i64);
+        },
+    );
+    (out, idx)
+}
+
+/// A square pooling window over one `[h, w]` plane.
+#[derive(Clone, Copy)]
+struct PoolWindow {
+    hw: [usize; 2],
+    out: [usize; 2],
+    kernel: usize,
+    stride: usize,
+    padding: usize,
+}
+
+impl PoolWindow {
+    /// The maximum of every window (padding never wins; the first maximum in row-major order
+    /// and any NaN win) into `out`, its flat position `iy · w + ix` into `winners`. The window's
+    /// offsets are the outer loops, the output row's positions the inner one, so that it
+    /// vectorizes (a bit-mask blend, no branch).
+    #[inline(always)]
+    fn max(&self, plane: &[f32], out: &mut [f32], winners: &mut [i32]) {
+        let ([h, w], [ho, wo], (k, s, p)) = (self.hw, self.out, (self.kernel, self.stride, self.padding));
         for oy in 0..ho {
-            let y0 = (oy * stride) as isize - padding as isize;
-            let (ya, yb) = (y0.max(0) as usize, ((y0 + kernel as isize).min(h as isize)).max(0) as usize);
-            for ox in 0..wo {
-                let x0 = (ox * stride) as isize - padding as isize;
-                let (xa, xb) = (x0.max(0) as usize, ((x0 + kernel as isize).min(w as isize)).max(0) as usize);
-                let (mut best, mut at) = (f32::NEG_INFINITY, ya * w + xa);
-                for iy in ya..yb {
-                    for ix in xa..xb {
-                        let v = plane[iy * w + ix];
-                        // `>`: the first maximum stays; NaN wins as in PyTorch.
-                        if v > best || v.is_nan() && !best.is_nan() {
-                            best = v;
-                            at = iy * w + ix;
-                        }
+            let (out, winners) = (&mut out[oy * wo..(oy + 1) * wo], &mut winners[oy * wo..(oy + 1) * wo]);
+            out.fill(f32::NEG_INFINITY);
+            // A window whose elements are all −∞ names its first element inside the image.
+            let y0 = (oy * s).saturating_sub(p).min(h.saturating_sub(1));
+            for (ox, at) in winners.iter_mut().enumerate() {
+                *at = (y0 * w + (ox * s).saturating_sub(p).min(w.saturating_sub(1))) as i32;
+            }
+            for ky in 0..k {
+                let Some(iy) = (oy * s + ky).checked_sub(p).filter(|&iy| iy < h) else { continue };
+                let row = &plane[iy * w..(iy + 1) * w];
+                for kx in 0..k {
+                    let (first, last) = inside(w, kx, s, p, wo);
+                    for ox in first..last {
+                        let ix = ox * s + kx - p;
+                        let v = row[ix];
+                        let best = out[ox];
+                        let wins = (v > best) | (v.is_nan() & !best.is_nan());
+                        let mask = (wins as u32).wrapping_neg();
+                        out[ox] = f32::from_bits((v.to_bits() & mask) | (best.to_bits() & !mask));
+                        winners[ox] = (((iy * w + ix) as i32) & mask as i32) | (winners[ox] & !(mask as i32));
                     }
                 }
-                out[oy * wo + ox] = best;
-                idx[oy * wo + ox] = at as i64;
             }
         }
-    });
-    (out, idx)
+    }
 }
 
 /// Scatters `grad` onto the winners `indices` of [`max_pool`]: `[planes, h · w]`.
@@ -551,14 +587,14 @@ fn zip_elements(a: &[f32], b: &[f32], f: impl Fn(f32, f32) -> f32 + Sync) -> Vec
 }
 
 #[inline(always)]
-fn map_run(dst: &mut [f32], src: &[f32], f: &impl Fn(f32) -> f32) {
+fn map_run(dst: &mut [f32], src: &[f32], f: impl Fn(f32) -> f32) {
     for (d, &s) in dst.iter_mut().zip(src) {
         *d = f(s);
     }
 }
 
 #[inline(always)]
-fn zip_run(dst: &mut [f32], a: &[f32], b: &[f32], f: &impl Fn(f32, f32) -> f32) {
+fn zip_run(dst: &mut [f32], a: &[f32], b: &[f32], f: impl Fn(f32, f32) -> f32) {
     for (d, (&a, &b)) in dst.iter_mut().zip(a.iter().zip(b)) {
         *d = f(a, b);
     }
@@ -672,7 +708,7 @@ fn softmax_row(row: &mut [f32]) {
 fn softmax_in_place(row: &mut [f32]) {
     let max = row.iter().fold(f32::NEG_INFINITY, |m, &v| m.max(v));
     row.iter_mut().for_each(|v| *v = exp_shifted(*v - max));
-    let sum = sum_f64(row.iter().copied()) as f32;
+    let sum = sum_lanes(row, row, |v, _| v as f64) as f32;
     row.iter_mut().for_each(|v| *v /= sum);
 }
 
@@ -688,15 +724,24 @@ fn exp_shifted(x: f32) -> f32 {
     }
 }
 
-/// The sum of `values` in f64, in 8 interleaved partial sums added in a fixed order (so that
-/// the loop vectorizes, and the sum does not depend on the thread count).
+/// `Σ f(a[i], b[i])` in f64 as 8 interleaved partial sums added in a fixed order, then the
+/// remainder: the loop vectorizes, and the sum does not depend on the thread count.
 #[inline(always)]
-fn sum_f64(values: impl Iterator<Item = f32>) -> f64 {
-    let mut lanes = [0.0f64; 8];
-    for (i, v) in values.enumerate() {
-        lanes[i % 8] += v as f64;
+fn sum_lanes(a: &[f32], b: &[f32], f: impl Fn(f32, f32) -> f64) -> f64 {
+    const LANES: usize = 8;
+    let mut lanes = [0.0f64; LANES];
+    let (a_chunks, b_chunks) = (a.chunks_exact(LANES), b.chunks_exact(LANES));
+    let (a_rest, b_rest) = (a_chunks.remainder(), b_chunks.remainder());
+    for (a, b) in a_chunks.zip(b_chunks) {
+        for l in 0..LANES {
+            lanes[l] += f(a[l], b[l]);
+        }
     }
-    lanes.iter().sum()
+    let mut total = lanes.iter().sum::<f64>();
+    for (&a, &b) in a_rest.iter().zip(b_rest) {
+        total += f(a, b);
+    }
+    total
 }
 
 /// Softmax over the last dimension of `[rows, d]`, shifted by the row's maximum.
@@ -714,7 +759,7 @@ fn softmax_row_backward(y: &[f32], g: &mut [f32]) {
 
 #[inline(always)]
 fn softmax_backward_in_place(y: &[f32], g: &mut [f32]) {
-    let dot = sum_f64(y.iter().zip(g.iter()).map(|(&y, &g)| y * g)) as f32;
+    let dot = sum_lanes(y, g, |y, g| (y * g) as f64) as f32;
     g.iter_mut().zip(y).for_each(|(g, &y)| *g = y * (*g - dot));
 }
 
@@ -910,6 +955,32 @@ mod tests {
         assert_eq!(softmax(&[3.0, -7.0], 1), vec![1.0, 1.0]);
         let long: Vec<f32> = (0..37).map(|i| (i as f32 * 0.37).sin() * 4.0).collect();
         assert!((softmax(&long, 37).iter().map(|&v| v as f64).sum::<f64>() - 1.0).abs() < 1e-6);
+    }
+
+    #[test]
+    fn max_pool_names_a_winner_inside_the_image_for_every_window() {
+        // All −∞: each window's winner is its first element inside the image.
+        let (out, idx) = max_pool(&[f32::NEG_INFINITY; 15], 1, 1, [3, 5], 3, 2, 1, None);
+        assert!(out.iter().all(|&v| v == f32::NEG_INFINITY));
+        assert_eq!(idx, vec![0, 1, 3, 5, 6, 8]);
+        // A NaN wins its windows; elsewhere the maximum, first among ties.
+        let mut plane = vec![1.0; 15];
+        plane[7] = f32::NAN;
+        plane[14] = 2.0;
+        let (out, idx) = max_pool(&plane, 1, 1, [3, 5], 3, 1, 1, None);
+        for (o, (&v, &i)) in out.iter().zip(&idx).enumerate() {
+            let (oy, ox) = (o / 5, o % 5);
+            if (1..=3).contains(&ox) {
+                assert!(v.is_nan() && i == 7, "output {o}: the NaN's window");
+            } else if oy >= 1 && ox == 4 {
+                assert_eq!((v, i), (2.0, 14), "output {o}");
+            } else {
+                assert_eq!((v, i), (1.0, ((oy.max(1) - 1) * 5 + ox.max(1) - 1) as i64), "output {o}");
+            }
+        }
+        // The affine BN → ReLU before the pool, per channel.
+        let (out, _) = max_pool(&[1.0, -2.0, 3.0, -4.0], 2, 2, [1, 2], 1, 1, 0, Some((&[2.0, -1.0], &[0.5, 0.0])));
+        assert_eq!(out, vec![2.5, 0.0, 0.0, 4.0]);
     }
 
     #[test]
