@@ -293,19 +293,32 @@ pub fn conv2d_weight_grad(x: &[f32], grad: &[f32], g: &ConvGeometry) -> Vec<f32>
     gw
 }
 
+/// `f(row, values)` for every `len`-element row of `dst`, in parallel tasks of whole rows and
+/// about [`ELEMENT_RUN`] elements (a task per row would cost more than a small map's row).
+fn for_rows(dst: &mut [f32], len: usize, f: impl Fn(usize, &mut [f32]) + Sync) {
+    let len = len.max(1);
+    let per_task = (ELEMENT_RUN / len).max(1);
+    dst.par_chunks_mut(per_task * len).enumerate().for_each(|(task, rows)| {
+        for (r, row) in rows.chunks_mut(len).enumerate() {
+            f(task * per_task + r, row);
+        }
+    });
+}
+
 /// Per-channel sums over batch and pixels of `f(a, b)` for the elements of `[batch, c, hw]`
 /// tensors `a` and `b`, in f64, channels in parallel (see [`sum_lanes`] for the order).
 fn channel_sums(a: &[f32], b: &[f32], n: usize, c: usize, hw: usize, f: impl Fn(f32, f32, usize) -> f64 + Sync) -> Vec<f64> {
     (0..c)
         .into_par_iter()
         .map(|ch| {
-            let mut total = 0.0;
-            for i in 0..n {
-                let run = (i * c + ch) * hw..(i * c + ch + 1) * hw;
-                let (a, b) = (&a[run.clone()], &b[run]);
-                total += wide(#[inline(always)] || sum_lanes(a, b, |a, b| f(a, b, ch)));
-            }
-            total
+            wide(#[inline(always)] || {
+                let mut total = 0.0;
+                for i in 0..n {
+                    let run = (i * c + ch) * hw..(i * c + ch + 1) * hw;
+                    total += sum_lanes(&a[run.clone()], &b[run], |a, b| f(a, b, ch));
+                }
+                total
+            })
         })
         .collect()
 }
@@ -326,7 +339,7 @@ pub fn batch_moments(x: &[f32], n: usize, c: usize, hw: usize) -> (Vec<f32>, Vec
 pub fn normalize(x: &[f32], mean: &[f32], scale: &[f32], shift: &[f32], residual: Option<&[f32]>, relu: bool, hw: usize) -> Vec<f32> {
     let c = mean.len();
     let mut y = vec![0.0; x.len()];
-    y.par_chunks_mut(hw).enumerate().for_each(|(row, y)| {
+    for_rows(&mut y, hw, |row, y| {
         let ch = row % c;
         let (m, s, b) = (mean[ch], scale[ch], shift[ch]);
         let x = &x[row * hw..(row + 1) * hw];
@@ -372,7 +385,7 @@ pub fn normalize_backward(x: &[f32], y: &[f32], grad: &[f32], mean: &[f32], inv_
     let sum_gxhat = channel_sums(&g, x, n, c, hw, #[inline(always)] |g, x, ch| g as f64 * ((x - mean[ch]) * inv_std[ch]) as f64);
     let count = (n * hw) as f64;
     let mut gx = vec![0.0; x.len()];
-    gx.par_chunks_mut(hw).enumerate().for_each(|(row, gx)| {
+    for_rows(&mut gx, hw, |row, gx| {
         let ch = row % c;
         let (m, is, w) = (mean[ch], inv_std[ch], weight[ch]);
         let g = &g[row * hw..(row + 1) * hw];
@@ -475,7 +488,7 @@ impl PoolWindow {
 pub fn max_pool_backward(grad: &[f32], indices: &[i64], planes: usize, hw: usize) -> Vec<f32> {
     let out_len = grad.len() / planes.max(1);
     let mut gx = vec![0.0; planes * hw];
-    gx.par_chunks_mut(hw).enumerate().for_each(|(p, gx)| {
+    for_rows(&mut gx, hw, |p, gx| {
         for (&g, &i) in grad[p * out_len..(p + 1) * out_len].iter().zip(&indices[p * out_len..(p + 1) * out_len]) {
             gx[i as usize] += g;
         }
