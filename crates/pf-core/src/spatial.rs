@@ -3,7 +3,7 @@
 
 use burn::nn::pool::{AvgPool2d, AvgPool2dConfig};
 use burn::prelude::*;
-use pf_kernels::FusedOps;
+use pf_kernels::{fused_avg_pool2d, FusedOps};
 use pf_kernels::Pool2d;
 
 use crate::conv::{ConvBn, ConvBnConfig};
@@ -20,6 +20,9 @@ pub enum SpatialOpConfig {
     /// stride-2 blocks.
     Hybrid,
 }
+
+/// The 2×2, stride-2 average pool of an `EffBottleneck`'s stride-2 blocks.
+pub const AVG_POOL: Pool2d = Pool2d::new(2, 2, 0);
 
 /// A max-pool window as a module without parameters.
 #[derive(Module, Clone, Debug)]
@@ -38,6 +41,8 @@ impl MaxPool {
 /// `nn.Sequential(nn.AvgPool2d(2, 2), ConvBNReLU(width, width, 3))`.
 #[derive(Module, Debug)]
 pub struct AvgPoolConv<B: FusedOps> {
+    /// Burn's module, kept for the checkpoints' layout; the forward runs its window,
+    /// [`AVG_POOL`], through [`fused_avg_pool2d`] (pf's CPU kernel where the backend has it).
     pub pool: AvgPool2d,
     pub conv: ConvBn<B>,
 }
@@ -55,7 +60,7 @@ impl SpatialOpConfig {
         match (self, stride) {
             (Self::Conv, _) => SpatialOp::Conv(conv(stride)),
             (Self::Hybrid, 2) => SpatialOp::AvgPoolConv(AvgPoolConv {
-                pool: AvgPool2dConfig::new([2, 2]).with_strides([2, 2]).init(),
+                pool: AvgPool2dConfig::new([AVG_POOL.kernel; 2]).with_strides([AVG_POOL.stride; 2]).init(),
                 conv: conv(1),
             }),
             (Self::MaxPool | Self::Hybrid, _) => SpatialOp::MaxPool(MaxPool { kernel: 3, stride, padding: 1 }),
@@ -71,7 +76,7 @@ impl<B: FusedOps> SpatialOp<B> {
         match self {
             Self::Conv(conv) => conv.forward(x),
             Self::MaxPool(pool) => pool.window().max_pool(x),
-            Self::AvgPoolConv(op) => op.conv.forward(op.pool.forward(x)),
+            Self::AvgPoolConv(op) => op.conv.forward(fused_avg_pool2d(x, AVG_POOL)),
         }
     }
 
@@ -81,7 +86,7 @@ impl<B: FusedOps> SpatialOp<B> {
             Self::Conv(conv) => conv.cost(hw),
             Self::MaxPool(p) => pool_cost(width, hw, p.kernel, p.stride, p.padding),
             Self::AvgPoolConv(op) => {
-                let (hw, pool) = pool_cost(width, hw, 2, 2, 0);
+                let (hw, pool) = pool_cost(width, hw, AVG_POOL.kernel, AVG_POOL.stride, AVG_POOL.padding);
                 let (hw, conv) = op.conv.cost(hw);
                 (hw, pool + conv)
             }

@@ -15,6 +15,7 @@ use burn::tensor::ops::{FloatTensor, IntTensor};
 use burn::tensor::{Shape, TensorData, TensorMetadata};
 
 use crate::ops::{
+    avg_pool_backward_by_reference, avg_pool_by_reference,
     attention_backward_by_reference, attention_by_reference, batch_norm_backward_by_reference, batch_norm_by_reference, conv2d_backward_by_burn, conv2d_by_reference, layer_norm_backward_by_reference, layer_norm_by_reference, linear_backward_by_reference, linear_by_reference,
     max_pool_backward_by_reference, softmax_backward_by_reference, softmax_by_reference, FusedOps,
 };
@@ -225,6 +226,23 @@ impl FusedOps for NdArray {
         Some((tensor(out, shape), NdArrayTensor::from_data(TensorData::new(indices, shape))))
     }
 
+    fn avg_pool(x: FloatTensor<Self>, pool: Pool2d) -> FloatTensor<Self> {
+        let [n, c, h, w] = dims::<4>(&x);
+        let shape = [n, c, pool.output_len(h), pool.output_len(w)];
+        match values(&x) {
+            Some(xs) => tensor(kernels::avg_pool(&xs, n * c, [h, w], pool.kernel, pool.stride, pool.padding), shape),
+            None => avg_pool_by_reference::<Self>(x, pool),
+        }
+    }
+
+    fn avg_pool_backward(x_shape: [usize; 4], grad: FloatTensor<Self>, pool: Pool2d) -> FloatTensor<Self> {
+        let [n, c, h, w] = x_shape;
+        match values(&grad) {
+            Some(gs) => tensor(kernels::avg_pool_backward(&gs, n * c, [h, w], pool.kernel, pool.stride, pool.padding), x_shape),
+            None => avg_pool_backward_by_reference::<Self>(x_shape, grad, pool),
+        }
+    }
+
     fn max_pool_backward_of(x_shape: [usize; 4], indices: IntTensor<Self>, grad: FloatTensor<Self>) -> FloatTensor<Self> {
         let [n, c, h, w] = x_shape;
         match (values(&grad), index_values(&indices)) {
@@ -258,7 +276,7 @@ mod tests {
     use crate::reference::{conv2d_as_matmul, gelu, reference_batch_norm, reference_gelu_max_pool_gelu, Pool2d};
     use crate::ops::attention_by_reference;
     use crate::testing::Lcg;
-    use crate::{fused_attention, fused_batch_norm, fused_conv2d, fused_gelu_max_pool_gelu, fused_layer_norm, fused_linear, fused_max_pool2d, fused_softmax};
+    use crate::{fused_attention, fused_avg_pool2d, fused_batch_norm, fused_conv2d, fused_gelu_max_pool_gelu, fused_layer_norm, fused_linear, fused_max_pool2d, fused_softmax};
 
     type Ad = Autodiff<NdArray>;
 
@@ -339,31 +357,41 @@ mod tests {
         }
     }
 
-    /// Max-pool and its gradient against the shifted-views twin, ties included (rounded inputs):
-    /// the first maximum of a window takes the gradient.
+    /// Max-pool and average pool with their gradients against their twins (the shifted-views
+    /// maximum, Burn's average pool) on odd, tiny and strided maps. Max-pool on rounded inputs,
+    /// ties included: the first maximum of a window takes the gradient.
     #[test]
-    fn max_pool_matches_the_reference() {
+    fn pools_match_the_reference() {
         let mut rng = Lcg(9);
         for (shape, pool) in [
             ([2, 3, 13, 9], Pool2d::new(3, 1, 1)),
             ([1, 2, 8, 8], Pool2d::new(3, 2, 1)),
             ([2, 1, 7, 5], Pool2d::new(2, 2, 0)),
+            ([2, 3, 8, 8], Pool2d::new(2, 2, 0)),
             ([1, 1, 1, 1], Pool2d::new(3, 1, 1)),
+            ([1, 1, 2, 2], Pool2d::new(2, 2, 0)),
             ([3, 2, 2, 2], Pool2d::new(3, 2, 1)),
             ([1, 4, 6, 3], Pool2d::new(3, 2, 1)),
         ] {
             let x = random(&mut rng, shape, 2.0, 0.0).round().require_grad();
-            let ours = fused_max_pool2d(x.clone(), pool);
-            let reference = pool.max_pool_by_shifts(x.clone());
-            ours.clone().into_data().assert_eq(&reference.clone().into_data(), true);
-            let weights = random(&mut rng, reference.dims(), 1.0, 0.0);
-            let g1 = (ours * weights.clone()).sum().backward();
-            let g2 = (reference * weights).sum().backward();
-            assert_close(&format!("{shape:?} {pool:?} gradient"), x.grad(&g1).unwrap(), x.grad(&g2).unwrap(), 1e-6);
+            let (k, s, p) = (pool.kernel, pool.stride, pool.padding);
+            let cases = [
+                ("max", fused_max_pool2d(x.clone(), pool), pool.max_pool_by_shifts(x.clone())),
+                ("avg", fused_avg_pool2d(x.clone(), pool), burn::tensor::module::avg_pool2d(x.clone(), [k, k], [s, s], [p, p], true, false)),
+            ];
+            for (op, ours, reference) in cases {
+                if op == "max" {
+                    ours.clone().into_data().assert_eq(&reference.clone().into_data(), true);
+                }
+                assert_close(&format!("{op} {shape:?} {pool:?}"), ours.clone().inner(), reference.clone().inner(), 1e-6);
+                let weights = random(&mut rng, reference.dims(), 1.0, 0.0);
+                let g1 = (ours * weights.clone()).sum().backward();
+                let g2 = (reference * weights).sum().backward();
+                assert_close(&format!("{op} {shape:?} {pool:?} gradient"), x.grad(&g1).unwrap(), x.grad(&g2).unwrap(), 1e-6);
+            }
         }
     }
 
-    /// Forward and gradients of `op` against `reference` under a random output weighting.
     fn compare<const D: usize, const P: usize>(what: &str, inputs: [Tensor<Ad, D>; P], op: impl Fn(&[Tensor<Ad, D>]) -> Tensor<Ad, 3>, reference: impl Fn(&[Tensor<Ad, D>]) -> Tensor<Ad, 3>, rng: &mut Lcg) {
         let inputs = inputs.map(|t| t.require_grad());
         let (ours, theirs) = (op(&inputs), reference(&inputs));

@@ -150,6 +150,18 @@ pub trait FusedOps: Backend {
         max_pool_backward_by_reference::<Self>(x_shape, indices, grad)
     }
 
+    /// Average pool, padding counted as zeros (PyTorch's and Burn's default): each window's sum
+    /// over `kernel²`. The reference is Burn's `avg_pool2d`.
+    fn avg_pool(x: FloatTensor<Self>, pool: Pool2d) -> FloatTensor<Self> {
+        avg_pool_by_reference::<Self>(x, pool)
+    }
+
+    /// Gradient of [`FusedOps::avg_pool`] for an input of shape `x_shape`: each output's
+    /// gradient over `kernel²` onto its window's elements inside the map.
+    fn avg_pool_backward(x_shape: [usize; 4], grad: FloatTensor<Self>, pool: Pool2d) -> FloatTensor<Self> {
+        avg_pool_backward_by_reference::<Self>(x_shape, grad, pool)
+    }
+
     /// Gradient of `gelu(max_pool3x3(gelu(tokens)))` given the winners; default:
     /// [`gelu_max_pool_gelu_backward`] in plain ops.
     fn gelu_max_pool_gelu_backward_of(tokens: FloatTensor<Self>, indices: IntTensor<Self>, grad: FloatTensor<Self>) -> FloatTensor<Self> {
@@ -578,6 +590,16 @@ pub fn fused_max_pool2d<B: FusedOps>(x: Tensor<B, 4>, pool: Pool2d) -> Tensor<B,
     float(B::max_pool_plain(x.into_primitive().tensor(), pool))
 }
 
+/// Average pool with padding counted (PyTorch's `nn.AvgPool2d` default) through pf's CPU kernel
+/// where the backend has it; the reference twin is Burn's `avg_pool2d`.
+///
+/// # Shapes
+/// - `x`: `[batch, channels, height, width]`
+/// - output: `[batch, channels, pool.output_len(height), pool.output_len(width)]`
+pub fn fused_avg_pool2d<B: FusedOps>(x: Tensor<B, 4>, pool: Pool2d) -> Tensor<B, 4> {
+    float(B::avg_pool(x.into_primitive().tensor(), pool))
+}
+
 /// The fused `GELU → 3×3 max-pool → GELU` of the eff layer on tokens; the reference twin is
 /// [`reference_gelu_max_pool_gelu`].
 ///
@@ -743,6 +765,14 @@ impl<B: FusedOps, C: CheckpointStrategy> FusedOps for Autodiff<B, C> {
         [record::<B, C, _, 1>(AttentionBackward, [&qkv], state, out), <Self as AutodiffBackend>::from_inner(attention)]
     }
 
+    fn avg_pool(x: FloatTensor<Self>, pool: Pool2d) -> FloatTensor<Self> {
+        if !B::CPU_KERNELS {
+            return avg_pool_by_reference::<Self>(x, pool);
+        }
+        let x_shape = float::<Self, 4>(x.clone()).dims();
+        record::<B, C, _, 1>(AvgPoolBackward { x_shape, pool }, [&x], (), B::avg_pool(x.primitive.clone(), pool))
+    }
+
     fn max_pool_plain(x: FloatTensor<Self>, pool: Pool2d) -> FloatTensor<Self> {
         if !B::CPU_KERNELS {
             return max_pool_by_reference::<Self>(x, pool);
@@ -783,6 +813,38 @@ pub(crate) fn max_pool_by_reference<B: FusedOps>(x: FloatTensor<B>, pool: Pool2d
         pool.max_pool_by_shifts(x)
     };
     out.into_primitive().tensor()
+}
+
+/// Burn's average pool, padding counted: the twin of [`FusedOps::avg_pool`].
+pub(crate) fn avg_pool_by_reference<B: Backend>(x: FloatTensor<B>, pool: Pool2d) -> FloatTensor<B> {
+    let (k, s, p) = (pool.kernel, pool.stride, pool.padding);
+    burn::tensor::module::avg_pool2d(float::<B, 4>(x), [k, k], [s, s], [p, p], true, false).into_primitive().tensor()
+}
+
+/// Burn's average-pool backward (which takes the input only for its shape): the twin of
+/// [`FusedOps::avg_pool_backward`].
+pub(crate) fn avg_pool_backward_by_reference<B: Backend>(x_shape: [usize; 4], grad: FloatTensor<B>, pool: Pool2d) -> FloatTensor<B> {
+    let x = Tensor::<B, 4>::zeros(x_shape, &B::float_device(&grad)).into_primitive().tensor();
+    let (k, s, p) = (pool.kernel, pool.stride, pool.padding);
+    B::avg_pool2d_backward(x, grad, [k, k], [s, s], [p, p], true, false)
+}
+
+#[derive(Debug)]
+struct AvgPoolBackward {
+    x_shape: [usize; 4],
+    pool: Pool2d,
+}
+
+impl<B: FusedOps> Backward<B, 1> for AvgPoolBackward {
+    type State = ();
+
+    fn backward(self, ops: Ops<Self::State, 1>, grads: &mut Gradients, _checkpointer: &mut Checkpointer) {
+        let [node_x] = ops.parents;
+        let grad = grads.consume::<B>(&ops.node);
+        if let Some(node) = node_x {
+            grads.register::<B>(node.id, B::avg_pool_backward(self.x_shape, grad, self.pool));
+        }
+    }
 }
 
 #[derive(Debug)]

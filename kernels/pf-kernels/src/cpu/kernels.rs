@@ -414,8 +414,7 @@ pub fn normalize_backward(x: &[f32], y: &[f32], grad: &[f32], mean: &[f32], inv_
 /// `iy · w + ix` of every window's winner.
 pub fn max_pool(x: &[f32], planes: usize, channels: usize, hw: [usize; 2], kernel: usize, stride: usize, padding: usize, affine: Option<(&[f32], &[f32])>) -> (Vec<f32>, Vec<i64>) {
     let [h, w] = hw;
-    let out_len = |i: usize| (i + 2 * padding).saturating_sub(kernel) / stride + 1;
-    let window = PoolWindow { hw, out: [out_len(h), out_len(w)], kernel, stride, padding };
+    let window = PoolWindow::new(hw, kernel, stride, padding);
     let plane_out = window.out[0] * window.out[1];
     let mut out = vec![0.0; planes * plane_out];
     let mut idx = vec![0i64; planes * plane_out];
@@ -449,38 +448,120 @@ struct PoolWindow {
 }
 
 impl PoolWindow {
+    fn new(hw: [usize; 2], kernel: usize, stride: usize, padding: usize) -> Self {
+        let out_len = |i: usize| (i + 2 * padding).saturating_sub(kernel) / stride + 1;
+        Self { hw, out: [out_len(hw[0]), out_len(hw[1])], kernel, stride, padding }
+    }
+
+    /// `f(oy, iy, first..last, start)` for every row `iy` inside the map of output row `oy`'s
+    /// windows and every window column: outputs `first..last` of row `oy` take input columns
+    /// `start, start + stride, …` of row `iy`. Per output, in the window's row-major order.
+    #[inline(always)]
+    fn runs(&self, mut f: impl FnMut(usize, usize, std::ops::Range<usize>, usize)) {
+        let ([h, w], [ho, wo], (k, s, p)) = (self.hw, self.out, (self.kernel, self.stride, self.padding));
+        for oy in 0..ho {
+            for ky in 0..k {
+                let Some(iy) = (oy * s + ky).checked_sub(p).filter(|&iy| iy < h) else { continue };
+                for kx in 0..k {
+                    let (first, last) = inside(w, kx, s, p, wo);
+                    if first < last {
+                        f(oy, iy, first..last, first * s + kx - p);
+                    }
+                }
+            }
+        }
+    }
+
+    /// Each window's sum over `kernel²` into `out`.
+    #[inline(always)]
+    fn mean(&self, plane: &[f32], out: &mut [f32]) {
+        let (w, wo, s) = (self.hw[1], self.out[1], self.stride);
+        out.fill(0.0);
+        self.runs(|oy, iy, cols, start| {
+            let (out, row) = (&mut out[oy * wo + cols.start..oy * wo + cols.end], &plane[iy * w + start..(iy + 1) * w]);
+            if s == 1 {
+                out.iter_mut().zip(row).for_each(|(o, v)| *o += v);
+            } else {
+                out.iter_mut().zip(row.iter().step_by(s)).for_each(|(o, v)| *o += v);
+            }
+        });
+        let count = (self.kernel * self.kernel) as f32;
+        out.iter_mut().for_each(|o| *o /= count);
+    }
+
+    /// The adjoint of [`PoolWindow::mean`]: `grad / kernel²` onto every window's elements.
+    #[inline(always)]
+    fn mean_backward(&self, grad: &[f32], gx: &mut [f32]) {
+        let (w, wo, s) = (self.hw[1], self.out[1], self.stride);
+        let count = (self.kernel * self.kernel) as f32;
+        self.runs(|oy, iy, cols, start| {
+            let (grad, row) = (&grad[oy * wo + cols.start..oy * wo + cols.end], &mut gx[iy * w..(iy + 1) * w]);
+            for (g, v) in row[start..].iter_mut().step_by(s).zip(grad) {
+                *g += v / count;
+            }
+        });
+    }
+
     /// The maximum of every window (padding never wins; the first maximum in row-major order
     /// and any NaN win) into `out`, its flat position `iy · w + ix` into `winners`. The window's
     /// offsets are the outer loops, the output row's positions the inner one, so that it
     /// vectorizes (a bit-mask blend, no branch).
     #[inline(always)]
     fn max(&self, plane: &[f32], out: &mut [f32], winners: &mut [i32]) {
-        let ([h, w], [ho, wo], (k, s, p)) = (self.hw, self.out, (self.kernel, self.stride, self.padding));
-        for oy in 0..ho {
-            let (out, winners) = (&mut out[oy * wo..(oy + 1) * wo], &mut winners[oy * wo..(oy + 1) * wo]);
-            out.fill(f32::NEG_INFINITY);
-            // A window whose elements are all −∞ names its first element inside the image.
-            let y0 = (oy * s).saturating_sub(p).min(h.saturating_sub(1));
-            for (ox, at) in winners.iter_mut().enumerate() {
-                *at = (y0 * w + (ox * s).saturating_sub(p).min(w.saturating_sub(1))) as i32;
-            }
-            for ky in 0..k {
-                let Some(iy) = (oy * s + ky).checked_sub(p).filter(|&iy| iy < h) else { continue };
-                let row = &plane[iy * w..(iy + 1) * w];
-                for kx in 0..k {
-                    let (first, last) = inside(w, kx, s, p, wo);
-                    for ox in first..last {
-                        let ix = ox * s + kx - p;
-                        let v = row[ix];
-                        let best = out[ox];
-                        let wins = (v > best) | (v.is_nan() & !best.is_nan());
-                        let mask = (wins as u32).wrapping_neg();
-                        out[ox] = f32::from_bits((v.to_bits() & mask) | (best.to_bits() & !mask));
-                        winners[ox] = (((iy * w + ix) as i32) & mask as i32) | (winners[ox] & !(mask as i32));
-                    }
-                }
-            }
+        let ([h, w], wo, (s, p)) = (self.hw, self.out[1], (self.stride, self.padding));
+        out.fill(f32::NEG_INFINITY);
+        // A window whose elements are all −∞ names its first element inside the image.
+        for (o, at) in winners.iter_mut().enumerate() {
+            let (iy, ix) = ((o / wo * s).saturating_sub(p).min(h.saturating_sub(1)), (o % wo * s).saturating_sub(p).min(w.saturating_sub(1)));
+            *at = (iy * w + ix) as i32;
         }
+        self.runs(|oy, iy, cols, start| {
+            let (out, winners) = (&mut out[oy * wo + cols.start..oy * wo + cols.end], &mut winners[oy * wo + cols.start..oy * wo + cols.end]);
+            let (row, at) = (&plane[iy * w + start..(iy + 1) * w], (iy * w + start) as i32);
+            if s == 1 {
+                blend_maxima(out, winners, row.iter().copied(), at, 1);
+            } else {
+                blend_maxima(out, winners, row.iter().step_by(s).copied(), at, s as i32);
+            }
+        });
+    }
+}
+
+/// Average pool of `[planes, h, w]`, padding counted as zeros: each window's sum (row-major
+/// order) over `kernel²`.
+pub fn avg_pool(x: &[f32], planes: usize, hw: [usize; 2], kernel: usize, stride: usize, padding: usize) -> Vec<f32> {
+    let window = PoolWindow::new(hw, kernel, stride, padding);
+    let [h, w] = hw;
+    let mut out = vec![0.0; planes * window.out[0] * window.out[1]];
+    for_rows(&mut out, window.out[0] * window.out[1], |p, out| {
+        let plane = &x[p * h * w..(p + 1) * h * w];
+        wide(#[inline(always)] || window.mean(plane, out));
+    });
+    out
+}
+
+/// Gradient of [`avg_pool`]: each output's gradient over `kernel²` onto its window's elements
+/// inside the map.
+pub fn avg_pool_backward(grad: &[f32], planes: usize, hw: [usize; 2], kernel: usize, stride: usize, padding: usize) -> Vec<f32> {
+    let window = PoolWindow::new(hw, kernel, stride, padding);
+    let out_len = window.out[0] * window.out[1];
+    let mut gx = vec![0.0; planes * hw[0] * hw[1]];
+    for_rows(&mut gx, hw[0] * hw[1], |p, gx| {
+        let grad = &grad[p * out_len..(p + 1) * out_len];
+        wide(#[inline(always)] || window.mean_backward(grad, gx));
+    });
+    gx
+}
+
+/// Where `values` beat `best` (or are the first NaN), takes them, with positions `at`,
+/// `at + step`, … into `winners`: bit-mask blends, no branch, so that the loop vectorizes.
+#[inline(always)]
+fn blend_maxima(best: &mut [f32], winners: &mut [i32], values: impl Iterator<Item = f32>, at: i32, step: i32) {
+    for (j, ((b, i), v)) in best.iter_mut().zip(winners.iter_mut()).zip(values).enumerate() {
+        let wins = (v > *b) | (v.is_nan() & !b.is_nan());
+        let mask = (wins as u32).wrapping_neg();
+        *b = f32::from_bits((v.to_bits() & mask) | (b.to_bits() & !mask));
+        *i = ((at + j as i32 * step) & mask as i32) | (*i & !(mask as i32));
     }
 }
 
@@ -915,15 +996,7 @@ fn window_max_gelu(tokens: &[f32], c: usize, window: impl Iterator<Item = usize>
     out.fill(f32::NEG_INFINITY);
     winners.fill(0);
     for token in window {
-        let values = &tokens[token * c..(token + 1) * c];
-        for ((o, i), &v) in out.iter_mut().zip(winners.iter_mut()).zip(values) {
-            // A bit mask instead of a branch, so that the loop vectorizes (without a
-            // conditional store).
-            let wins = (v > *o) | (v.is_nan() & !o.is_nan());
-            let mask = (wins as u32).wrapping_neg();
-            *o = f32::from_bits((v.to_bits() & mask) | (o.to_bits() & !mask));
-            *i = (token as i32 & mask as i32) | (*i & !(mask as i32));
-        }
+        blend_maxima(out, winners, tokens[token * c..(token + 1) * c].iter().copied(), token as i32, 0);
     }
     out.iter_mut().for_each(|o| *o = gelu(*o));
     idx.iter_mut().zip(winners.iter()).for_each(|(i, &t)| *i = t as i64);
