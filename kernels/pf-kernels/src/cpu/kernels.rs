@@ -315,7 +315,7 @@ fn channel_sums(a: &[f32], b: &[f32], n: usize, c: usize, hw: usize, f: impl Fn(
                 let mut total = 0.0;
                 for i in 0..n {
                     let run = (i * c + ch) * hw..(i * c + ch + 1) * hw;
-                    total += sum_lanes(&a[run.clone()], &b[run], |a, b| f(a, b, ch));
+                    total += sum_lanes(&a[run.clone()], &b[run], #[inline(always)] |a, b| f(a, b, ch));
                 }
                 total
             })
@@ -477,7 +477,7 @@ impl PoolWindow {
     fn mean(&self, plane: &[f32], out: &mut [f32]) {
         let (w, wo, s) = (self.hw[1], self.out[1], self.stride);
         out.fill(0.0);
-        self.runs(|oy, iy, cols, start| {
+        self.runs(#[inline(always)] |oy, iy, cols, start| {
             let (out, row) = (&mut out[oy * wo + cols.start..oy * wo + cols.end], &plane[iy * w + start..(iy + 1) * w]);
             if s == 1 {
                 out.iter_mut().zip(row).for_each(|(o, v)| *o += v);
@@ -494,7 +494,7 @@ impl PoolWindow {
     fn mean_backward(&self, grad: &[f32], gx: &mut [f32]) {
         let (w, wo, s) = (self.hw[1], self.out[1], self.stride);
         let count = (self.kernel * self.kernel) as f32;
-        self.runs(|oy, iy, cols, start| {
+        self.runs(#[inline(always)] |oy, iy, cols, start| {
             let (grad, row) = (&grad[oy * wo + cols.start..oy * wo + cols.end], &mut gx[iy * w..(iy + 1) * w]);
             for (g, v) in row[start..].iter_mut().step_by(s).zip(grad) {
                 *g += v / count;
@@ -515,7 +515,7 @@ impl PoolWindow {
             let (iy, ix) = ((o / wo * s).saturating_sub(p).min(h.saturating_sub(1)), (o % wo * s).saturating_sub(p).min(w.saturating_sub(1)));
             *at = (iy * w + ix) as i32;
         }
-        self.runs(|oy, iy, cols, start| {
+        self.runs(#[inline(always)] |oy, iy, cols, start| {
             let (out, winners) = (&mut out[oy * wo + cols.start..oy * wo + cols.end], &mut winners[oy * wo + cols.start..oy * wo + cols.end]);
             let (row, at) = (&plane[iy * w + start..(iy + 1) * w], (iy * w + start) as i32);
             if s == 1 {
@@ -647,6 +647,9 @@ const ELEMENT_RUN: usize = 4096;
 /// x86-64, whose SSE2 loops are 4 lanes wide; the element-wise kernels' loops (branch-free
 /// `#[inline(always)]` math) get 8 lanes here. The results are the same: no fused multiply-adds
 /// (Rust does not contract `a · b + c`), the same operations in the same order per element.
+/// Callers pass `#[inline(always)]` closures over `#[inline(always)]` functions: only what LLVM
+/// inlines into the clone gets the wider code (a closure left out of line runs at SSE2; check
+/// with `objdump` that each `wide::avx2` clone holds `ymm` instructions).
 #[inline(always)]
 fn wide<R>(f: impl FnOnce() -> R) -> R {
     #[cfg(target_arch = "x86_64")]
@@ -665,17 +668,21 @@ fn wide<R>(f: impl FnOnce() -> R) -> R {
 
 /// `f` of every element: runs of contiguous elements in parallel, each a plain loop (which the
 /// compiler vectorizes for a branch-free `f`).
+// The closures around `f` are not redundant: `&f` would go through `<&F as Fn>::call`, which
+// LLVM left out of line, and with it the whole loop out of the AVX2 clone.
+#[allow(clippy::redundant_closure)]
 fn map_elements(src: &[f32], f: impl Fn(f32) -> f32 + Sync) -> Vec<f32> {
     let mut dst = vec![0.0; src.len()];
-    dst.par_chunks_mut(ELEMENT_RUN).zip(src.par_chunks(ELEMENT_RUN)).for_each(|(d, s)| wide(#[inline(always)] || map_run(d, s, &f)));
+    dst.par_chunks_mut(ELEMENT_RUN).zip(src.par_chunks(ELEMENT_RUN)).for_each(|(d, s)| wide(#[inline(always)] || map_run(d, s, #[inline(always)] |v| f(v))));
     dst
 }
 
 /// `f(a, b)` of every pair of elements, as [`map_elements`].
+#[allow(clippy::redundant_closure)]
 fn zip_elements(a: &[f32], b: &[f32], f: impl Fn(f32, f32) -> f32 + Sync) -> Vec<f32> {
     let mut dst = vec![0.0; a.len()];
     dst.par_chunks_mut(ELEMENT_RUN).zip(a.par_chunks(ELEMENT_RUN).zip(b.par_chunks(ELEMENT_RUN))).for_each(|(d, (a, b))| {
-        wide(#[inline(always)] || zip_run(d, a, b, &f));
+        wide(#[inline(always)] || zip_run(d, a, b, #[inline(always)] |a, b| f(a, b)));
     });
     dst
 }
@@ -802,7 +809,7 @@ fn softmax_row(row: &mut [f32]) {
 fn softmax_in_place(row: &mut [f32]) {
     let max = row.iter().fold(f32::NEG_INFINITY, |m, &v| m.max(v));
     row.iter_mut().for_each(|v| *v = exp_shifted(*v - max));
-    let sum = sum_lanes(row, row, |v, _| v as f64) as f32;
+    let sum = sum_lanes(row, row, #[inline(always)] |v, _| v as f64) as f32;
     row.iter_mut().for_each(|v| *v /= sum);
 }
 
@@ -853,7 +860,7 @@ fn softmax_row_backward(y: &[f32], g: &mut [f32]) {
 
 #[inline(always)]
 fn softmax_backward_in_place(y: &[f32], g: &mut [f32]) {
-    let dot = sum_lanes(y, g, |y, g| (y * g) as f64) as f32;
+    let dot = sum_lanes(y, g, #[inline(always)] |y, g| (y * g) as f64) as f32;
     g.iter_mut().zip(y).for_each(|(g, &y)| *g = y * (*g - dot));
 }
 
