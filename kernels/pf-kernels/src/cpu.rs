@@ -221,7 +221,7 @@ impl FusedOps for NdArray {
     fn max_pool_with_indices(x: FloatTensor<Self>, pool: Pool2d) -> Option<(FloatTensor<Self>, IntTensor<Self>)> {
         let xs = values(&x)?;
         let [n, c, h, w] = dims::<4>(&x);
-        let (out, indices) = kernels::max_pool(&xs, n * c, c, [h, w], pool.kernel, pool.stride, pool.padding, None);
+        let (out, indices) = kernels::max_pool(&xs, n * c, c, [h, w], pool, None);
         let shape = [n, c, pool.output_len(h), pool.output_len(w)];
         Some((tensor(out, shape), NdArrayTensor::from_data(TensorData::new(indices, shape))))
     }
@@ -230,7 +230,7 @@ impl FusedOps for NdArray {
         let [n, c, h, w] = dims::<4>(&x);
         let shape = [n, c, pool.output_len(h), pool.output_len(w)];
         match values(&x) {
-            Some(xs) => tensor(kernels::avg_pool(&xs, n * c, [h, w], pool.kernel, pool.stride, pool.padding), shape),
+            Some(xs) => tensor(kernels::avg_pool(&xs, n * c, [h, w], pool), shape),
             None => avg_pool_by_reference::<Self>(x, pool),
         }
     }
@@ -238,7 +238,7 @@ impl FusedOps for NdArray {
     fn avg_pool_backward(x_shape: [usize; 4], grad: FloatTensor<Self>, pool: Pool2d) -> FloatTensor<Self> {
         let [n, c, h, w] = x_shape;
         match values(&grad) {
-            Some(gs) => tensor(kernels::avg_pool_backward(&gs, n * c, [h, w], pool.kernel, pool.stride, pool.padding), x_shape),
+            Some(gs) => tensor(kernels::avg_pool_backward(&gs, n * c, [h, w], pool), x_shape),
             None => avg_pool_backward_by_reference::<Self>(x_shape, grad, pool),
         }
     }
@@ -392,6 +392,7 @@ mod tests {
         }
     }
 
+    /// Forward and gradients of `op` against `reference` under a random output weighting.
     fn compare<const D: usize, const P: usize>(what: &str, inputs: [Tensor<Ad, D>; P], op: impl Fn(&[Tensor<Ad, D>]) -> Tensor<Ad, 3>, reference: impl Fn(&[Tensor<Ad, D>]) -> Tensor<Ad, 3>, rng: &mut Lcg) {
         let inputs = inputs.map(|t| t.require_grad());
         let (ours, theirs) = (op(&inputs), reference(&inputs));

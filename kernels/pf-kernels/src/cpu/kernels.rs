@@ -8,6 +8,8 @@ use std::borrow::Cow;
 use gemm::Parallelism;
 use rayon::prelude::*;
 
+use crate::reference::Pool2d;
+
 /// Where the convolution's batch is split into a fixed number of parts (a part's images are
 /// summed in order, the parts' sums in order): the weight gradient does not depend on the
 /// number of threads.
@@ -412,9 +414,9 @@ pub fn normalize_backward(x: &[f32], y: &[f32], grad: &[f32], mean: &[f32], inv_
 /// Max-pool (padding never wins, the first maximum of a window in row-major order wins) of
 /// `act(x · scale[c] + shift[c])` (`affine`: `None` pools `x` itself), with the flat index
 /// `iy · w + ix` of every window's winner.
-pub fn max_pool(x: &[f32], planes: usize, channels: usize, hw: [usize; 2], kernel: usize, stride: usize, padding: usize, affine: Option<(&[f32], &[f32])>) -> (Vec<f32>, Vec<i64>) {
+pub fn max_pool(x: &[f32], planes: usize, channels: usize, hw: [usize; 2], pool: Pool2d, affine: Option<(&[f32], &[f32])>) -> (Vec<f32>, Vec<i64>) {
     let [h, w] = hw;
-    let window = PoolWindow::new(hw, kernel, stride, padding);
+    let window = PoolWindow::new(hw, pool);
     let plane_out = window.out[0] * window.out[1];
     let mut out = vec![0.0; planes * plane_out];
     let mut idx = vec![0i64; planes * plane_out];
@@ -431,7 +433,7 @@ pub fn max_pool(x: &[f32], planes: usize, channels: usize, hw: [usize; 2], kerne
                 None => plane,
             };
             wide(#[inline(always)] || window.max(plane, out, winners));
-            idx.iter_mut().zip(winners.iter()).for_each(|(i, &t)| *i = t as i64);
+            widen(winners, idx);
         },
     );
     (out, idx)
@@ -448,9 +450,9 @@ struct PoolWindow {
 }
 
 impl PoolWindow {
-    fn new(hw: [usize; 2], kernel: usize, stride: usize, padding: usize) -> Self {
-        let out_len = |i: usize| (i + 2 * padding).saturating_sub(kernel) / stride + 1;
-        Self { hw, out: [out_len(hw[0]), out_len(hw[1])], kernel, stride, padding }
+    fn new(hw: [usize; 2], pool: Pool2d) -> Self {
+        let Pool2d { kernel, stride, padding } = pool;
+        Self { hw, out: hw.map(|len| pool.output_len(len)), kernel, stride, padding }
     }
 
     /// `f(oy, iy, first..last, start)` for every row `iy` inside the map of output row `oy`'s
@@ -529,8 +531,8 @@ impl PoolWindow {
 
 /// Average pool of `[planes, h, w]`, padding counted as zeros: each window's sum (row-major
 /// order) over `kernel²`.
-pub fn avg_pool(x: &[f32], planes: usize, hw: [usize; 2], kernel: usize, stride: usize, padding: usize) -> Vec<f32> {
-    let window = PoolWindow::new(hw, kernel, stride, padding);
+pub fn avg_pool(x: &[f32], planes: usize, hw: [usize; 2], pool: Pool2d) -> Vec<f32> {
+    let window = PoolWindow::new(hw, pool);
     let [h, w] = hw;
     let mut out = vec![0.0; planes * window.out[0] * window.out[1]];
     for_rows(&mut out, window.out[0] * window.out[1], |p, out| {
@@ -542,8 +544,8 @@ pub fn avg_pool(x: &[f32], planes: usize, hw: [usize; 2], kernel: usize, stride:
 
 /// Gradient of [`avg_pool`]: each output's gradient over `kernel²` onto its window's elements
 /// inside the map.
-pub fn avg_pool_backward(grad: &[f32], planes: usize, hw: [usize; 2], kernel: usize, stride: usize, padding: usize) -> Vec<f32> {
-    let window = PoolWindow::new(hw, kernel, stride, padding);
+pub fn avg_pool_backward(grad: &[f32], planes: usize, hw: [usize; 2], pool: Pool2d) -> Vec<f32> {
+    let window = PoolWindow::new(hw, pool);
     let out_len = window.out[0] * window.out[1];
     let mut gx = vec![0.0; planes * hw[0] * hw[1]];
     for_rows(&mut gx, hw[0] * hw[1], |p, gx| {
@@ -1006,7 +1008,13 @@ fn window_max_gelu(tokens: &[f32], c: usize, window: impl Iterator<Item = usize>
         blend_maxima(out, winners, tokens[token * c..(token + 1) * c].iter().copied(), token as i32, 0);
     }
     out.iter_mut().for_each(|o| *o = gelu(*o));
-    idx.iter_mut().zip(winners.iter()).for_each(|(i, &t)| *i = t as i64);
+    widen(winners, idx);
+}
+
+/// The `i32` winners of a window scan as the `i64` indices the backends' index tensors hold.
+#[inline(always)]
+fn widen(winners: &[i32], idx: &mut [i64]) {
+    idx.iter_mut().zip(winners).for_each(|(i, &t)| *i = t as i64);
 }
 
 /// Gradient of [`gelu_max_pool_gelu`]: `grad · gelu'(m) · gelu'(x)` onto each window's winner
@@ -1053,14 +1061,14 @@ mod tests {
     #[test]
     fn max_pool_names_a_winner_inside_the_image_for_every_window() {
         // All −∞: each window's winner is its first element inside the image.
-        let (out, idx) = max_pool(&[f32::NEG_INFINITY; 15], 1, 1, [3, 5], 3, 2, 1, None);
+        let (out, idx) = max_pool(&[f32::NEG_INFINITY; 15], 1, 1, [3, 5], Pool2d::new(3, 2, 1), None);
         assert!(out.iter().all(|&v| v == f32::NEG_INFINITY));
         assert_eq!(idx, vec![0, 1, 3, 5, 6, 8]);
         // A NaN wins its windows; elsewhere the maximum, first among ties.
         let mut plane = vec![1.0; 15];
         plane[7] = f32::NAN;
         plane[14] = 2.0;
-        let (out, idx) = max_pool(&plane, 1, 1, [3, 5], 3, 1, 1, None);
+        let (out, idx) = max_pool(&plane, 1, 1, [3, 5], Pool2d::new(3, 1, 1), None);
         for (o, (&v, &i)) in out.iter().zip(&idx).enumerate() {
             let (oy, ox) = (o / 5, o % 5);
             if (1..=3).contains(&ox) {
@@ -1072,7 +1080,7 @@ mod tests {
             }
         }
         // The affine BN → ReLU before the pool, per channel.
-        let (out, _) = max_pool(&[1.0, -2.0, 3.0, -4.0], 2, 2, [1, 2], 1, 1, 0, Some((&[2.0, -1.0], &[0.5, 0.0])));
+        let (out, _) = max_pool(&[1.0, -2.0, 3.0, -4.0], 2, 2, [1, 2], Pool2d::new(1, 1, 0), Some((&[2.0, -1.0], &[0.5, 0.0])));
         assert_eq!(out, vec![2.5, 0.0, 0.0, 4.0]);
     }
 
