@@ -151,6 +151,45 @@ impl<B: FusedOps> Model<B> {
         })
     }
 
+    /// The last feature map, for analyses such as Grad-CAM: ResNet's `layer4` output; ViT's
+    /// and PiT's last block's tokens laid out on their grid (one channel per embedding dim).
+    ///
+    /// # Shapes
+    /// - `images`: `[batch, 3, height, width]`
+    /// - output: `[batch, channels, h, w]`
+    pub fn forward_features(&self, images: Tensor<B, 4>) -> Result<Tensor<B, 4>, ModelError> {
+        self.check_input(images.dims())?;
+        Ok(match self {
+            Self::Resnet(m) => m.forward_features(images),
+            Self::Vit(m) => {
+                let tokens = m.forward_features(images);
+                let [b, _, d] = tokens.dims();
+                let [gh, gw] = m.grid();
+                // Through a flat view: Burn 0.21's CubeCL reshape of a swapped view is wrong
+                // when a dimension is 1 (see `pf_kernels::reference::reshape`).
+                pf_kernels::reference::reshape(tokens.swap_dims(1, 2), [b, d, gh, gw])
+            }
+            Self::Pit(m) => m.forward_features(images),
+        })
+    }
+
+    /// The head on a feature map of [`Self::forward_features`]: `forward` is
+    /// `forward_head(forward_features(images))`.
+    ///
+    /// # Shapes
+    /// - `features`: `[batch, channels, h, w]`
+    /// - output: `[batch, num_classes]` logits
+    pub fn forward_head(&self, features: Tensor<B, 4>) -> Tensor<B, 2> {
+        match self {
+            Self::Resnet(m) => m.forward_head(features),
+            Self::Vit(m) => {
+                let [b, d, h, w] = features.dims();
+                m.forward_head(pf_kernels::reference::reshape(features, [b, d, h * w]).swap_dims(1, 2))
+            }
+            Self::Pit(m) => m.forward_head(features),
+        }
+    }
+
     /// # Shapes
     /// - `images`: `[batch, 3, height, width]`
     /// - output: `[batch, num_classes]` logits

@@ -185,10 +185,13 @@ impl<B: FusedOps> Pit<B> {
         total + linear_cost(&self.head, 1)
     }
 
+    /// Patch embedding, position embedding and every stage with its pooling (the last block's
+    /// tokens on their grid, before the final norm).
+    ///
     /// # Shapes
     /// - `x`: `[batch, 3, height, width]`
-    /// - output: `[batch, num_classes]`
-    pub fn forward(&self, x: Tensor<B, 4>) -> Tensor<B, 2> {
+    /// - output: `[batch, dim, gh, gw]` of the last stage
+    pub fn forward_features(&self, x: Tensor<B, 4>) -> Tensor<B, 4> {
         let x = pf_core::conv::conv2d_forward(&self.patch_embed.conv, x);
         let [_, _, h, w] = x.dims();
         let pos = resize_bicubic(self.pos_embed.val(), [h, w]);
@@ -199,9 +202,25 @@ impl<B: FusedOps> Pit<B> {
             }
             x = stage.forward(x);
         }
-        let [b, d, h, w] = x.dims();
-        let tokens = x.reshape([b, d, h * w]).swap_dims(1, 2);
+        x
+    }
+
+    /// Final norm over the tokens, their mean and the classifier.
+    ///
+    /// # Shapes
+    /// - `features`: `[batch, dim, gh, gw]`
+    /// - output: `[batch, num_classes]`
+    pub fn forward_head(&self, features: Tensor<B, 4>) -> Tensor<B, 2> {
+        let [b, d, h, w] = features.dims();
+        let tokens = features.reshape([b, d, h * w]).swap_dims(1, 2);
         self.head.forward(self.norm.forward(tokens).mean_dim(1).reshape([b, d]))
+    }
+
+    /// # Shapes
+    /// - `x`: `[batch, 3, height, width]`
+    /// - output: `[batch, num_classes]`
+    pub fn forward(&self, x: Tensor<B, 4>) -> Tensor<B, 2> {
+        self.forward_head(self.forward_features(x))
     }
 }
 

@@ -210,21 +210,38 @@ impl<B: FusedOps> ResNet<B> {
         total + linear_cost(&self.fc, 1)
     }
 
+    /// Stem and the four stages (`layer4`'s output, before the global pool).
+    ///
     /// # Shapes
     /// - `x`: `[batch, 3, height, width]`
-    /// - output: `[batch, num_classes]`
-    pub fn forward(&self, x: Tensor<B, 4>) -> Tensor<B, 2> {
+    /// - output: `[batch, 4 · 512 · width_mult, height / 32, width / 32]` (rounded up per stride)
+    pub fn forward_features(&self, x: Tensor<B, 4>) -> Tensor<B, 4> {
         let x = if self.fused {
             self.conv1.forward_max_pool(x, self.maxpool.window())
         } else {
             self.maxpool.window().max_pool(self.conv1.forward(x))
         };
-        let x = [&self.layer1, &self.layer2, &self.layer3, &self.layer4]
+        [&self.layer1, &self.layer2, &self.layer3, &self.layer4]
             .into_iter()
             .flatten()
-            .fold(x, |x, block| block.forward(x));
-        let [b, c, _, _] = x.dims();
-        let pooled = x.flatten::<3>(2, 3).mean_dim(2).reshape([b, c]);
+            .fold(x, |x, block| block.forward(x))
+    }
+
+    /// Global average pool and classifier.
+    ///
+    /// # Shapes
+    /// - `features`: `[batch, channels, h, w]`
+    /// - output: `[batch, num_classes]`
+    pub fn forward_head(&self, features: Tensor<B, 4>) -> Tensor<B, 2> {
+        let [b, c, _, _] = features.dims();
+        let pooled = features.flatten::<3>(2, 3).mean_dim(2).reshape([b, c]);
         self.fc.forward(pooled)
+    }
+
+    /// # Shapes
+    /// - `x`: `[batch, 3, height, width]`
+    /// - output: `[batch, num_classes]`
+    pub fn forward(&self, x: Tensor<B, 4>) -> Tensor<B, 2> {
+        self.forward_head(self.forward_features(x))
     }
 }

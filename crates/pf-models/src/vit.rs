@@ -133,16 +133,40 @@ impl<B: FusedOps> Vit<B> {
         embed + self.blocks.iter().map(|b| b.cost(tokens)).sum::<Cost>() + linear_cost(&self.head, 1)
     }
 
+    /// The token grid: `img_size / patch_size` on each side.
+    pub fn grid(&self) -> [usize; 2] {
+        let g = self.img_size / self.patch_size;
+        [g, g]
+    }
+
+    /// Patch embedding, position embedding and every block (the last block's tokens, before the
+    /// final norm).
+    ///
     /// # Shapes
     /// - `x`: `[batch, 3, img_size, img_size]`
-    /// - output: `[batch, num_classes]`
-    pub fn forward(&self, x: Tensor<B, 4>) -> Tensor<B, 2> {
+    /// - output: `[batch, gh · gw, embed_dim]` tokens, row-major over the grid ([`Self::grid`])
+    pub fn forward_features(&self, x: Tensor<B, 4>) -> Tensor<B, 3> {
         let x = pf_core::conv::conv2d_forward(&self.patch_embed.proj, x);
         let [b, d, gh, gw] = x.dims();
         let x = x.reshape([b, d, gh * gw]).swap_dims(1, 2);
         let x = self.pos_drop.forward(x + self.pos_embed.val());
-        let x = self.blocks.iter().fold(x, |x, block| block.forward(x, [gh, gw]));
-        let x = self.norm.forward(x).mean_dim(1).reshape([b, d]);
-        self.head.forward(x)
+        self.blocks.iter().fold(x, |x, block| block.forward(x, [gh, gw]))
+    }
+
+    /// Final norm, mean over tokens and classifier.
+    ///
+    /// # Shapes
+    /// - `tokens`: `[batch, tokens, embed_dim]`
+    /// - output: `[batch, num_classes]`
+    pub fn forward_head(&self, tokens: Tensor<B, 3>) -> Tensor<B, 2> {
+        let [b, _, d] = tokens.dims();
+        self.head.forward(self.norm.forward(tokens).mean_dim(1).reshape([b, d]))
+    }
+
+    /// # Shapes
+    /// - `x`: `[batch, 3, img_size, img_size]`
+    /// - output: `[batch, num_classes]`
+    pub fn forward(&self, x: Tensor<B, 4>) -> Tensor<B, 2> {
+        self.forward_head(self.forward_features(x))
     }
 }

@@ -37,6 +37,8 @@ pub enum DataError {
     NoClasses(PathBuf),
     #[error("class folder {0} holds no JPEG or PNG image")]
     EmptyClass(PathBuf),
+    #[error("folder {0} holds no JPEG or PNG image")]
+    NoImages(PathBuf),
     #[error("the dataset at {path} has classes {found:?}, but the training set had {expected:?}")]
     ClassMismatch { path: PathBuf, expected: Vec<String>, found: Vec<String> },
 }
@@ -110,6 +112,36 @@ fn sorted_entries(dir: &Path) -> Result<Vec<PathBuf>, DataError> {
     Ok(entries)
 }
 
+/// The images a command was given: files as they are (an unreadable one is reported when it is
+/// read), folders as their JPEG and PNG files, sorted, subfolders included.
+pub fn image_files(paths: &[PathBuf]) -> Result<Vec<PathBuf>, DataError> {
+    let mut files = Vec::new();
+    for path in paths {
+        if path.is_dir() {
+            let mut found = Vec::new();
+            collect_images(path, &mut found)?;
+            if found.is_empty() {
+                return Err(DataError::NoImages(path.clone()));
+            }
+            files.extend(found);
+        } else {
+            files.push(path.clone());
+        }
+    }
+    Ok(files)
+}
+
+fn collect_images(dir: &Path, found: &mut Vec<PathBuf>) -> Result<(), DataError> {
+    for entry in sorted_entries(dir)? {
+        if entry.is_dir() {
+            collect_images(&entry, found)?;
+        } else if has_image_extension(&entry) {
+            found.push(entry);
+        }
+    }
+    Ok(())
+}
+
 fn has_image_extension(path: &Path) -> bool {
     path.extension().is_some_and(|e| EXTENSIONS.contains(&e.to_string_lossy().to_lowercase().as_str()))
 }
@@ -175,7 +207,13 @@ pub struct EvalTransform {
 }
 
 impl EvalTransform {
+    /// `[3, size, size]`, channel-major, normalised: [`Self::crop`], then the normalisation.
     pub fn apply(&self, image: &RgbImage) -> Vec<f32> {
+        self.normalize.apply(&self.crop(image))
+    }
+
+    /// The `size × size` crop the model sees, before the normalisation.
+    pub fn crop(&self, image: &RgbImage) -> RgbImage {
         let scale = (self.size as f64 / self.crop_pct).floor() as u32;
         let (w, h) = image.dimensions();
         let (nw, nh) = if w <= h {
@@ -188,8 +226,11 @@ impl EvalTransform {
         let top = ((nh as f64 - size as f64) / 2.0).round().max(0.0) as u32;
         let left = ((nw as f64 - size as f64) / 2.0).round().max(0.0) as u32;
         let crop = image::imageops::crop_imm(&resized, left, top, size.min(nw), size.min(nh)).to_image();
-        let crop = if crop.dimensions() == (size, size) { crop } else { image::imageops::resize(&crop, size, size, self.interpolation.filter()) };
-        self.normalize.apply(&crop)
+        if crop.dimensions() == (size, size) {
+            crop
+        } else {
+            image::imageops::resize(&crop, size, size, self.interpolation.filter())
+        }
     }
 }
 

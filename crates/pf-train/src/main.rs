@@ -10,6 +10,9 @@ use clap::{Parser, Subcommand};
 use pf_models::weights::{inspect_pytorch, load_pf, num_parameters, read_pf_config};
 use pf_models::ModelName;
 use pf_train::backend::{dispatch, dispatch_on, BackendKind, Job};
+use pf_train::gradcam::GradcamArgs;
+use pf_train::load::model_config;
+use pf_train::predict::PredictArgs;
 use pf_train::{fixtures, parity, presets};
 
 mod run;
@@ -46,8 +49,9 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
-    /// Load a checkpoint into a preset and report what was applied, missing, unexpected or mismatched.
+    /// Load a checkpoint into a model and report what was applied, missing, unexpected or mismatched.
     Inspect {
+        /// Preset name or model file (`{"family": ..., "config": {...}}`).
         #[arg(long)]
         model: String,
         #[arg(long)]
@@ -62,6 +66,10 @@ enum Command {
     /// Benchmarks: the paper's table (params, FLOPs, latency, throughput) or, with --kernels,
     /// the fused kernels against their reference twins.
     Bench(BenchCli),
+    /// Grad-CAM of images: the map as JSON and a picture of it over each image.
+    Gradcam(GradcamArgs),
+    /// The top-K classes of images, with probabilities and class names.
+    Predict(PredictArgs),
     /// One forward and backward pass at 224×224 for every preset (or the listed ones).
     Check {
         /// Comma-separated preset names (default: all).
@@ -138,6 +146,8 @@ fn command(cli: Cli) -> Result<ExitCode> {
         }
         Command::Eval(args) => dispatch(cli.backend, args),
         Command::Bench(args) => dispatch(cli.backend, args.with_backend(cli.backend)),
+        Command::Gradcam(args) => dispatch(cli.backend, args),
+        Command::Predict(args) => dispatch(cli.backend, args),
         Command::Check { models } => dispatch(cli.backend, Check { names: parse_names(&models)? }),
     }
 }
@@ -194,7 +204,7 @@ fn models(json: bool) -> Result<ExitCode> {
 fn inspect(name: &str, weights: &std::path::Path, num_classes: Option<usize>) -> Result<ExitCode> {
     type B = burn::backend::NdArray;
     let device = Default::default();
-    let mut config = name.parse::<ModelName>()?.config();
+    let mut config = model_config(name)?;
     if let Some(n) = num_classes {
         config = config.with_num_classes(n);
     }

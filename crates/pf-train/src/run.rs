@@ -1,18 +1,19 @@
 //! `pf train` and `pf eval`: flags, defaults, and the jobs they dispatch.
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::ExitCode;
 
 use anyhow::{bail, Context, Result};
 use pf_kernels::FusedAutodiffBackend;
-use pf_models::weights::{load_any, read_pf_config};
-use pf_models::{ModelConfig, ModelName};
+use pf_models::weights::load_any;
+use pf_models::ModelName;
 use pf_train::backend::{BackendKind, DevicesJob, Job};
 use pf_train::bench::{bench_kernels, bench_model, draw_chart, kernel_note, markdown_table, Budget, KernelCase, KernelRecord, ModelRecord};
-use pf_train::data::{EvalTransform, ImageFolder, Interpolation, Normalize};
+use pf_train::data::ImageFolder;
 use pf_train::eval::{evaluate, Verbosity};
 use pf_train::recipe::{ModelSpec, Recipe};
-use pf_train::train::{train_on, TrainArgs, TrainSummary};
+use pf_train::train::{train_on, TrainArgs};
+use pf_train::load::{eval_transform, model_config, training_summary, weights_config};
 use pf_train::{checkpoint, resolve};
 
 #[derive(clap::Args)]
@@ -20,7 +21,8 @@ pub struct TrainCli {
     /// Built-in recipe (digits, r50-step-90, deit-300) or a recipe file.
     #[arg(long, default_value = "digits")]
     recipe: String,
-    /// Preset to train instead of the recipe's model.
+    /// Preset name or model file (`{"family": ..., "config": {...}}`) to train instead of the
+    /// recipe's model.
     #[arg(long)]
     model: Option<String>,
     /// Dataset root with train/ and val/ (default: the recipe's).
@@ -77,9 +79,11 @@ pub struct TrainJob {
 impl TrainCli {
     pub fn into_job(self) -> Result<TrainJob> {
         let mut recipe = Recipe::load(&self.recipe)?;
-        if let Some(name) = self.model {
-            name.parse::<ModelName>()?;
-            recipe.model = ModelSpec::Preset(name);
+        if let Some(spec) = self.model {
+            recipe.model = match spec.parse::<ModelName>() {
+                Ok(_) => ModelSpec::Preset(spec),
+                Err(_) => ModelSpec::Config(model_config(&spec)?),
+            };
         }
         recipe.epochs = self.epochs.unwrap_or(recipe.epochs);
         recipe.batch_size = self.batch_size.unwrap_or(recipe.batch_size);
@@ -140,7 +144,8 @@ impl DevicesJob for TrainJob {
 
 #[derive(clap::Args)]
 pub struct EvalCli {
-    /// Preset name; required for PyTorch checkpoints, checked against the config of pf's own.
+    /// Preset name or model file (`{"family": ..., "config": {...}}`); required for PyTorch
+    /// checkpoints, checked against the config of pf's own.
     #[arg(long)]
     model: Option<String>,
     /// A pf checkpoint (.bpk with its .json config) or a PyTorch checkpoint.
@@ -169,56 +174,16 @@ pub struct EvalCli {
     quiet: bool,
 }
 
-/// The training summary written beside a pf model, if any.
-fn training_summary(weights: &Path) -> Result<Option<TrainSummary>> {
-    let path = weights.with_file_name("train.json");
-    if !path.is_file() {
-        return Ok(None);
-    }
-    let text = std::fs::read_to_string(&path).with_context(|| format!("reading {}", path.display()))?;
-    Ok(Some(serde_json::from_str(&text).with_context(|| format!("{} is not a pf training summary", path.display()))?))
-}
-
-impl EvalCli {
-    fn config(&self) -> Result<ModelConfig> {
-        let preset = self.model.as_deref().map(|n| n.parse::<ModelName>().map(|m| m.config())).transpose()?;
-        if self.weights.extension().is_some_and(|e| e == "bpk") {
-            let saved = read_pf_config(&self.weights)?;
-            if let Some(p) = preset {
-                let p = self.num_classes.map_or(p.clone(), |n| p.with_num_classes(n));
-                if p != saved {
-                    bail!(
-                        "{} was saved for another model:\n  saved:     {}\n  requested: {}",
-                        self.weights.display(),
-                        serde_json::to_string(&saved)?,
-                        serde_json::to_string(&p)?
-                    );
-                }
-            }
-            return Ok(saved);
-        }
-        let Some(config) = preset else { bail!("--model NAME is required for a PyTorch checkpoint ({})", ModelName::known()) };
-        Ok(self.num_classes.map_or(config.clone(), |n| config.with_num_classes(n)))
-    }
-}
-
 impl Job for EvalCli {
     type Output = ExitCode;
 
     fn run<B: FusedAutodiffBackend>(self, device: B::Device) -> Result<ExitCode> {
-        if !self.weights.is_file() {
-            bail!("weights file {} does not exist", self.weights.display());
+        if self.batch_size == 0 {
+            bail!("--batch-size must be at least 1");
         }
-        let config = self.config()?;
-        let summary = training_summary(&self.weights)?.filter(|_| self.weights.extension().is_some_and(|e| e == "bpk"));
-        let mut transform = match &summary {
-            Some(s) => s.recipe.eval_transform.clone(),
-            None => {
-                EvalTransform { size: config.image_size(), crop_pct: 0.875, interpolation: Interpolation::Bicubic, normalize: Normalize::default() }
-            }
-        };
-        transform.size = self.image_size.unwrap_or(transform.size);
-        transform.crop_pct = self.crop_pct.unwrap_or(transform.crop_pct);
+        let config = weights_config(&self.weights, self.model.as_deref(), self.num_classes)?;
+        let summary = training_summary(&self.weights)?;
+        let transform = eval_transform(&config, summary.as_ref(), self.image_size, self.crop_pct)?;
         let data = match (&self.data, &summary) {
             (Some(d), _) => resolve(d),
             (None, Some(s)) => s.data.clone(),

@@ -1,0 +1,170 @@
+//! What a `--model` argument and a weights file say about the model: its config (a preset name
+//! or a model file), and, beside a pf model, the training run's summary (its eval transform and
+//! class names). Shared by `eval`, `inspect`, `gradcam` and `predict`.
+
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+
+use anyhow::{anyhow, bail, Context, Result};
+use pf_models::weights::read_pf_config;
+use pf_models::{ModelConfig, ModelName};
+
+use crate::data::{EvalTransform, Interpolation, Normalize};
+use crate::train::TrainSummary;
+
+/// A preset name, or the path of a model file `{"family": ..., "config": {...}}` (the form of the
+/// fixture manifest's cases and of a recipe's `model`).
+pub fn model_config(spec: &str) -> Result<ModelConfig> {
+    if let Ok(name) = spec.parse::<ModelName>() {
+        return Ok(name.config());
+    }
+    let path = Path::new(spec);
+    if path.is_file() || path.extension().is_some_and(|e| e == "json") {
+        return read_model_file(path);
+    }
+    bail!("unknown model `{spec}`: neither a preset ({}) nor a model file", ModelName::known())
+}
+
+/// Reads and checks a model file; an error names the file and, from serde, the field.
+pub fn read_model_file(path: &Path) -> Result<ModelConfig> {
+    let text = std::fs::read_to_string(path).with_context(|| format!("reading model file {}", path.display()))?;
+    let config: ModelConfig = serde_json::from_str(&text).map_err(|e| anyhow!("model file {}: {e}", path.display()))?;
+    config.validate().map_err(|e| anyhow!("model file {}: {e}", path.display()))?;
+    Ok(config)
+}
+
+/// The model behind `weights`: a pf model (`.bpk`) says it itself (`model`, if given, must agree);
+/// a PyTorch checkpoint needs `model`. `num_classes` overrides the model's head size.
+pub fn weights_config(weights: &Path, model: Option<&str>, num_classes: Option<usize>) -> Result<ModelConfig> {
+    if !weights.is_file() {
+        bail!("weights file {} does not exist", weights.display());
+    }
+    if num_classes == Some(0) {
+        bail!("--num-classes must be at least 1");
+    }
+    let requested = model.map(model_config).transpose()?.map(|c| num_classes.map_or(c.clone(), |n| c.with_num_classes(n)));
+    if is_pf_model(weights) {
+        let saved = read_pf_config(weights)?;
+        if let Some(requested) = requested.filter(|r| *r != saved) {
+            bail!(
+                "{} was saved for another model:\n  saved:     {}\n  requested: {}",
+                weights.display(),
+                serde_json::to_string(&saved)?,
+                serde_json::to_string(&requested)?
+            );
+        }
+        return Ok(saved);
+    }
+    requested.ok_or_else(|| anyhow!("--model NAME|FILE is required for a PyTorch checkpoint ({})", ModelName::known()))
+}
+
+pub fn is_pf_model(weights: &Path) -> bool {
+    weights.extension().is_some_and(|e| e == "bpk")
+}
+
+/// The training summary written beside a pf model (`train.json`), if any.
+pub fn training_summary(weights: &Path) -> Result<Option<TrainSummary>> {
+    let path = weights.with_file_name("train.json");
+    if !is_pf_model(weights) || !path.is_file() {
+        return Ok(None);
+    }
+    let text = std::fs::read_to_string(&path).with_context(|| format!("reading {}", path.display()))?;
+    Ok(Some(serde_json::from_str(&text).with_context(|| format!("{} is not a pf training summary", path.display()))?))
+}
+
+/// Largest input side the commands accept: a 4096² RGB image is 200 MB of floats already.
+pub const MAX_IMAGE_SIZE: usize = 4096;
+
+/// The eval transform of the training run (if any), else timm's default for the model (bicubic,
+/// crop 0.875, ImageNet normalisation); `image_size` and `crop_pct` override it.
+pub fn eval_transform(config: &ModelConfig, summary: Option<&TrainSummary>, image_size: Option<usize>, crop_pct: Option<f64>) -> Result<EvalTransform> {
+    let mut transform = match summary {
+        Some(s) => s.recipe.eval_transform.clone(),
+        None => EvalTransform { size: config.image_size(), crop_pct: 0.875, interpolation: Interpolation::Bicubic, normalize: Normalize::default() },
+    };
+    transform.size = image_size.unwrap_or(transform.size);
+    transform.crop_pct = crop_pct.unwrap_or(transform.crop_pct);
+    if !(1..=MAX_IMAGE_SIZE).contains(&transform.size) {
+        bail!("--image-size {} is not in 1..={MAX_IMAGE_SIZE}", transform.size);
+    }
+    // The resize target is `size / crop_pct`: keep it inside the same bound.
+    if !(transform.crop_pct > 0.0 && transform.crop_pct <= 1.0) || (transform.size as f64 / transform.crop_pct) > (2 * MAX_IMAGE_SIZE) as f64 {
+        bail!("--crop-pct {} is not in (0, 1] (or makes the resize larger than {} pixels)", transform.crop_pct, 2 * MAX_IMAGE_SIZE);
+    }
+    Ok(transform)
+}
+
+/// Names of the model's classes: the training run's class folders, ImageNet-1k's for a
+/// 1000-class model without them, else the indices.
+pub fn class_names(summary: Option<&TrainSummary>, num_classes: usize) -> Vec<String> {
+    if let Some(s) = summary.filter(|s| s.classes.len() == num_classes) {
+        return s.classes.clone();
+    }
+    if num_classes == IMAGENET_CLASSES.lines().count() {
+        return IMAGENET_CLASSES.lines().map(|l| l.split_once('\t').map_or(l, |(_, name)| name).to_string()).collect();
+    }
+    (0..num_classes).map(|i| i.to_string()).collect()
+}
+
+/// Warns about every unreadable image a command skipped; an error when none could be read.
+pub fn warn_skipped(skipped: &[(PathBuf, String)], read: usize) -> Result<()> {
+    for (path, reason) in skipped {
+        eprintln!("warning: skipped unreadable image {}: {reason}", path.display());
+    }
+    if read == 0 {
+        bail!("no image could be read ({} skipped)", skipped.len());
+    }
+    Ok(())
+}
+
+/// The exit code of a command over images: 1 when some were skipped.
+pub fn skipped_exit(skipped: usize, read: usize) -> ExitCode {
+    if skipped == 0 {
+        return ExitCode::SUCCESS;
+    }
+    eprintln!("{skipped} of {} images skipped (unreadable)", skipped + read);
+    ExitCode::FAILURE
+}
+
+/// ImageNet-1k in class-index order: `synset<TAB>first WordNet lemma` per line.
+const IMAGENET_CLASSES: &str = include_str!("imagenet_classes.txt");
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn model_specs_name_presets_or_files() {
+        assert!(matches!(model_config("resnet50_hybrid"), Ok(ModelConfig::Resnet(_))));
+        let err = model_config("resnet51").unwrap_err().to_string();
+        assert!(err.contains("resnet51") && err.contains("resnet50_hybrid"), "{err}");
+
+        let dir = std::env::temp_dir().join(format!("pf-load-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let good = dir.join("good.json");
+        std::fs::write(&good, r#"{"family": "resnet", "config": {"block": "max", "layers": [1, 1, 1, 1], "width_mult": 0.25, "num_classes": 7}}"#).unwrap();
+        let config = model_config(good.to_str().unwrap()).unwrap();
+        assert_eq!(config.num_classes(), 7);
+        for (text, field) in [
+            (r#"{"family": "resnet", "config": {"blocks": "max", "layers": [1, 1, 1, 1]}}"#, "blocks"),
+            (r#"{"family": "resnet", "config": {"layers": [1, 1, 1, 1]}}"#, "block"),
+            (r#"{"family": "resnett", "config": {}}"#, "resnett"),
+            (r#"{"family": "resnet", "config": {"block": "max", "layers": [1, 0, 1, 1]}}"#, "layers"),
+        ] {
+            let bad = dir.join("bad.json");
+            std::fs::write(&bad, text).unwrap();
+            let err = model_config(bad.to_str().unwrap()).unwrap_err().to_string();
+            assert!(err.contains("bad.json") && err.contains(field), "{text}: {err}");
+        }
+        let err = model_config(dir.join("missing.json").to_str().unwrap()).unwrap_err();
+        assert!(format!("{err:#}").contains("missing.json"), "{err:#}");
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn class_names_fall_back_to_imagenet_then_indices() {
+        let imagenet = class_names(None, 1000);
+        assert_eq!((imagenet[0].as_str(), imagenet[207].as_str(), imagenet[999].as_str()), ("tench", "golden retriever", "toilet tissue"));
+        assert_eq!(class_names(None, 3), ["0", "1", "2"]);
+    }
+}

@@ -1,0 +1,171 @@
+//! `cargo xtask predict`: the top-K classes of images, with probabilities and class names.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::{bail, Result};
+use burn::prelude::*;
+use pf_kernels::FusedAutodiffBackend;
+use pf_models::weights::load_any;
+use pf_models::Model;
+use serde::Serialize;
+
+use crate::backend::Job;
+use crate::checkpoint::replace_file;
+use crate::data::{image_files, load_rgb, EvalTransform};
+use crate::load::{class_names, eval_transform, skipped_exit, training_summary, warn_skipped, weights_config};
+
+/// One of an image's top classes.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct Ranked {
+    pub class: usize,
+    pub label: String,
+    /// Softmax probability.
+    pub prob: f64,
+}
+
+/// An image's top classes, most probable first.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct Prediction {
+    pub image: PathBuf,
+    pub top: Vec<Ranked>,
+}
+
+/// The `k` most probable classes of one row of logits (ties: the lower class first).
+pub fn top_k(logits: &[f32], k: usize, labels: &[String]) -> Vec<Ranked> {
+    let max = logits.iter().fold(f64::NEG_INFINITY, |m, &v| m.max(v as f64));
+    let exp = logits.iter().map(|&v| (v as f64 - max).exp()).collect::<Vec<_>>();
+    let sum = exp.iter().sum::<f64>();
+    let mut order = (0..logits.len()).collect::<Vec<_>>();
+    order.sort_by(|&a, &b| exp[b].total_cmp(&exp[a]).then(a.cmp(&b)));
+    order
+        .into_iter()
+        .take(k)
+        .map(|class| Ranked { class, label: labels.get(class).cloned().unwrap_or_else(|| class.to_string()), prob: exp[class] / sum })
+        .collect()
+}
+
+/// Images per forward pass.
+const BATCH: usize = 16;
+
+/// `cargo xtask predict`: flags of the command.
+#[derive(clap::Args, Clone, Debug)]
+pub struct PredictArgs {
+    /// A pf model (.bpk with its .json config) or a PyTorch checkpoint.
+    #[arg(long)]
+    pub weights: PathBuf,
+    /// Preset name or model file (`{"family": ..., "config": {...}}`); required for PyTorch
+    /// checkpoints, checked against the config of pf's own.
+    #[arg(long)]
+    pub model: Option<String>,
+    /// Number of classes of a PyTorch checkpoint (default: the model's).
+    #[arg(long)]
+    pub num_classes: Option<usize>,
+    /// Classes to show per image.
+    #[arg(long, default_value_t = 5)]
+    pub top: usize,
+    /// Input size (default: the training run's, else the model's).
+    #[arg(long)]
+    pub image_size: Option<usize>,
+    /// Centre-crop fraction (default: the training run's, else 0.875).
+    #[arg(long)]
+    pub crop_pct: Option<f64>,
+    /// Also write the predictions as JSON: `[{"image", "top": [{"class", "label", "prob"}]}]`.
+    #[arg(long)]
+    pub json: Option<PathBuf>,
+    /// Images, or folders of images.
+    #[arg(required = true)]
+    pub images: Vec<PathBuf>,
+}
+
+/// What a run of the command computed.
+pub struct PredictRun {
+    pub predictions: Vec<Prediction>,
+    /// Unreadable images: path and reason.
+    pub skipped: Vec<(PathBuf, String)>,
+    pub transform: EvalTransform,
+}
+
+impl PredictArgs {
+    /// Loads the model and predicts every image: what the command does before printing.
+    pub fn compute<B: FusedAutodiffBackend>(&self, device: &B::Device) -> Result<PredictRun> {
+        if self.top == 0 {
+            bail!("--top must be at least 1");
+        }
+        let config = weights_config(&self.weights, self.model.as_deref(), self.num_classes)?;
+        let summary = training_summary(&self.weights)?;
+        let transform = eval_transform(&config, summary.as_ref(), self.image_size, self.crop_pct)?;
+        let files = image_files(&self.images)?;
+        let model: Model<B::InnerBackend> = load_any(config.init(device)?, &self.weights)?;
+        let labels = class_names(summary.as_ref(), config.num_classes());
+        let (mut predictions, mut skipped) = (Vec::new(), Vec::new());
+        for chunk in files.chunks(BATCH) {
+            let mut read = Vec::new();
+            let mut pixels = Vec::new();
+            for path in chunk {
+                match load_rgb(path) {
+                    Ok(image) => {
+                        pixels.extend(transform.apply(&image));
+                        read.push(path.clone());
+                    }
+                    Err(reason) => skipped.push((path.clone(), reason)),
+                }
+            }
+            if read.is_empty() {
+                continue;
+            }
+            let s = transform.size;
+            let logits = model.forward(Tensor::from_data(TensorData::new(pixels, [read.len(), 3, s, s]), device))?;
+            let classes = logits.dims()[1];
+            let values = logits.into_data().convert::<f32>().to_vec::<f32>().map_err(|e| anyhow::anyhow!("reading logits: {e:?}"))?;
+            for (image, row) in read.into_iter().zip(values.chunks(classes)) {
+                predictions.push(Prediction { image, top: top_k(row, self.top, &labels) });
+            }
+        }
+        Ok(PredictRun { predictions, skipped, transform })
+    }
+}
+
+impl Job for PredictArgs {
+    type Output = ExitCode;
+
+    fn run<B: FusedAutodiffBackend>(self, device: B::Device) -> Result<ExitCode> {
+        run::<B>(self, device)
+    }
+}
+
+/// The command: a table per image, `--json`; exit code 1 when an image was skipped.
+pub fn run<B: FusedAutodiffBackend>(args: PredictArgs, device: B::Device) -> Result<ExitCode> {
+    let run = args.compute::<B>(&device)?;
+    warn_skipped(&run.skipped, run.predictions.len())?;
+    println!("{} on {device:?}, {}px crop_pct {}", args.weights.display(), run.transform.size, run.transform.crop_pct);
+    for p in &run.predictions {
+        println!("\n{}", p.image.display());
+        let width = p.top.iter().map(|r| r.label.chars().count()).max().unwrap_or(0).max(5);
+        println!("  {:>4}  {:>5}  {:<width$}  {:>8}", "rank", "class", "label", "prob");
+        for (i, r) in p.top.iter().enumerate() {
+            println!("  {:>4}  {:>5}  {:<width$}  {:>7.2}%", i + 1, r.class, r.label, 100.0 * r.prob);
+        }
+    }
+    if let Some(path) = &args.json {
+        replace_file(path, serde_json::to_string_pretty(&run.predictions)?.as_bytes())?;
+        println!("\npredictions written to {}", path.display());
+    }
+    Ok(skipped_exit(run.skipped.len(), run.predictions.len()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn top_k_is_sorted_softmax_with_labels() {
+        let labels = ["a", "b", "c"].map(String::from);
+        let top = top_k(&[1.0, 3.0, 1.0], 5, &labels);
+        assert_eq!(top.iter().map(|r| (r.class, r.label.as_str())).collect::<Vec<_>>(), [(1, "b"), (0, "a"), (2, "c")]);
+        let e = 2f64.exp();
+        assert!((top[0].prob - e / (e + 2.0)).abs() < 1e-12);
+        assert!((top.iter().map(|r| r.prob).sum::<f64>() - 1.0).abs() < 1e-12);
+        assert_eq!(top_k(&[0.0, 1000.0], 1, &labels)[0].prob, 1.0);
+    }
+}
