@@ -10,6 +10,7 @@ use pf_models::weights::{load_pf, read_pf_config};
 use pf_train::checkpoint;
 use pf_train::data::ImageFolder;
 use pf_train::eval::{evaluate, Verbosity};
+use pf_train::predict::PredictArgs;
 use pf_train::recipe::{Recipe, ScheduleSpec};
 use pf_train::train::{train, train_on, train_watched, TrainArgs};
 
@@ -83,6 +84,22 @@ fn a_short_run_learns_the_digits() {
     for file in ["metrics.csv", "metrics.json", "curves.svg", "train.json", "model.json"] {
         assert!(dir.join("run").join(file).is_file(), "{file} missing");
     }
+    // `predict` on the val folder: the run's transform and class folder names, and the same
+    // top-1 as the evaluation.
+    let predict = PredictArgs {
+        weights: model_path,
+        model: None,
+        num_classes: None,
+        top: 2,
+        image_size: None,
+        crop_pct: None,
+        json: None,
+        images: vec![data.join("val")],
+    };
+    let run = predict.compute::<CpuAd>(&Default::default()).unwrap();
+    assert_eq!(run.predictions.len(), val.len());
+    let right = run.predictions.iter().filter(|p| p.image.parent().and_then(|d| d.file_name()).is_some_and(|d| *d == *p.top[0].label)).count();
+    assert_eq!(100.0 * right as f64 / val.len() as f64, result.top1, "predict and eval disagree");
 }
 
 /// On NdArray with a fixed seed, a run interrupted after its first epoch and resumed ends with
