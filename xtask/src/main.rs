@@ -4,7 +4,8 @@
 //! (Burn, CubeCL, ndarray) at level 3, which is where the time goes, so `bench` measures the same
 //! code a release build would run without a second full build of Burn.
 
-use std::process::{Command, ExitCode};
+use std::io::{BufRead, BufReader};
+use std::process::{Command, ExitCode, Stdio};
 
 const BACKENDS: [&str; 3] = ["ndarray", "wgpu", "cuda"];
 
@@ -23,6 +24,14 @@ fn main() -> ExitCode {
         }
     };
     let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+    match build(&cargo, backend) {
+        Ok(true) => {}
+        Ok(false) => return ExitCode::FAILURE,
+        Err(e) => {
+            eprintln!("error: cannot run cargo: {e}");
+            return ExitCode::FAILURE;
+        }
+    }
     let mut cmd = Command::new(cargo);
     cmd.args(["run", "--quiet", "--package", "pf-train", "--bin", "pf", "--features", backend]);
     cmd.arg("--").args(&args);
@@ -33,6 +42,35 @@ fn main() -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+/// Builds `pf` with cargo's own messages passed through while anything compiles (a first build
+/// compiles Burn for many minutes, and a silent terminal looks hung); an up-to-date build says
+/// nothing. Returns whether the build succeeded.
+fn build(cargo: &str, backend: &str) -> std::io::Result<bool> {
+    let mut child = Command::new(cargo)
+        .args(["build", "--package", "pf-train", "--bin", "pf", "--features", backend])
+        .stderr(Stdio::piped())
+        .spawn()?;
+    let mut compiling = false;
+    let mut held = Vec::new();
+    if let Some(stderr) = child.stderr.take() {
+        for line in BufReader::new(stderr).lines() {
+            let line = line?;
+            let status = line.trim_start();
+            if !compiling && status.starts_with("Compiling") {
+                compiling = true;
+                eprintln!("building pf with the {backend} backend (a first build compiles Burn: 10 to 15 minutes on two cores)");
+                held.drain(..).for_each(|l: String| eprintln!("{l}"));
+            }
+            if compiling || !(status.starts_with("Finished") || status.starts_with("Blocking")) {
+                eprintln!("{line}");
+            } else {
+                held.push(line);
+            }
+        }
+    }
+    Ok(child.wait()?.success())
 }
 
 /// The value of `--backend B` / `--backend=B`, default `ndarray`.

@@ -80,6 +80,7 @@ enum Command {
 
 fn main() -> ExitCode {
     keep_freed_memory();
+    explain_device_failures();
     let cli = Cli::parse();
     match run(cli) {
         Ok(code) => code,
@@ -88,6 +89,51 @@ fn main() -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+/// Burn's GPU runtimes panic, on one of their own threads, when a device cannot be opened
+/// (cubecl-wgpu finds no adapter; cudarc cannot load the CUDA driver library). Such a panic
+/// ends the process with one line that says what is missing and how to get it, instead of a
+/// backtrace from inside the runtime; every other panic is reported as usual.
+fn explain_device_failures() {
+    let default = std::panic::take_hook();
+    std::panic::set_hook(Box::new(move |info| {
+        let message = info
+            .payload()
+            .downcast_ref::<String>()
+            .map(String::as_str)
+            .or_else(|| info.payload().downcast_ref::<&str>().copied())
+            .unwrap_or_default();
+        match device_failure(message) {
+            Some(line) => {
+                eprintln!("error: {line}");
+                std::process::exit(1);
+            }
+            None => default(info),
+        }
+    }));
+}
+
+/// What a runtime's panic message says is missing, in words for the user; `None` for any other panic.
+fn device_failure(message: &str) -> Option<String> {
+    if message.contains("No possible adapter available") || (message.starts_with("No ") && message.contains("device found")) {
+        return Some(
+            "--backend wgpu found no GPU adapter (no Vulkan, Metal or DX12 driver). Install one (Linux without a GPU: \
+             `apt-get install mesa-vulkan-drivers libvulkan1`, Mesa's lavapipe runs wgpu on the CPU), or use --backend ndarray"
+                .into(),
+        );
+    }
+    if let Some(rest) = message.strip_prefix("Unable to dynamically load the \"") {
+        let library = rest.split('"').next().unwrap_or("CUDA");
+        return Some(format!(
+            "--backend cuda cannot load the `{library}` library: install NVIDIA's driver (and the CUDA toolkit) and make it findable \
+             (LD_LIBRARY_PATH), or use --backend wgpu or ndarray"
+        ));
+    }
+    if message.contains("CUDA_ERROR_NO_DEVICE") {
+        return Some("--backend cuda found no CUDA device on this machine; use --backend wgpu or ndarray".into());
+    }
+    None
 }
 
 /// glibc's allocator hands blocks of a few megabytes and up back to the system when they are
@@ -264,5 +310,19 @@ impl Job for Check {
         }
         println!("all forward/backward checks passed");
         Ok(ExitCode::SUCCESS)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::device_failure;
+
+    #[test]
+    fn device_failures_get_one_line_and_other_panics_none() {
+        let wgpu = "No possible adapter available for backend. Falling back to first available.: NotFound { active_backends: Backends(0x0) }";
+        assert!(device_failure(wgpu).is_some_and(|l| l.contains("mesa-vulkan-drivers") && !l.contains('\n')));
+        let cuda = r#"Unable to dynamically load the "cuda" shared library - searched for library names: ["libcuda.so"]."#;
+        assert!(device_failure(cuda).is_some_and(|l| l.contains("`cuda` library")));
+        assert!(device_failure("index out of bounds: the len is 3 but the index is 7").is_none());
     }
 }
