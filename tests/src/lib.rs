@@ -8,6 +8,8 @@ mod common;
 #[cfg(test)]
 mod conv;
 #[cfg(test)]
+mod fuzz;
+#[cfg(test)]
 mod gradcam;
 #[cfg(test)]
 mod inputs;

@@ -267,7 +267,13 @@ pub fn load_pytorch<B: FusedOps>(mut model: Model<B>, path: &Path) -> Result<(Mo
     if !report.is_ok() {
         return Err(WeightsError::Incompatible { path: path.to_path_buf(), report });
     }
-    let result = model.apply(snapshots, None, None, true);
+    let result = match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| model.apply(snapshots, None, None, true))) {
+        Ok(result) => result,
+        Err(_) => {
+            abandon(model);
+            return Err(WeightsError::Read { path: path.to_path_buf(), reason: "a tensor could not be read (the reader panicked)".into() });
+        }
+    };
     if !result.errors.is_empty() || !result.missing.is_empty() {
         return Err(WeightsError::Read {
             path: path.to_path_buf(),
@@ -310,11 +316,26 @@ pub fn load_pf<B: FusedOps>(mut model: Model<B>, path: &Path) -> Result<Model<B>
         return Err(read_err("no such file".into()));
     }
     let mut store = BurnpackStore::from_file(path).allow_partial(false).validate(true);
-    let result = model.load_from(&mut store).map_err(|e| read_err(e.to_string()))?;
+    // burn-store and the backend panic on some malformed files (a tensor whose bytes do not
+    // match its dtype, found by fuzzing): a panic is an error too.
+    let result = match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| model.load_from(&mut store))) {
+        Ok(result) => result.map_err(|e| read_err(e.to_string()))?,
+        Err(_) => {
+            abandon(model);
+            return Err(read_err("not a readable pf checkpoint (the reader panicked)".into()));
+        }
+    };
     if !result.errors.is_empty() || !result.missing.is_empty() || !result.unused.is_empty() {
         return Err(read_err(format!("the checkpoint does not fit the model: {result}")));
     }
     Ok(model)
+}
+
+/// A model whose loading panicked halfway through Burn's `Module::map` is left with fields
+/// moved out: dropping it crashed the process (found by fuzzing). It is leaked instead, once,
+/// on the way to an error.
+fn abandon<B: FusedOps>(model: Model<B>) {
+    std::mem::forget(model);
 }
 
 /// Loads either kind of checkpoint, by extension: `.bpk` is pf's own, anything else PyTorch.
