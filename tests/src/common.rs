@@ -37,3 +37,26 @@ impl Drop for Scratch {
         }
     }
 }
+
+/// Deterministic values in about `[-1, 1]`, the same on every backend.
+pub fn values(len: usize, seed: u64) -> Vec<f32> {
+    let mut state = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    (0..len)
+        .map(|_| {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            ((state >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
+        })
+        .collect()
+}
+
+/// A tensor of [`values`].
+pub fn tensor<B: burn::tensor::backend::Backend, const D: usize>(shape: [usize; D], seed: u64, device: &B::Device) -> burn::tensor::Tensor<B, D> {
+    burn::tensor::Tensor::from_data(burn::tensor::TensorData::new(values(shape.iter().product(), seed), shape), device)
+}
+
+/// A model config from its JSON form `{"family": ..., "config": {...}}`.
+pub fn model_config(json: &str) -> pf_models::ModelConfig {
+    serde_json::from_str(json).expect("model config")
+}

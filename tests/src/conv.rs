@@ -10,24 +10,7 @@ use burn::tensor::ops::ConvOptions;
 use pf_core::conv::{conv2d_as_matmul, ConvBn, ConvBnConfig};
 use pf_kernels::FusedAutodiffBackend;
 
-use crate::common::CpuAd;
-
-/// Deterministic values in about `[-1, 1]`, the same on every backend.
-fn values(len: usize, seed: u64) -> Vec<f32> {
-    let mut state = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
-    (0..len)
-        .map(|_| {
-            state ^= state << 13;
-            state ^= state >> 7;
-            state ^= state << 17;
-            ((state >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
-        })
-        .collect()
-}
-
-fn tensor<B: Backend, const D: usize>(shape: [usize; D], seed: u64, device: &B::Device) -> Tensor<B, D> {
-    Tensor::from_data(TensorData::new(values(shape.iter().product(), seed), shape), device)
-}
+use crate::common::{tensor, CpuAd};
 
 fn assert_close(what: &str, got: Vec<f32>, expected: Vec<f32>) {
     assert_eq!(got.len(), expected.len(), "{what}: sizes");

@@ -8,9 +8,8 @@ use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::path::Path;
 
 use pf_models::weights::{inspect_pytorch, load_pf, load_pytorch, save_pf};
-use pf_models::ModelConfig;
 
-use crate::common::{fixtures_dir, scratch, Cpu};
+use crate::common::{fixtures_dir, model_config, scratch, Cpu};
 
 /// Cases per file format.
 const CASES: usize = 1500;
@@ -95,14 +94,10 @@ fn fuzz(name: &str, good: &[u8], dir: &Path, extension: &str, seed: u64, load: i
     loaded
 }
 
-fn twin(text: &str) -> ModelConfig {
-    serde_json::from_str(text).expect("config")
-}
-
 #[test]
 fn mutated_pytorch_checkpoints_end_in_errors_or_loads() {
     let dir = scratch("fuzz-pth");
-    let config = twin(r#"{"family": "vit", "config": {"img_size": 64, "patch_size": 16, "embed_dim": 48, "depth": 2, "num_heads": 3, "mlp_ratio": 4, "attn_type": "attn", "num_classes": 10}}"#);
+    let config = model_config(r#"{"family": "vit", "config": {"img_size": 64, "patch_size": 16, "embed_dim": 48, "depth": 2, "num_heads": 3, "mlp_ratio": 4, "attn_type": "attn", "num_classes": 10}}"#);
     let good = std::fs::read(fixtures_dir().join("vit_attn_eval.pth")).expect("fixture");
     let model = config.init::<Cpu>(&Default::default()).expect("model");
     assert!(load_pytorch(model.clone(), &fixtures_dir().join("vit_attn_eval.pth")).is_ok(), "the unmutated file loads");
@@ -119,7 +114,7 @@ fn mutated_pytorch_checkpoints_end_in_errors_or_loads() {
 #[test]
 fn mutated_pf_checkpoints_end_in_errors_or_loads() {
     let dir = scratch("fuzz-bpk");
-    let config = twin(r#"{"family": "resnet", "config": {"block": "hybrid", "layers": [1, 1, 1, 1], "width_mult": 0.0625, "num_classes": 3}}"#);
+    let config = model_config(r#"{"family": "resnet", "config": {"block": "hybrid", "layers": [1, 1, 1, 1], "width_mult": 0.0625, "num_classes": 3}}"#);
     let model = config.init::<Cpu>(&Default::default()).expect("model");
     let saved = save_pf(&model, &config, &dir.join("good.bpk")).expect("save");
     let good = std::fs::read(&saved).expect("read");

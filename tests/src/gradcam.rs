@@ -5,12 +5,11 @@
 use burn::prelude::*;
 use clap::Parser;
 use pf_kernels::FusedAutodiffBackend;
-use pf_models::ModelConfig;
 use pf_train::gradcam::{grad_cam, GradcamArgs};
 use pf_train::predict::PredictArgs;
 use serde_json::Value;
 
-use crate::common::{fixtures_dir, scratch, CpuAd};
+use crate::common::{fixtures_dir, model_config, scratch, tensor, CpuAd};
 
 #[derive(Parser)]
 struct Gradcam {
@@ -81,16 +80,6 @@ fn gradcam_cases_match_the_reference_on_wgpu() {
     check_cases::<burn::backend::Autodiff<burn::backend::Wgpu>>(Default::default());
 }
 
-fn config(text: &str) -> ModelConfig {
-    serde_json::from_str(text).expect("model config")
-}
-
-fn image<B: Backend>(dims: [usize; 4], seed: u64, device: &B::Device) -> Tensor<B, 4> {
-    let n = dims.iter().product::<usize>();
-    let values = (0..n).map(|i| (((i as u64 * 2654435761 + seed * 97) % 1000) as f32 / 500.0) - 1.0).collect::<Vec<_>>();
-    Tensor::from_data(TensorData::new(values, dims), device)
-}
-
 /// `forward` is `forward_head ∘ forward_features` on every family, at feature maps of 1×1 and
 /// odd sizes, batch 1 and 3; and ResNet's Grad-CAM equals its closed form (the head is a mean
 /// and a linear map, so `alpha_k = fc.weight[k, class] / (h · w)`).
@@ -104,17 +93,17 @@ fn features_and_head<B: FusedAutodiffBackend>(device: B::Device) {
         (r#"{"family": "pit", "config": {"image_size": 40, "patch_size": 8, "stride": 4, "base_dims": [4, 4], "depth": [1, 2], "heads": [1, 2], "mlp_ratio": 2.0, "attn_type": "max", "num_classes": 5}}"#, [40, 44]),
     ];
     for (text, [h, w]) in cases {
-        let model = config(text).init::<B>(&device).expect("model");
+        let model = model_config(text).init::<B>(&device).expect("model");
         let eval = burn::module::AutodiffModule::valid(&model);
         for batch in [1, 3] {
-            let x = image::<B::InnerBackend>([batch, 3, h, w], batch as u64, &device);
+            let x = tensor::<B::InnerBackend, 4>([batch, 3, h, w], batch as u64, &device);
             let direct = eval.forward(x.clone()).expect("forward");
             let features = eval.forward_features(x.clone()).expect("features");
             let composed = eval.forward_head(features.clone());
             let diff = (direct - composed).abs().max().into_scalar().to_f32();
             assert!(diff <= 1e-5, "{text} at {h}x{w}, batch {batch}: forward and head∘features differ by {diff}");
             if batch == 1 {
-                let cam = grad_cam(&model, x, Some(2)).expect("grad-cam");
+                let cam = grad_cam(&model, eval.forward_features(x).expect("features"), Some(2)).expect("grad-cam");
                 let [_, c, fh, fw] = features.dims();
                 assert_eq!((cam.map.len(), cam.map[0].len()), (fh, fw), "{text}: map size");
                 if let pf_models::Model::Resnet(resnet) = &eval {

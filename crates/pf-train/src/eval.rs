@@ -76,6 +76,11 @@ pub fn images_tensor<B: Backend>(batch: &Batch, images: Vec<f32>, device: &B::De
     Tensor::from_data(TensorData::new(images, [batch.len(), 3, s, s]), device)
 }
 
+/// A batch of logits (or any tensor) read back to the host as `f32`, row-major.
+pub fn logits_to_vec<B: Backend, const D: usize>(logits: Tensor<B, D>) -> Result<Vec<f32>> {
+    logits.into_data().convert::<f32>().to_vec::<f32>().map_err(|e| anyhow::anyhow!("reading logits: {e:?}"))
+}
+
 pub fn progress_bar(len: usize, verbosity: Verbosity, prefix: String) -> ProgressBar {
     if verbosity != Verbosity::Bar {
         return ProgressBar::hidden();
@@ -131,7 +136,7 @@ pub fn evaluate<B: FusedOps>(
         let logits = model.forward(images_tensor::<B>(&batch, images, device))?;
         let targets = Tensor::<B, 2>::from_data(TensorData::new(smoothed_one_hot(&batch.labels, classes, 0.0), [batch.len(), classes]), device);
         let loss = soft_target_cross_entropy(logits.clone(), targets).into_scalar().elem::<f64>();
-        let logits = logits.into_data().convert::<f32>().to_vec::<f32>().map_err(|e| anyhow::anyhow!("reading logits: {e:?}"))?;
+        let logits = logits_to_vec(logits)?;
         meter.add(loss, &logits, classes, &batch.labels);
         bar.set_message(format!("top-1 {:.2}%", meter.top1()));
         Ok(())

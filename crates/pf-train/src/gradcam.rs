@@ -16,7 +16,7 @@ use burn::prelude::*;
 use image::{Rgb, RgbImage};
 use pf_kernels::FusedAutodiffBackend;
 use pf_models::weights::load_any;
-use pf_models::{Model, ModelError};
+use pf_models::Model;
 use plotters::style::colors::colormaps::ViridisRGB;
 use serde::Serialize;
 
@@ -40,8 +40,6 @@ pub struct CamMap {
 
 #[derive(Debug, thiserror::Error)]
 pub enum GradCamError {
-    #[error(transparent)]
-    Model(#[from] ModelError),
     #[error("Grad-CAM takes one image at a time, got a batch of {0}")]
     Batch(usize),
     #[error("class {class} is out of range: the model has {classes} classes (0..{classes})")]
@@ -52,14 +50,15 @@ pub enum GradCamError {
     Read(String),
 }
 
-/// Grad-CAM of `image` (`[1, 3, height, width]`, already transformed) for `class`, or the
-/// top-1 class when `None`.
-pub fn grad_cam<B: FusedAutodiffBackend>(model: &Model<B>, image: Tensor<B::InnerBackend, 4>, class: Option<usize>) -> Result<CamMap, GradCamError> {
-    let [batch, ..] = image.dims();
+/// Grad-CAM for `class`, or the top-1 class when `None`, of one image's feature map
+/// `features` (`[1, channels, h, w]`: [`Model::forward_features`] of the model without autodiff,
+/// `model.valid()`, so that batch norm uses its running statistics); `model`'s head is
+/// differentiated.
+pub fn grad_cam<B: FusedAutodiffBackend>(model: &Model<B>, features: Tensor<B::InnerBackend, 4>, class: Option<usize>) -> Result<CamMap, GradCamError> {
+    let [batch, ..] = features.dims();
     if batch != 1 {
         return Err(GradCamError::Batch(batch));
     }
-    let features = model.valid().forward_features(image)?;
     let [_, channels, h, w] = features.dims();
     let a = Tensor::<B, 4>::from_inner(features.clone()).require_grad();
     let logits = model.forward_head(a.clone());
@@ -163,6 +162,7 @@ impl GradcamArgs {
         }
         let files = image_files(&self.images)?;
         let model = load_any(config.init::<B>(device)?, &self.weights)?;
+        let eval = model.valid();
         let labels = class_names(summary.as_ref(), config.num_classes());
         let size = transform.size;
         let (mut images, mut skipped) = (Vec::new(), Vec::new());
@@ -175,59 +175,55 @@ impl GradcamArgs {
                 }
             };
             let input = Tensor::from_data(TensorData::new(transform.normalize.apply(&crop), [1, 3, size, size]), device);
-            let cam = grad_cam(&model, input, self.class).with_context(|| format!("Grad-CAM of {}", path.display()))?;
+            let cam = grad_cam(&model, eval.forward_features(input)?, self.class).with_context(|| format!("Grad-CAM of {}", path.display()))?;
             images.push(CamImage { image: path, crop, cam });
         }
         Ok(GradcamRun { images, skipped, labels, transform })
     }
 }
 
+/// The command: computes, prints a line per image, writes `--json` and `--out`.
 impl Job for GradcamArgs {
     type Output = ExitCode;
 
     fn run<B: FusedAutodiffBackend>(self, device: B::Device) -> Result<ExitCode> {
-        run::<B>(self, device)
+        let run = self.compute::<B>(&device)?;
+        warn_skipped(&run.skipped, run.images.len())?;
+        println!("Grad-CAM of {} on {device:?}, {}px crop_pct {}", self.weights.display(), run.transform.size, run.transform.crop_pct);
+        for r in &run.images {
+            let (h, w) = (r.cam.map.len(), r.cam.map.first().map_or(0, Vec::len));
+            let (peak, at) = peak(&r.cam.map);
+            println!(
+                "{}: class {} ({}), logit {:.4}; map {h}x{w}, peak {peak:.4} at row {}, column {}",
+                r.image.display(),
+                r.cam.class,
+                run.labels[r.cam.class],
+                r.cam.logit,
+                at.0,
+                at.1
+            );
+        }
+        if let Some(path) = &self.json {
+            let record = |r: &CamImage| {
+                serde_json::json!({
+                    "image": r.image, "class": r.cam.class, "label": run.labels[r.cam.class], "logit": r.cam.logit,
+                    "map": r.cam.map, "logits": r.cam.logits,
+                })
+            };
+            let json = match run.images.as_slice() {
+                [one] => record(one),
+                several => serde_json::Value::Array(several.iter().map(record).collect()),
+            };
+            replace_file(path, serde_json::to_string_pretty(&json)?.as_bytes())?;
+            println!("maps written to {}", path.display());
+        }
+        if let Some(path) = &self.out {
+            let tiles = run.images.iter().map(|r| overlay(&r.crop, &r.cam.map)).collect::<Vec<_>>();
+            grid(&tiles).save(path).map_err(|e| anyhow!("writing {}: {e}", path.display()))?;
+            println!("overlay written to {}", path.display());
+        }
+        Ok(skipped_exit(run.skipped.len(), run.images.len()))
     }
-}
-
-/// The command: computes, prints a line per image, writes `--json` and `--out`.
-pub fn run<B: FusedAutodiffBackend>(args: GradcamArgs, device: B::Device) -> Result<ExitCode> {
-    let run = args.compute::<B>(&device)?;
-    warn_skipped(&run.skipped, run.images.len())?;
-    println!("Grad-CAM of {} on {device:?}, {}px crop_pct {}", args.weights.display(), run.transform.size, run.transform.crop_pct);
-    for r in &run.images {
-        let (h, w) = (r.cam.map.len(), r.cam.map.first().map_or(0, Vec::len));
-        let (peak, at) = peak(&r.cam.map);
-        println!(
-            "{}: class {} ({}), logit {:.4}; map {h}x{w}, peak {peak:.4} at row {}, column {}",
-            r.image.display(),
-            r.cam.class,
-            run.labels[r.cam.class],
-            r.cam.logit,
-            at.0,
-            at.1
-        );
-    }
-    if let Some(path) = &args.json {
-        let record = |r: &CamImage| {
-            serde_json::json!({
-                "image": r.image, "class": r.cam.class, "label": run.labels[r.cam.class], "logit": r.cam.logit,
-                "map": r.cam.map, "logits": r.cam.logits,
-            })
-        };
-        let json = match run.images.as_slice() {
-            [one] => record(one),
-            several => serde_json::Value::Array(several.iter().map(record).collect()),
-        };
-        replace_file(path, serde_json::to_string_pretty(&json)?.as_bytes())?;
-        println!("maps written to {}", path.display());
-    }
-    if let Some(path) = &args.out {
-        let tiles = run.images.iter().map(|r| overlay(&r.crop, &r.cam.map)).collect::<Vec<_>>();
-        grid(&tiles).save(path).map_err(|e| anyhow!("writing {}: {e}", path.display()))?;
-        println!("overlay written to {}", path.display());
-    }
-    Ok(skipped_exit(run.skipped.len(), run.images.len()))
 }
 
 /// The largest value of a map and its `(row, column)`.

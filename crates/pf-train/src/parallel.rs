@@ -27,6 +27,7 @@ use burn::tensor::ElementConversion;
 use pf_kernels::FusedAutodiffBackend;
 use pf_models::Model;
 
+use crate::eval::logits_to_vec;
 use crate::mix::soft_target_cross_entropy;
 use crate::optim::{GroupedGrads, ParamGroups};
 
@@ -234,7 +235,7 @@ fn shard_grads<B: FusedAutodiffBackend>(
     let targets = Tensor::<B, 2>::from_data(TensorData::new(targets, [rows, classes]), device);
     let loss = soft_target_cross_entropy(logits.clone(), targets);
     let value = loss.clone().into_scalar().elem::<f64>();
-    let logits = logits.detach().into_data().convert::<f32>().to_vec::<f32>().map_err(|e| anyhow!("reading logits: {e:?}"))?;
+    let logits = logits_to_vec(logits.detach())?;
     let loss = if weight == 1.0 { loss } else { loss.mul_scalar(weight) };
     Ok(StepGrads { loss: value, logits, grads: groups.split(loss.backward(), model) })
 }

@@ -13,6 +13,7 @@ use serde::Serialize;
 use crate::backend::Job;
 use crate::checkpoint::replace_file;
 use crate::data::{image_files, load_rgb, EvalTransform};
+use crate::eval::logits_to_vec;
 use crate::load::{class_names, eval_transform, skipped_exit, training_summary, warn_skipped, weights_config};
 
 /// One of an image's top classes.
@@ -117,7 +118,7 @@ impl PredictArgs {
             let s = transform.size;
             let logits = model.forward(Tensor::from_data(TensorData::new(pixels, [read.len(), 3, s, s]), device))?;
             let classes = logits.dims()[1];
-            let values = logits.into_data().convert::<f32>().to_vec::<f32>().map_err(|e| anyhow::anyhow!("reading logits: {e:?}"))?;
+            let values = logits_to_vec(logits)?;
             for (image, row) in read.into_iter().zip(values.chunks(classes)) {
                 predictions.push(Prediction { image, top: top_k(row, self.top, &labels) });
             }
@@ -126,32 +127,28 @@ impl PredictArgs {
     }
 }
 
+/// The command: a table per image, `--json`; exit code 1 when an image was skipped.
 impl Job for PredictArgs {
     type Output = ExitCode;
 
     fn run<B: FusedAutodiffBackend>(self, device: B::Device) -> Result<ExitCode> {
-        run::<B>(self, device)
-    }
-}
-
-/// The command: a table per image, `--json`; exit code 1 when an image was skipped.
-pub fn run<B: FusedAutodiffBackend>(args: PredictArgs, device: B::Device) -> Result<ExitCode> {
-    let run = args.compute::<B>(&device)?;
-    warn_skipped(&run.skipped, run.predictions.len())?;
-    println!("{} on {device:?}, {}px crop_pct {}", args.weights.display(), run.transform.size, run.transform.crop_pct);
-    for p in &run.predictions {
-        println!("\n{}", p.image.display());
-        let width = p.top.iter().map(|r| r.label.chars().count()).max().unwrap_or(0).max(5);
-        println!("  {:>4}  {:>5}  {:<width$}  {:>8}", "rank", "class", "label", "prob");
-        for (i, r) in p.top.iter().enumerate() {
-            println!("  {:>4}  {:>5}  {:<width$}  {:>7.2}%", i + 1, r.class, r.label, 100.0 * r.prob);
+        let run = self.compute::<B>(&device)?;
+        warn_skipped(&run.skipped, run.predictions.len())?;
+        println!("{} on {device:?}, {}px crop_pct {}", self.weights.display(), run.transform.size, run.transform.crop_pct);
+        for p in &run.predictions {
+            println!("\n{}", p.image.display());
+            let width = p.top.iter().map(|r| r.label.chars().count()).max().unwrap_or(0).max(5);
+            println!("  {:>4}  {:>5}  {:<width$}  {:>8}", "rank", "class", "label", "prob");
+            for (i, r) in p.top.iter().enumerate() {
+                println!("  {:>4}  {:>5}  {:<width$}  {:>7.2}%", i + 1, r.class, r.label, 100.0 * r.prob);
+            }
         }
+        if let Some(path) = &self.json {
+            replace_file(path, serde_json::to_string_pretty(&run.predictions)?.as_bytes())?;
+            println!("\npredictions written to {}", path.display());
+        }
+        Ok(skipped_exit(run.skipped.len(), run.predictions.len()))
     }
-    if let Some(path) = &args.json {
-        replace_file(path, serde_json::to_string_pretty(&run.predictions)?.as_bytes())?;
-        println!("\npredictions written to {}", path.display());
-    }
-    Ok(skipped_exit(run.skipped.len(), run.predictions.len()))
 }
 
 #[cfg(test)]
