@@ -413,30 +413,36 @@ pub fn normalize_backward(x: &[f32], y: &[f32], grad: &[f32], mean: &[f32], inv_
 
 /// Max-pool (padding never wins, the first maximum of a window in row-major order wins) of
 /// `act(x · scale[c] + shift[c])` (`affine`: `None` pools `x` itself), with the flat index
-/// `iy · w + ix` of every window's winner.
-pub fn max_pool(x: &[f32], planes: usize, channels: usize, hw: [usize; 2], pool: Pool2d, affine: Option<(&[f32], &[f32])>) -> (Vec<f32>, Vec<i64>) {
+/// `iy · w + ix` of every window's winner when `with_indices` (a training forward; evaluation
+/// needs none).
+pub fn max_pool(x: &[f32], planes: usize, channels: usize, hw: [usize; 2], pool: Pool2d, affine: Option<(&[f32], &[f32])>, with_indices: bool) -> (Vec<f32>, Option<Vec<i64>>) {
     let [h, w] = hw;
     let window = PoolWindow::new(hw, pool);
     let plane_out = window.out[0] * window.out[1];
     let mut out = vec![0.0; planes * plane_out];
+    let scratch = || (vec![0i32; plane_out], if affine.is_some() { vec![0.0; h * w] } else { Vec::new() });
+    let pool_plane = |(winners, activated): &mut (Vec<i32>, Vec<f32>), p: usize, out: &mut [f32]| {
+        let plane = &x[p * h * w..(p + 1) * h * w];
+        let plane = match affine {
+            Some((scale, shift)) => {
+                let (s, b) = (scale[p % channels], shift[p % channels]);
+                wide(#[inline(always)] || map_run(activated, plane, #[inline(always)] |v| (v * s + b).max(0.0)));
+                &activated[..]
+            }
+            None => plane,
+        };
+        wide(#[inline(always)] || window.max(plane, out, winners));
+    };
+    if !with_indices {
+        out.par_chunks_mut(plane_out.max(1)).enumerate().for_each_init(scratch, |scratch, (p, out)| pool_plane(scratch, p, out));
+        return (out, None);
+    }
     let mut idx = vec![0i64; planes * plane_out];
-    out.par_chunks_mut(plane_out).zip(idx.par_chunks_mut(plane_out)).enumerate().for_each_init(
-        || (vec![0i32; plane_out], if affine.is_some() { vec![0.0; h * w] } else { Vec::new() }),
-        |(winners, activated), (p, (out, idx))| {
-            let plane = &x[p * h * w..(p + 1) * h * w];
-            let plane = match affine {
-                Some((scale, shift)) => {
-                    let (s, b) = (scale[p % channels], shift[p % channels]);
-                    wide(#[inline(always)] || map_run(activated, plane, #[inline(always)] |v| (v * s + b).max(0.0)));
-                    &activated[..]
-                }
-                None => plane,
-            };
-            wide(#[inline(always)] || window.max(plane, out, winners));
-            widen(winners, idx);
-        },
-    );
-    (out, idx)
+    out.par_chunks_mut(plane_out.max(1)).zip(idx.par_chunks_mut(plane_out.max(1))).enumerate().for_each_init(scratch, |scratch, (p, (out, idx))| {
+        pool_plane(scratch, p, out);
+        widen(&scratch.0, idx);
+    });
+    (out, Some(idx))
 }
 
 /// A square pooling window over one `[h, w]` plane.
@@ -977,38 +983,105 @@ pub fn attention_backward(qkv: &[f32], probs: &[f32], grad: &[f32], g: &Attentio
 /// `gelu(max_pool3x3(gelu(tokens)))` over the `[height, width]` grid of `[batch, h·w, c]`
 /// tokens (stride 1, padding 1, padding never wins, the first maximum of a window in row-major
 /// order wins), with the token index of every window's winner.
-pub fn gelu_max_pool_gelu(tokens: &[f32], grid: [usize; 2], c: usize) -> (Vec<f32>, Vec<i64>) {
+pub fn gelu_max_pool_gelu(tokens: &[f32], grid: [usize; 2], c: usize, with_indices: bool) -> (Vec<f32>, Option<Vec<i64>>) {
     let [h, w] = grid;
     let n = h * w;
     let activated = map_elements(tokens, gelu);
     let mut out = vec![0.0; tokens.len()];
+    let token_row = |row: usize, out: &mut [f32], idx: &mut [i64]| {
+        let (b, t) = (row / n, row % n);
+        let (ty, tx) = (t / w, t % w);
+        let mut window = [0usize; 9];
+        let mut len = 0;
+        for y in ty.saturating_sub(1)..(ty + 2).min(h) {
+            for x in tx.saturating_sub(1)..(tx + 2).min(w) {
+                window[len] = y * w + x;
+                len += 1;
+            }
+        }
+        let batch = &activated[b * n * c..(b + 1) * n * c];
+        wide(#[inline(always)] || window_max_gelu(batch, c, &window[..len], out, idx));
+    };
+    if !with_indices {
+        out.par_chunks_mut(c.max(1)).enumerate().for_each_init(|| vec![0i64; c], |idx, (row, out)| token_row(row, out, idx));
+        return (out, None);
+    }
     let mut idx = vec![0i64; tokens.len()];
-    // The winners as `i32` while the window is scanned, so that the comparison, the value's
-    // blend and the index's blend share a lane width and the loop vectorizes.
-    out.par_chunks_mut(c).zip(idx.par_chunks_mut(c)).enumerate().for_each_init(
-        || vec![0i32; c],
-        |winners, (row, (out, idx))| {
-            let (b, t) = (row / n, row % n);
-            let (ty, tx) = (t / w, t % w);
-            let window = (ty.saturating_sub(1)..(ty + 2).min(h)).flat_map(|y| (tx.saturating_sub(1)..(tx + 2).min(w)).map(move |x| y * w + x));
-            let batch = &activated[b * n * c..(b + 1) * n * c];
-            wide(#[inline(always)] || window_max_gelu(batch, c, window, out, winners, idx));
-        },
-    );
-    (out, idx)
+    out.par_chunks_mut(c.max(1)).zip(idx.par_chunks_mut(c.max(1))).enumerate().for_each(|(row, (out, idx))| token_row(row, out, idx));
+    (out, Some(idx))
 }
 
 /// `gelu` of the channel-wise maximum over the tokens `window` of `tokens` (`[tokens, c]`) into
-/// `out`, with each channel's first winner in `idx` (`winners`: scratch of `c`).
+/// `out`, with each channel's first winner in `idx`. With AVX2, runs of 8 channels keep their
+/// maxima and winners in registers over the whole window and are stored once. (Blending into
+/// memory, `*best = if wins { v } else { *best }`, compiles to masked stores, which are
+/// microcoded on AMD's cores and took most of this kernel's time; and the compiler does not
+/// vectorize the register-held form from plain code.)
 #[inline(always)]
-fn window_max_gelu(tokens: &[f32], c: usize, window: impl Iterator<Item = usize>, out: &mut [f32], winners: &mut [i32], idx: &mut [i64]) {
-    out.fill(f32::NEG_INFINITY);
-    winners.fill(0);
-    for token in window {
-        blend_maxima(out, winners, tokens[token * c..(token + 1) * c].iter().copied(), token as i32, 0);
+fn window_max_gelu(tokens: &[f32], c: usize, window: &[usize], out: &mut [f32], idx: &mut [i64]) {
+    assert!(window.iter().all(|&t| (t + 1) * c <= tokens.len()) && out.len() == c && idx.len() == c, "window outside the tokens");
+    let mut done = 0;
+    #[cfg(target_arch = "x86_64")]
+    if std::arch::is_x86_feature_detected!("avx2") {
+        // Safety: this CPU has AVX2, and the assert above keeps every read inside `tokens`.
+        done = unsafe { avx2::window_max(tokens, c, window, out, idx) };
     }
+    for j in done..c {
+        let (mut best, mut winner) = (f32::NEG_INFINITY, 0i32);
+        for &token in window {
+            blend_lane(&mut best, &mut winner, tokens[token * c + j], token as i32);
+        }
+        out[j] = best;
+        idx[j] = winner as i64;
+    }
+    // GELU in a loop of its own, which vectorizes whole.
     out.iter_mut().for_each(|o| *o = gelu(*o));
-    widen(winners, idx);
+}
+
+#[cfg(target_arch = "x86_64")]
+mod avx2 {
+    use std::arch::x86_64::*;
+
+    /// The window maxima and first winners of channels `0..8·⌊c/8⌋` (see `window_max_gelu`);
+    /// returns how many channels it did.
+    ///
+    /// # Safety
+    /// The CPU has AVX2; `(t + 1) · c ≤ tokens.len()` for every `t` in `window`; `out` and `idx`
+    /// hold `c` values.
+    #[target_feature(enable = "avx2")]
+    pub(super) unsafe fn window_max(tokens: &[f32], c: usize, window: &[usize], out: &mut [f32], idx: &mut [i64]) -> usize {
+        let runs = c / 8;
+        let mut winners = [0i32; 8];
+        for run in 0..runs {
+            let j = run * 8;
+            let mut best = _mm256_set1_ps(f32::NEG_INFINITY);
+            let mut at = _mm256_setzero_ps();
+            let best_is_nan = |best| _mm256_cmp_ps::<_CMP_UNORD_Q>(best, best);
+            for &token in window {
+                let v = _mm256_loadu_ps(tokens.as_ptr().add(token * c + j));
+                // v > best (false where either is NaN), or v is the first NaN.
+                let beats = _mm256_cmp_ps::<_CMP_GT_OQ>(v, best);
+                let first_nan = _mm256_andnot_ps(best_is_nan(best), _mm256_cmp_ps::<_CMP_UNORD_Q>(v, v));
+                let wins = _mm256_or_ps(beats, first_nan);
+                best = _mm256_blendv_ps(best, v, wins);
+                at = _mm256_blendv_ps(at, _mm256_castsi256_ps(_mm256_set1_epi32(token as i32)), wins);
+            }
+            _mm256_storeu_ps(out.as_mut_ptr().add(j), best);
+            _mm256_storeu_si256(winners.as_mut_ptr().cast(), _mm256_castps_si256(at));
+            super::widen(&winners, &mut idx[j..j + 8]);
+        }
+        runs * 8
+    }
+}
+
+/// One lane of a window scan: `v` (at `at`) takes `best` where it beats it or is the first NaN,
+/// by bit-mask blends (a branch here keeps the scan from vectorizing).
+#[inline(always)]
+fn blend_lane(best: &mut f32, winner: &mut i32, v: f32, at: i32) {
+    let wins = (v > *best) | (v.is_nan() & !best.is_nan());
+    let mask = (wins as u32).wrapping_neg();
+    *best = f32::from_bits((v.to_bits() & mask) | (best.to_bits() & !mask));
+    *winner = (at & mask as i32) | (*winner & !(mask as i32));
 }
 
 /// The `i32` winners of a window scan as the `i64` indices the backends' index tensors hold.
@@ -1061,14 +1134,15 @@ mod tests {
     #[test]
     fn max_pool_names_a_winner_inside_the_image_for_every_window() {
         // All −∞: each window's winner is its first element inside the image.
-        let (out, idx) = max_pool(&[f32::NEG_INFINITY; 15], 1, 1, [3, 5], Pool2d::new(3, 2, 1), None);
+        let (out, idx) = max_pool(&[f32::NEG_INFINITY; 15], 1, 1, [3, 5], Pool2d::new(3, 2, 1), None, true);
         assert!(out.iter().all(|&v| v == f32::NEG_INFINITY));
-        assert_eq!(idx, vec![0, 1, 3, 5, 6, 8]);
+        assert_eq!(idx, Some(vec![0, 1, 3, 5, 6, 8]));
         // A NaN wins its windows; elsewhere the maximum, first among ties.
         let mut plane = vec![1.0; 15];
         plane[7] = f32::NAN;
         plane[14] = 2.0;
-        let (out, idx) = max_pool(&plane, 1, 1, [3, 5], Pool2d::new(3, 1, 1), None);
+        let (out, idx) = max_pool(&plane, 1, 1, [3, 5], Pool2d::new(3, 1, 1), None, true);
+        let idx = idx.unwrap();
         for (o, (&v, &i)) in out.iter().zip(&idx).enumerate() {
             let (oy, ox) = (o / 5, o % 5);
             if (1..=3).contains(&ox) {
@@ -1080,26 +1154,68 @@ mod tests {
             }
         }
         // The affine BN → ReLU before the pool, per channel.
-        let (out, _) = max_pool(&[1.0, -2.0, 3.0, -4.0], 2, 2, [1, 2], Pool2d::new(1, 1, 0), Some((&[2.0, -1.0], &[0.5, 0.0])));
+        let (out, _) = max_pool(&[1.0, -2.0, 3.0, -4.0], 2, 2, [1, 2], Pool2d::new(1, 1, 0), Some((&[2.0, -1.0], &[0.5, 0.0])), false);
         assert_eq!(out, vec![2.5, 0.0, 0.0, 4.0]);
     }
 
     #[test]
     fn the_window_maximum_takes_the_first_winner_and_nan() {
         // A 3×3 grid of one channel: all equal, so every window's winner is its first token.
-        let (out, idx) = gelu_max_pool_gelu(&[1.0; 9], [3, 3], 1);
-        assert_eq!(idx, vec![0, 0, 1, 0, 0, 1, 3, 3, 4]);
+        let (out, idx) = gelu_max_pool_gelu(&[1.0; 9], [3, 3], 1, true);
+        assert_eq!(idx, Some(vec![0, 0, 1, 0, 0, 1, 3, 3, 4]));
         assert!(out.iter().all(|&v| v == gelu(gelu(1.0))));
         // A NaN wins every window it is in; a later larger value does not displace it.
         let mut tokens = vec![0.0; 9 * 2];
         tokens[4 * 2] = f32::NAN;
         tokens[8 * 2] = 5.0;
         tokens[8 * 2 + 1] = 5.0;
-        let (out, idx) = gelu_max_pool_gelu(&tokens, [3, 3], 2);
+        let (out, idx) = gelu_max_pool_gelu(&tokens, [3, 3], 2, true);
+        let idx = idx.unwrap();
         for t in 0..9 {
             assert!(out[t * 2].is_nan() && idx[t * 2] == 4, "token {t}: channel 0 is NaN's");
         }
         assert_eq!(idx[8 * 2 + 1], 8);
         assert_eq!(idx[1], 0);
+    }
+
+    /// The vectorized window scan (runs of 8 channels) and its scalar remainder against a plain
+    /// scan, on rounded values (ties) with NaNs and infinities, 19 channels (two runs and 3
+    /// more), with and without the winners.
+    #[test]
+    fn the_vectorized_window_maximum_matches_a_plain_scan() {
+        let ([h, w], c) = ([3, 4], 19);
+        let n = h * w;
+        let tokens: Vec<f32> = (0..2 * n * c)
+            .map(|i| match (i * 7919) % 97 {
+                0 => f32::NAN,
+                1 => f32::INFINITY,
+                2 => f32::NEG_INFINITY,
+                r => (r % 5) as f32 - 2.0,
+            })
+            .collect();
+        let (out, idx) = gelu_max_pool_gelu(&tokens, [h, w], c, true);
+        let idx = idx.unwrap();
+        for row in 0..2 * n {
+            let (b, t) = (row / n, row % n);
+            let (ty, tx) = (t / w, t % w);
+            for ch in 0..c {
+                let (mut best, mut winner) = (f32::NEG_INFINITY, 0);
+                for y in ty.saturating_sub(1)..(ty + 2).min(h) {
+                    for x in tx.saturating_sub(1)..(tx + 2).min(w) {
+                        let v = gelu(tokens[(b * n + y * w + x) * c + ch]);
+                        if v > best || (v.is_nan() && !best.is_nan()) {
+                            (best, winner) = (v, y * w + x);
+                        }
+                    }
+                }
+                let at = row * c + ch;
+                assert_eq!(idx[at], winner as i64, "token {row}, channel {ch}");
+                let (got, want) = (out[at], gelu(best));
+                assert!(got.to_bits() == want.to_bits() || (got.is_nan() && want.is_nan()), "token {row}, channel {ch}: {got} against {want}");
+            }
+        }
+        let (plain, none) = gelu_max_pool_gelu(&tokens, [h, w], c, false);
+        assert!(none.is_none());
+        assert!(plain.iter().zip(&out).all(|(a, b)| a.to_bits() == b.to_bits() || (a.is_nan() && b.is_nan())));
     }
 }
