@@ -161,13 +161,11 @@ impl FusedOps for NdArray {
     }
 
     fn linear_act(x: FloatTensor<Self>, weight: FloatTensor<Self>, bias: Option<FloatTensor<Self>>, gelu: bool) -> (FloatTensor<Self>, Option<FloatTensor<Self>>) {
-        let bias_values = bias.as_ref().map(values);
-        let (Some(xs), Some(ws), false) = (values(&x), values(&weight), matches!(bias_values, Some(None))) else {
-            return linear_by_reference::<Self>(x, weight, bias, gelu);
-        };
-        let ([rows, inputs], [_, outputs]) = (dims::<2>(&x), dims::<2>(&weight));
-        let (y, pre) = kernels::linear(&xs, &ws, bias_values.flatten().as_deref(), rows, inputs, outputs, gelu);
-        (tensor(y, [rows, outputs]), pre.map(|z| tensor(z, [rows, outputs])))
+        linear(x, weight, bias, gelu, true)
+    }
+
+    fn linear_output(x: FloatTensor<Self>, weight: FloatTensor<Self>, bias: Option<FloatTensor<Self>>, gelu: bool) -> FloatTensor<Self> {
+        linear(x, weight, bias, gelu, false).0
     }
 
     fn linear_act_backward(x: FloatTensor<Self>, weight: FloatTensor<Self>, grad: FloatTensor<Self>, pre: Option<FloatTensor<Self>>) -> [FloatTensor<Self>; 3] {
@@ -221,8 +219,18 @@ impl FusedOps for NdArray {
             return attention_by_reference::<Self>(qkv, heads, scale);
         };
         let g = attention_geometry(&qkv, heads);
-        let (out, attention) = kernels::attention(&values, &g, scale as f32);
+        let (out, attention) = kernels::attention(&values, &g, scale as f32, true);
+        let attention = attention.expect("the attention was asked for");
         [tensor(out, [g.batch, g.tokens, g.heads * g.head_dim]), tensor(attention, [g.batch, g.heads, g.tokens, g.tokens])]
+    }
+
+    fn self_attention_output(qkv: FloatTensor<Self>, heads: usize, scale: f64) -> FloatTensor<Self> {
+        let Some(values) = values(&qkv) else {
+            let [out, _] = attention_by_reference::<Self>(qkv, heads, scale);
+            return out;
+        };
+        let g = attention_geometry(&qkv, heads);
+        tensor(kernels::attention(&values, &g, scale as f32, false).0, [g.batch, g.tokens, g.heads * g.head_dim])
     }
 
     fn self_attention_backward(qkv: FloatTensor<Self>, attention: FloatTensor<Self>, grad: FloatTensor<Self>, heads: usize, scale: f64) -> FloatTensor<Self> {
@@ -277,6 +285,17 @@ impl FusedOps for NdArray {
 
 fn float<const D: usize>(t: FloatTensor<NdArray>) -> burn::tensor::Tensor<NdArray, D> {
     burn::tensor::Tensor::from_primitive(burn::tensor::TensorPrimitive::Float(t))
+}
+
+/// [`FusedOps::linear_act`] on the CPU kernel; the pre-activation only when `keep_pre`.
+fn linear(x: NdArrayTensor, weight: NdArrayTensor, bias: Option<NdArrayTensor>, gelu: bool, keep_pre: bool) -> (NdArrayTensor, Option<NdArrayTensor>) {
+    let bias_values = bias.as_ref().map(values);
+    let (Some(xs), Some(ws), false) = (values(&x), values(&weight), matches!(bias_values, Some(None))) else {
+        return linear_by_reference::<NdArray>(x, weight, bias, gelu);
+    };
+    let ([rows, inputs], [_, outputs]) = (dims::<2>(&x), dims::<2>(&weight));
+    let (y, pre) = kernels::linear(&xs, &ws, bias_values.flatten().as_deref(), rows, inputs, outputs, gelu, keep_pre);
+    (tensor(y, [rows, outputs]), pre.map(|z| tensor(z, [rows, outputs])))
 }
 
 fn attention_geometry(qkv: &NdArrayTensor, heads: usize) -> kernels::AttentionGeometry {
@@ -481,6 +500,10 @@ mod tests {
                     },
                     &mut rng,
                 );
+                // Evaluation (no autodiff: no pre-activation kept) gives the same values.
+                let (w2, b2) = (random(&mut rng, [d, 5], 0.5, 0.0), random(&mut rng, [5], 0.5, 0.0));
+                let training = fused_linear(x.clone(), w2.clone(), bias.then(|| b2.clone()), act).inner();
+                fused_linear(x.clone().inner(), w2.inner(), bias.then(|| b2.inner()), act).into_data().assert_eq(&training.into_data(), true);
             }
             let gamma = random(&mut rng, [1, 1, d], 0.5, 1.0);
             let beta = random(&mut rng, [1, 1, d], 0.5, 0.0);
@@ -509,10 +532,13 @@ mod tests {
             for heads in [1, 2] {
                 let qkv = random(&mut rng, [b, n, 3 * heads * d], 1.0, 0.1);
                 let scale = (d as f64).powf(-0.5);
-                compare(&format!("{case} attention, {heads} heads"), [qkv], |t| fused_attention(t[0].clone(), heads, scale), |t| {
+                compare(&format!("{case} attention, {heads} heads"), [qkv.clone()], |t| fused_attention(t[0].clone(), heads, scale), |t| {
                     let [out, _] = attention_by_reference::<Ad>(t[0].clone().into_primitive().tensor(), heads, scale);
                     Tensor::from_primitive(burn::tensor::TensorPrimitive::Float(out))
                 }, &mut rng);
+                // Evaluation (no attention kept) gives the same values.
+                let training = fused_attention(qkv.clone(), heads, scale).inner();
+                fused_attention(qkv.inner(), heads, scale).into_data().assert_eq(&training.into_data(), true);
             }
             compare(&format!("{case} gelu-max-pool-gelu"), [x.clone()], |t| fused_gelu_max_pool_gelu(t[0].clone(), [h, w]), |t| reference_gelu_max_pool_gelu(t[0].clone(), [h, w]), &mut rng);
             // Evaluation (no autodiff: the kernel without winners) gives the same values.

@@ -178,6 +178,12 @@ pub trait FusedOps: Backend {
         linear_by_reference::<Self>(x, weight, bias, gelu)
     }
 
+    /// [`FusedOps::linear_act`]'s output alone, for evaluation: a backend may skip what only
+    /// the backward needs.
+    fn linear_output(x: FloatTensor<Self>, weight: FloatTensor<Self>, bias: Option<FloatTensor<Self>>, gelu: bool) -> FloatTensor<Self> {
+        Self::linear_act(x, weight, bias, gelu).0
+    }
+
     /// Gradients of [`FusedOps::linear_act`] with respect to `x`, `weight` and `bias`.
     fn linear_act_backward(
         x: FloatTensor<Self>,
@@ -227,6 +233,13 @@ pub trait FusedOps: Backend {
     /// - output: `[batch, tokens, dim]`, `[batch, heads, tokens, tokens]`
     fn self_attention(qkv: FloatTensor<Self>, heads: usize, scale: f64) -> [FloatTensor<Self>; 2] {
         attention_by_reference::<Self>(qkv, heads, scale)
+    }
+
+    /// [`FusedOps::self_attention`]'s output alone, for evaluation: a backend may skip keeping
+    /// the attention.
+    fn self_attention_output(qkv: FloatTensor<Self>, heads: usize, scale: f64) -> FloatTensor<Self> {
+        let [out, _] = Self::self_attention(qkv, heads, scale);
+        out
     }
 
     /// Gradient of [`FusedOps::self_attention`] with respect to `qkv`, given the attention it
@@ -549,7 +562,7 @@ pub fn fused_linear<B: FusedOps, const D: usize>(x: Tensor<B, D>, weight: Tensor
     let [inputs, outputs] = weight.dims();
     let rows = shape.iter().product::<usize>() / inputs.max(1);
     let x = x.reshape([rows, inputs]).into_primitive().tensor();
-    let (y, _) = B::linear_act(x, weight.into_primitive().tensor(), bias.map(|b| b.into_primitive().tensor()), gelu);
+    let y = B::linear_output(x, weight.into_primitive().tensor(), bias.map(|b| b.into_primitive().tensor()), gelu);
     shape[D - 1] = outputs;
     float::<B, 2>(y).reshape(shape)
 }
@@ -581,8 +594,7 @@ pub fn fused_softmax<B: FusedOps, const D: usize>(x: Tensor<B, D>) -> Tensor<B, 
 pub fn fused_attention<B: FusedOps>(qkv: Tensor<B, 3>, heads: usize, scale: f64) -> Tensor<B, 3> {
     let [_, _, c3] = qkv.dims();
     assert!(heads > 0 && c3 % (3 * heads) == 0, "{c3} channels are not q, k and v of {heads} heads");
-    let [out, _] = B::self_attention(qkv.into_primitive().tensor(), heads, scale);
-    float(out)
+    float(B::self_attention_output(qkv.into_primitive().tensor(), heads, scale))
 }
 
 /// Max-pool through [`FusedOps::max_pool_plain`] (padding never wins, the first maximum wins).

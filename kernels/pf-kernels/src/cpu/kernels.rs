@@ -718,9 +718,7 @@ fn column_sums(rows: usize, d: usize, f: impl Fn(usize, usize) -> f64 + Sync) ->
         .map(|part| {
             let mut sums = vec![0.0; d];
             for row in part * PART..((part + 1) * PART).min(rows) {
-                for (j, s) in sums.iter_mut().enumerate() {
-                    *s += f(row, j);
-                }
+                wide(#[inline(always)] || sums.iter_mut().enumerate().for_each(#[inline(always)] |(j, s)| *s += f(row, j)));
             }
             sums
         })
@@ -733,18 +731,37 @@ fn column_sums(rows: usize, d: usize, f: impl Fn(usize, usize) -> f64 + Sync) ->
 }
 
 /// `act(x · weight + bias)` for `x` `[rows, in]` and `weight` `[in, out]` (Burn's `Linear`
-/// layout), act GELU (`gelu`) or none; with GELU also the pre-activation, which the backward
-/// needs.
-pub fn linear(x: &[f32], weight: &[f32], bias: Option<&[f32]>, rows: usize, inputs: usize, outputs: usize, gelu_after: bool) -> (Vec<f32>, Option<Vec<f32>>) {
+/// layout), act GELU (`gelu`) or none; with GELU and `keep_pre` also the pre-activation, which
+/// the backward needs. The bias and GELU are one pass over the product.
+#[allow(clippy::too_many_arguments)]
+pub fn linear(x: &[f32], weight: &[f32], bias: Option<&[f32]>, rows: usize, inputs: usize, outputs: usize, gelu_after: bool, keep_pre: bool) -> (Vec<f32>, Option<Vec<f32>>) {
     let mut z = vec![0.0; rows * outputs];
     matmul(rows, outputs, inputs, &mut z, outputs, false, x, [inputs, 1], weight, [outputs, 1], true);
-    if let Some(bias) = bias {
-        z.par_chunks_mut(outputs).for_each(|row| row.iter_mut().zip(bias).for_each(|(z, b)| *z += b));
-    }
-    if !gelu_after {
+    if outputs == 0 {
         return (z, None);
     }
-    (map_elements(&z, gelu), Some(z))
+    let add_bias = |z: &mut [f32]| {
+        if let Some(bias) = bias {
+            wide(#[inline(always)] || z.iter_mut().zip(bias).for_each(#[inline(always)] |(z, b)| *z += b));
+        }
+    };
+    if !gelu_after {
+        z.par_chunks_mut(outputs).for_each(add_bias);
+        return (z, None);
+    }
+    if !keep_pre {
+        z.par_chunks_mut(outputs).for_each(|z| {
+            add_bias(z);
+            wide(#[inline(always)] || z.iter_mut().for_each(#[inline(always)] |v| *v = gelu(*v)));
+        });
+        return (z, None);
+    }
+    let mut y = vec![0.0; z.len()];
+    y.par_chunks_mut(outputs).zip(z.par_chunks_mut(outputs)).for_each(|(y, z)| {
+        add_bias(z);
+        wide(#[inline(always)] || map_run(y, z, #[inline(always)] |v| gelu(v)));
+    });
+    (y, Some(z))
 }
 
 /// Gradients of [`linear`] with respect to `x`, `weight` and `bias`, given the pre-activation
@@ -759,7 +776,7 @@ pub fn linear_backward(x: &[f32], weight: &[f32], grad: &[f32], pre: Option<&[f3
     matmul(rows, inputs, outputs, &mut gx, inputs, false, &g, [outputs, 1], weight, [1, outputs], true);
     let mut gw = vec![0.0; inputs * outputs];
     matmul(inputs, outputs, rows, &mut gw, outputs, false, x, [1, inputs], &g, [outputs, 1], true);
-    let gb = column_sums(rows, outputs, |r, j| g[r * outputs + j] as f64);
+    let gb = column_sums(rows, outputs, #[inline(always)] |r, j| g[r * outputs + j] as f64);
     (gx, gw, gb)
 }
 
@@ -771,41 +788,52 @@ pub fn layer_norm(x: &[f32], gamma: &[f32], beta: Option<&[f32]>, d: usize, epsi
     let mut stats = vec![(0.0f32, 0.0f32); rows];
     y.par_chunks_mut(d).zip(stats.par_iter_mut()).enumerate().for_each(|(r, (y, stat))| {
         let x = &x[r * d..(r + 1) * d];
-        let mean = x.iter().map(|&v| v as f64).sum::<f64>() / d as f64;
-        let var = x.iter().map(|&v| (v as f64 - mean).powi(2)).sum::<f64>() / d as f64;
-        let rstd = 1.0 / (var + epsilon).sqrt();
-        let (mean, rstd) = (mean as f32, rstd as f32);
-        for (j, (y, &v)) in y.iter_mut().zip(x).enumerate() {
-            *y = (v - mean) * rstd * gamma[j] + beta.map_or(0.0, |b| b[j]);
-        }
-        *stat = (mean, rstd);
+        *stat = wide(#[inline(always)] || layer_norm_row(x, gamma, beta, y, epsilon));
     });
     let (mean, rstd) = stats.into_iter().unzip();
     (y, mean, rstd)
+}
+
+/// One row of [`layer_norm`] into `y`; returns its mean and inverse deviation.
+#[inline(always)]
+fn layer_norm_row(x: &[f32], gamma: &[f32], beta: Option<&[f32]>, y: &mut [f32], epsilon: f64) -> (f32, f32) {
+    let d = x.len() as f64;
+    let mean = sum_lanes(x, x, #[inline(always)] |v, _| v as f64) / d;
+    let var = sum_lanes(x, x, #[inline(always)] |v, _| (v as f64 - mean) * (v as f64 - mean)) / d;
+    let rstd = 1.0 / (var + epsilon).sqrt();
+    let (mean, rstd) = (mean as f32, rstd as f32);
+    match beta {
+        Some(beta) => y.iter_mut().zip(x).zip(gamma.iter().zip(beta)).for_each(#[inline(always)] |((y, &v), (&g, &b))| *y = (v - mean) * rstd * g + b),
+        None => y.iter_mut().zip(x).zip(gamma).for_each(#[inline(always)] |((y, &v), &g)| *y = (v - mean) * rstd * g + 0.0),
+    }
+    (mean, rstd)
 }
 
 /// Gradients of [`layer_norm`] with respect to `x`, `gamma` and `beta`.
 pub fn layer_norm_backward(x: &[f32], grad: &[f32], mean: &[f32], rstd: &[f32], gamma: &[f32], d: usize) -> (Vec<f32>, Vec<f32>, Vec<f32>) {
     let rows = mean.len();
     let mut gx = vec![0.0; x.len()];
-    gx.par_chunks_mut(d).enumerate().for_each(|(r, gx)| {
-        let (x, g) = (&x[r * d..(r + 1) * d], &grad[r * d..(r + 1) * d]);
-        let (m, s) = (mean[r], rstd[r]);
-        let (mut sum_g, mut sum_gx) = (0.0f64, 0.0f64);
-        for j in 0..d {
-            let gh = (g[j] * gamma[j]) as f64;
-            sum_g += gh;
-            sum_gx += gh * ((x[j] - m) * s) as f64;
-        }
-        let (mg, mgx) = ((sum_g / d as f64) as f32, (sum_gx / d as f64) as f32);
-        for j in 0..d {
-            let xhat = (x[j] - m) * s;
-            gx[j] = s * (g[j] * gamma[j] - mg - xhat * mgx);
-        }
-    });
-    let ggamma = column_sums(rows, d, |r, j| (grad[r * d + j] * ((x[r * d + j] - mean[r]) * rstd[r])) as f64);
-    let gbeta = column_sums(rows, d, |r, j| grad[r * d + j] as f64);
+    gx.par_chunks_mut(d.max(1)).enumerate().for_each_init(
+        || vec![0.0f32; d],
+        |gh, (r, gx)| {
+            let (x, g) = (&x[r * d..(r + 1) * d], &grad[r * d..(r + 1) * d]);
+            wide(#[inline(always)] || layer_norm_backward_row(x, g, gamma, mean[r], rstd[r], gh, gx));
+        },
+    );
+    let ggamma = column_sums(rows, d, #[inline(always)] |r, j| (grad[r * d + j] * ((x[r * d + j] - mean[r]) * rstd[r])) as f64);
+    let gbeta = column_sums(rows, d, #[inline(always)] |r, j| grad[r * d + j] as f64);
     (gx, ggamma, gbeta)
+}
+
+/// One row of [`layer_norm_backward`] into `gx` (`gh`: scratch of the row's length).
+#[inline(always)]
+fn layer_norm_backward_row(x: &[f32], g: &[f32], gamma: &[f32], m: f32, s: f32, gh: &mut [f32], gx: &mut [f32]) {
+    let d = x.len() as f64;
+    gh.iter_mut().zip(g.iter().zip(gamma)).for_each(#[inline(always)] |(h, (&g, &w))| *h = g * w);
+    let sum_g = sum_lanes(gh, gh, #[inline(always)] |h, _| h as f64);
+    let sum_gx = sum_lanes(gh, x, #[inline(always)] |h, x| h as f64 * ((x - m) * s) as f64);
+    let (mg, mgx) = ((sum_g / d) as f32, (sum_gx / d) as f32);
+    gx.iter_mut().zip(gh.iter().zip(x)).for_each(#[inline(always)] |(gx, (&h, &x))| *gx = s * (h - mg - (x - m) * s * mgx));
 }
 
 /// Softmax of one row in place, shifted by the row's maximum (the sum in f64).
@@ -929,24 +957,30 @@ impl AttentionGeometry {
 
 /// Multi-head self-attention's core, `softmax(scale · q · kᵀ) · v` per image and head (one task
 /// each, every product read in place from `qkv`'s strided rows). Returns the output
-/// `[batch, tokens, heads · head_dim]` and the attention `[batch, heads, tokens, tokens]`, which
-/// the backward needs.
-pub fn attention(qkv: &[f32], g: &AttentionGeometry, scale: f32) -> (Vec<f32>, Vec<f32>) {
+/// `[batch, tokens, heads · head_dim]` and, with `keep_attention`, the attention
+/// `[batch, heads, tokens, tokens]`, which the backward needs (evaluation keeps none: each task
+/// reuses one scratch of `tokens²`).
+pub fn attention(qkv: &[f32], g: &AttentionGeometry, scale: f32, keep_attention: bool) -> (Vec<f32>, Option<Vec<f32>>) {
     let (n, d, c) = (g.tokens, g.head_dim, g.dim());
-    let mut probs = vec![0.0; g.batch * g.heads * n * n];
     let mut heads_out = vec![0.0; g.batch * g.heads * n * d];
-    if probs.is_empty() || heads_out.is_empty() {
-        return (vec![0.0; g.batch * n * c], probs);
+    if heads_out.is_empty() {
+        return (vec![0.0; g.batch * n * c], keep_attention.then(|| vec![0.0; g.batch * g.heads * n * n]));
     }
-    probs.par_chunks_mut(n * n).zip(heads_out.par_chunks_mut(n * d)).enumerate().for_each(|(bh, (p, o))| {
+    let head = |bh: usize, p: &mut [f32], o: &mut [f32]| {
         let (b, h) = (bh / g.heads, bh % g.heads);
         let (start, row) = (g.q_start(b, h), 3 * c);
         let q = g.scaled_q(qkv, b, h, scale);
         matmul(n, n, d, p, n, false, &q, [d, 1], &qkv[start + c..], [1, row], false);
         p.chunks_mut(n).for_each(softmax_row);
         matmul(n, d, n, o, d, false, p, [n, 1], &qkv[start + 2 * c..], [row, 1], false);
-    });
-    (g.gather_heads(&heads_out, 1), probs)
+    };
+    if !keep_attention {
+        heads_out.par_chunks_mut(n * d).enumerate().for_each_init(|| vec![0.0; n * n], |p, (bh, o)| head(bh, p, o));
+        return (g.gather_heads(&heads_out, 1), None);
+    }
+    let mut probs = vec![0.0; g.batch * g.heads * n * n];
+    probs.par_chunks_mut(n * n).zip(heads_out.par_chunks_mut(n * d)).enumerate().for_each(|(bh, (p, o))| head(bh, p, o));
+    (g.gather_heads(&heads_out, 1), Some(probs))
 }
 
 /// Gradient of [`attention`] with respect to `qkv`, given its attention and the output's
