@@ -40,7 +40,3 @@ fn kernels(c: &mut Criterion) {
 
 criterion_group!(benches, kernels);
 criterion_main!(benches);
-
-/// As the `pf` command line: large tensors on transparent huge pages.
-#[global_allocator]
-static ALLOC: pf_kernels::cpu::HugePageAllocator = pf_kernels::cpu::HugePageAllocator;

@@ -55,7 +55,3 @@ fn models(c: &mut Criterion) {
 
 criterion_group!(benches, models);
 criterion_main!(benches);
-
-/// As the `pf` command line: large tensors on transparent huge pages.
-#[global_allocator]
-static ALLOC: pf_kernels::cpu::HugePageAllocator = pf_kernels::cpu::HugePageAllocator;

@@ -18,10 +18,6 @@ use pf_train::{fixtures, parity, presets};
 mod run;
 use run::{BenchCli, EvalCli, TrainCli};
 
-/// Large tensors on transparent huge pages: fewer page faults in every CPU kernel.
-#[global_allocator]
-static ALLOC: pf_kernels::cpu::HugePageAllocator = pf_kernels::cpu::HugePageAllocator;
-
 #[derive(Parser)]
 #[command(name = "pf", version, about = "Parameter-free networks (Han et al., ICLR 2022) in Rust on Burn")]
 struct Cli {

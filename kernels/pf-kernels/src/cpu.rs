@@ -7,9 +7,6 @@
 //! The kernels take `f32` tensors; any other float type runs the reference twins.
 
 mod kernels;
-mod memory;
-
-pub use memory::HugePageAllocator;
 
 use std::borrow::Cow;
 
