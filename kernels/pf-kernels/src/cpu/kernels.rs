@@ -730,38 +730,57 @@ fn column_sums(rows: usize, d: usize, f: impl Fn(usize, usize) -> f64 + Sync) ->
     total.into_iter().map(|v| v as f32).collect()
 }
 
+/// Rows per task of [`linear`]: each task's product, bias and GELU run while its block of the
+/// output is in cache.
+const LINEAR_ROWS: usize = 128;
+
 /// `act(x · weight + bias)` for `x` `[rows, in]` and `weight` `[in, out]` (Burn's `Linear`
 /// layout), act GELU (`gelu`) or none; with GELU and `keep_pre` also the pre-activation, which
-/// the backward needs. The bias and GELU are one pass over the product.
+/// the backward needs. From `2 · LINEAR_ROWS` rows on, blocks of [`LINEAR_ROWS`] rows are the
+/// parallel tasks, each a single-threaded product followed by its bias and GELU while the block
+/// is in cache (a pass over the whole output after the product read it back from memory);
+/// fewer rows are one multithreaded product. Either way by the shape alone, so the sums do not
+/// depend on the number of threads.
 #[allow(clippy::too_many_arguments)]
 pub fn linear(x: &[f32], weight: &[f32], bias: Option<&[f32]>, rows: usize, inputs: usize, outputs: usize, gelu_after: bool, keep_pre: bool) -> (Vec<f32>, Option<Vec<f32>>) {
     let mut z = vec![0.0; rows * outputs];
-    matmul(rows, outputs, inputs, &mut z, outputs, false, x, [inputs, 1], weight, [outputs, 1], true);
-    if outputs == 0 {
-        return (z, None);
+    let keep_pre = gelu_after && keep_pre;
+    let mut y = if keep_pre { vec![0.0; rows * outputs] } else { Vec::new() };
+    if rows == 0 || outputs == 0 {
+        return if keep_pre { (y, Some(z)) } else { (z, None) };
     }
-    let add_bias = |z: &mut [f32]| {
-        if let Some(bias) = bias {
-            wide(#[inline(always)] || z.iter_mut().zip(bias).for_each(#[inline(always)] |(z, b)| *z += b));
-        }
+    // Bias and GELU of whole rows `z` (into `y` when the pre-activation is kept).
+    let finish = |z: &mut [f32], y: Option<&mut [f32]>| {
+        wide(#[inline(always)] || {
+            if let Some(bias) = bias {
+                z.chunks_mut(outputs).for_each(#[inline(always)] |z| z.iter_mut().zip(bias).for_each(#[inline(always)] |(z, b)| *z += b));
+            }
+            match (gelu_after, y) {
+                (true, Some(y)) => map_run(y, z, #[inline(always)] |v| gelu(v)),
+                (true, None) => z.iter_mut().for_each(#[inline(always)] |v| *v = gelu(*v)),
+                (false, _) => {}
+            }
+        })
     };
-    if !gelu_after {
-        z.par_chunks_mut(outputs).for_each(add_bias);
-        return (z, None);
+    let blocked = rows >= 2 * LINEAR_ROWS;
+    if !blocked {
+        matmul(rows, outputs, inputs, &mut z, outputs, false, x, [inputs, 1], weight, [outputs, 1], true);
     }
-    if !keep_pre {
-        z.par_chunks_mut(outputs).for_each(|z| {
-            add_bias(z);
-            wide(#[inline(always)] || z.iter_mut().for_each(#[inline(always)] |v| *v = gelu(*v)));
-        });
-        return (z, None);
+    let block = |i: usize, z: &mut [f32], y: Option<&mut [f32]>| {
+        if blocked {
+            let (first, count) = (i * LINEAR_ROWS, z.len() / outputs);
+            matmul(count, outputs, inputs, z, outputs, false, &x[first * inputs..(first + count) * inputs], [inputs, 1], weight, [outputs, 1], false);
+        }
+        finish(z, y);
+    };
+    let chunk = LINEAR_ROWS * outputs;
+    if keep_pre {
+        z.par_chunks_mut(chunk).zip(y.par_chunks_mut(chunk)).enumerate().for_each(|(i, (z, y))| block(i, z, Some(y)));
+        (y, Some(z))
+    } else {
+        z.par_chunks_mut(chunk).enumerate().for_each(|(i, z)| block(i, z, None));
+        (z, None)
     }
-    let mut y = vec![0.0; z.len()];
-    y.par_chunks_mut(outputs).zip(z.par_chunks_mut(outputs)).for_each(|(y, z)| {
-        add_bias(z);
-        wide(#[inline(always)] || map_run(y, z, #[inline(always)] |v| gelu(v)));
-    });
-    (y, Some(z))
 }
 
 /// Gradients of [`linear`] with respect to `x`, `weight` and `bias`, given the pre-activation
