@@ -566,10 +566,7 @@ pub fn avg_pool_backward(grad: &[f32], planes: usize, hw: [usize; 2], pool: Pool
 #[inline(always)]
 fn blend_maxima(best: &mut [f32], winners: &mut [i32], values: impl Iterator<Item = f32>, at: i32, step: i32) {
     for (j, ((b, i), v)) in best.iter_mut().zip(winners.iter_mut()).zip(values).enumerate() {
-        let wins = (v > *b) | (v.is_nan() & !b.is_nan());
-        let mask = (wins as u32).wrapping_neg();
-        *b = f32::from_bits((v.to_bits() & mask) | (b.to_bits() & !mask));
-        *i = ((at + j as i32 * step) & mask as i32) | (*i & !(mask as i32));
+        blend_lane(b, i, v, at + j as i32 * step);
     }
 }
 
