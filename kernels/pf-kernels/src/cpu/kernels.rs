@@ -420,8 +420,8 @@ pub fn max_pool(x: &[f32], planes: usize, channels: usize, hw: [usize; 2], pool:
     let window = PoolWindow::new(hw, pool);
     let plane_out = window.out[0] * window.out[1];
     let mut out = vec![0.0; planes * plane_out];
-    let scratch = || (vec![0i32; plane_out], if affine.is_some() { vec![0.0; h * w] } else { Vec::new() });
-    let pool_plane = |(winners, activated): &mut (Vec<i32>, Vec<f32>), p: usize, out: &mut [f32]| {
+    let scratch = || (vec![0i32; plane_out], if affine.is_some() { vec![0.0; h * w] } else { Vec::new() }, window.padded_plane());
+    let pool_plane = |(winners, activated, padded): &mut (Vec<i32>, Vec<f32>, Vec<f32>), p: usize, out: &mut [f32]| {
         let plane = &x[p * h * w..(p + 1) * h * w];
         let plane = match affine {
             Some((scale, shift)) => {
@@ -431,7 +431,7 @@ pub fn max_pool(x: &[f32], planes: usize, channels: usize, hw: [usize; 2], pool:
             }
             None => plane,
         };
-        wide(#[inline(always)] || window.max(plane, out, winners));
+        window.max(plane, padded, out, winners);
     };
     if !with_indices {
         out.par_chunks_mut(plane_out.max(1)).enumerate().for_each_init(scratch, |scratch, (p, out)| pool_plane(scratch, p, out));
@@ -510,12 +510,57 @@ impl PoolWindow {
         });
     }
 
+    /// Scratch for [`PoolWindow::max`]: the plane's rows with `−∞` around them, each
+    /// [`PoolWindow::padded_row`] long (empty where the vector scan does not apply).
+    fn padded_plane(&self) -> Vec<f32> {
+        if self.vector_scan() {
+            vec![f32::NEG_INFINITY; self.hw[0] * self.padded_row()]
+        } else {
+            Vec::new()
+        }
+    }
+
+    /// Whether [`PoolWindow::max`] runs the AVX2 scan: strides 1 and 2, on CPUs with AVX2.
+    fn vector_scan(&self) -> bool {
+        #[cfg(target_arch = "x86_64")]
+        {
+            self.stride <= 2 && self.hw[0] * self.hw[1] > 0 && std::arch::is_x86_feature_detected!("avx2")
+        }
+        #[cfg(not(target_arch = "x86_64"))]
+        false
+    }
+
+    /// A padded row: `padding` `−∞` on the left, the row, then `−∞` for every read of the last
+    /// run of 8 outputs (a stride of 2 reads 16 values from each window column).
+    fn padded_row(&self) -> usize {
+        let (w, s, k, p) = (self.hw[1], self.stride, self.kernel, self.padding);
+        (self.out[1].div_ceil(8) * 8 * s + k + 16).max(p + w)
+    }
+
     /// The maximum of every window (padding never wins; the first maximum in row-major order
-    /// and any NaN win) into `out`, its flat position `iy · w + ix` into `winners`. The window's
+    /// and any NaN win) into `out`, its flat position `iy · w + ix` into `winners`: runs of 8
+    /// outputs of a row in AVX2 registers over the whole window, read from the plane copied
+    /// into `padded` ([`PoolWindow::padded_plane`]), where AVX2 is available; else
+    /// [`PoolWindow::max_by_rows`].
+    #[inline(always)]
+    fn max(&self, plane: &[f32], padded: &mut [f32], out: &mut [f32], winners: &mut [i32]) {
+        #[cfg(target_arch = "x86_64")]
+        if self.vector_scan() {
+            assert!(plane.len() == self.hw[0] * self.hw[1] && padded.len() == self.hw[0] * self.padded_row(), "plane or scratch of the wrong size");
+            assert!(out.len() == self.out[0] * self.out[1] && winners.len() == out.len(), "outputs of the wrong size");
+            // Safety: this CPU has AVX2 (`vector_scan`), and the asserts above give the sizes
+            // `plane_max` reads and writes within.
+            unsafe { avx2::plane_max(self, plane, padded, out, winners) };
+            return;
+        }
+        wide(#[inline(always)] || self.max_by_rows(plane, out, winners));
+    }
+
+    /// [`PoolWindow::max`] without AVX2, row by row: the window's
     /// offsets are the outer loops, the output row's positions the inner one, so that it
     /// vectorizes (a bit-mask blend, no branch).
     #[inline(always)]
-    fn max(&self, plane: &[f32], out: &mut [f32], winners: &mut [i32]) {
+    fn max_by_rows(&self, plane: &[f32], out: &mut [f32], winners: &mut [i32]) {
         let ([h, w], wo, (s, p)) = (self.hw, self.out[1], (self.stride, self.padding));
         out.fill(f32::NEG_INFINITY);
         // A window whose elements are all −∞ names its first element inside the image.
@@ -1092,6 +1137,65 @@ fn window_max_gelu(tokens: &[f32], c: usize, window: &[usize], out: &mut [f32], 
 mod avx2 {
     use std::arch::x86_64::*;
 
+    /// [`super::PoolWindow::max`] of one plane in runs of 8 outputs of a row: each run's
+    /// maxima and winners stay in registers over its windows, read from `padded`, where the
+    /// plane's rows sit between `−∞` (which never wins: the comparison is strict), so that
+    /// every read of a run is in bounds and windows at the edges need no branch.
+    ///
+    /// # Safety
+    /// The CPU has AVX2; the stride is 1 or 2; `plane` holds `h · w` values, `padded`
+    /// `h · padded_row()` (its `−∞` outside the rows' places are never overwritten), `out` and
+    /// `winners` one per output.
+    #[target_feature(enable = "avx2")]
+    pub(super) unsafe fn plane_max(window: &super::PoolWindow, plane: &[f32], padded: &mut [f32], out: &mut [f32], winners: &mut [i32]) {
+        let ([h, w], [ho, wo], (k, s, p)) = (window.hw, window.out, (window.kernel, window.stride, window.padding));
+        let row_len = window.padded_row();
+        for iy in 0..h {
+            padded[iy * row_len + p..iy * row_len + p + w].copy_from_slice(&plane[iy * w..(iy + 1) * w]);
+        }
+        let lanes = _mm256_mullo_epi32(_mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7), _mm256_set1_epi32(s as i32));
+        let (mut run_best, mut run_at) = ([0.0f32; 8], [0i32; 8]);
+        for oy in 0..ho {
+            let (y0, y1) = ((oy * s).saturating_sub(p), (oy * s + k).saturating_sub(p).min(h));
+            for ox0 in (0..wo).step_by(8) {
+                // A window whose elements are all −∞ names its first element inside the image.
+                for (j, at) in run_at.iter_mut().enumerate() {
+                    *at = (y0.min(h - 1) * w + ((ox0 + j) * s).saturating_sub(p).min(w - 1)) as i32;
+                }
+                let mut best = _mm256_set1_ps(f32::NEG_INFINITY);
+                let mut at = _mm256_loadu_si256(run_at.as_ptr().cast());
+                for iy in y0..y1 {
+                    let row = padded.as_ptr().add(iy * row_len);
+                    for kx in 0..k {
+                        // Lane j reads padded column (ox0 + j) · s + kx: image column
+                        // (ox0 + j) · s + kx − p.
+                        let first = ox0 * s + kx;
+                        let v = if s == 1 {
+                            _mm256_loadu_ps(row.add(first))
+                        } else {
+                            let (a, b) = (_mm256_loadu_ps(row.add(first)), _mm256_loadu_ps(row.add(first + 8)));
+                            // [a0 a2 b0 b2 | a4 a6 b4 b6] → [a0 a2 a4 a6 b0 b2 b4 b6]
+                            let even = _mm256_shuffle_ps::<0b10_00_10_00>(a, b);
+                            _mm256_castpd_ps(_mm256_permute4x64_pd::<0b11_01_10_00>(_mm256_castps_pd(even)))
+                        };
+                        let position = _mm256_add_epi32(_mm256_set1_epi32((iy * w + first) as i32 - p as i32), lanes);
+                        // v > best (false where either is NaN), or v is the first NaN.
+                        let best_is_nan = _mm256_cmp_ps::<_CMP_UNORD_Q>(best, best);
+                        let first_nan = _mm256_andnot_ps(best_is_nan, _mm256_cmp_ps::<_CMP_UNORD_Q>(v, v));
+                        let wins = _mm256_or_ps(_mm256_cmp_ps::<_CMP_GT_OQ>(v, best), first_nan);
+                        best = _mm256_blendv_ps(best, v, wins);
+                        at = _mm256_castps_si256(_mm256_blendv_ps(_mm256_castsi256_ps(at), _mm256_castsi256_ps(position), wins));
+                    }
+                }
+                let n = (wo - ox0).min(8);
+                _mm256_storeu_ps(run_best.as_mut_ptr(), best);
+                _mm256_storeu_si256(run_at.as_mut_ptr().cast(), at);
+                out[oy * wo + ox0..oy * wo + ox0 + n].copy_from_slice(&run_best[..n]);
+                winners[oy * wo + ox0..oy * wo + ox0 + n].copy_from_slice(&run_at[..n]);
+            }
+        }
+    }
+
     /// The window maxima and first winners of channels `0..8·⌊c/8⌋` (see `window_max_gelu`);
     /// returns how many channels it did.
     ///
@@ -1179,6 +1283,54 @@ mod tests {
         assert_eq!(softmax(&[3.0, -7.0], 1), vec![1.0, 1.0]);
         let long: Vec<f32> = (0..37).map(|i| (i as f32 * 0.37).sin() * 4.0).collect();
         assert!((softmax(&long, 37).iter().map(|&v| v as f64).sum::<f64>() - 1.0).abs() < 1e-6);
+    }
+
+    #[test]
+    fn plane_max_scan_matches_the_row_scan() {
+        // The AVX2 scan (runs of 8 outputs in registers over a padded copy) against the row
+        // scan, on every map from 1×1 to 19×17, windows 1 to 4, strides 1 to 3 (3 takes the row
+        // scan in both), every padding up to half the window; values with ties, NaN and ±∞.
+        let mut rng = 0x2545_f491_u64;
+        let mut next = move || {
+            rng = rng.wrapping_mul(6_364_136_223_846_793_005).wrapping_add(1_442_695_040_888_963_407);
+            (rng >> 33) as u32
+        };
+        let mut checked = 0;
+        for (h, w) in (1..=19).flat_map(|h| [1, 2, 7, 8, 9, 16, 17].map(move |w| (h, w))) {
+            let plane: Vec<f32> = (0..h * w)
+                .map(|_| match next() % 16 {
+                    0 => f32::NAN,
+                    1 => f32::NEG_INFINITY,
+                    2 => f32::INFINITY,
+                    r => (r % 5) as f32 - 2.0,
+                })
+                .collect();
+            for kernel in 1..=4 {
+                for stride in 1..=3 {
+                    for padding in 0..=kernel / 2 {
+                        let window = PoolWindow::new([h, w], Pool2d::new(kernel, stride, padding));
+                        let outputs = window.out[0] * window.out[1];
+                        let (mut out, mut winners) = (vec![0.0; outputs], vec![0i32; outputs]);
+                        let mut padded = window.padded_plane();
+                        window.max(&plane, &mut padded, &mut out, &mut winners);
+                        // Twice with one scratch, as the tasks of `max_pool` reuse theirs.
+                        let (mut again, mut again_winners) = (vec![0.0; outputs], vec![0i32; outputs]);
+                        window.max(&plane, &mut padded, &mut again, &mut again_winners);
+                        let (mut rows, mut row_winners) = (vec![0.0; outputs], vec![0i32; outputs]);
+                        window.max_by_rows(&plane, &mut rows, &mut row_winners);
+                        let what = format!("{h}×{w}, kernel {kernel}, stride {stride}, padding {padding}");
+                        let bits = |v: &[f32]| v.iter().map(|v| v.to_bits()).collect::<Vec<_>>();
+                        assert_eq!((bits(&out), &winners), (bits(&rows), &row_winners), "{what}");
+                        assert_eq!((bits(&again), &again_winners), (bits(&rows), &row_winners), "{what}, scratch reused");
+                        checked += usize::from(window.vector_scan());
+                    }
+                }
+            }
+        }
+        #[cfg(target_arch = "x86_64")]
+        if std::arch::is_x86_feature_detected!("avx2") {
+            assert!(checked > 1000, "the AVX2 scan ran on {checked} shapes");
+        }
     }
 
     #[test]
