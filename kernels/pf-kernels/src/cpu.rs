@@ -11,7 +11,7 @@ mod kernels;
 use std::borrow::Cow;
 
 use burn::backend::ndarray::{NdArray, NdArrayTensor};
-use burn::tensor::ops::{FloatTensor, IntTensor};
+use burn::tensor::ops::{FloatTensor, FloatTensorOps, IntTensor};
 use burn::tensor::{Shape, TensorData, TensorMetadata};
 
 use crate::ops::{
@@ -271,6 +271,23 @@ impl FusedOps for NdArray {
         }
     }
 
+    fn reshape_values(x: FloatTensor<Self>, shape: Shape) -> FloatTensor<Self> {
+        // A contiguous array takes the new shape over the same (shared) values: Burn 0.21's
+        // reshape copies them (`to_shape` of a view, then `into_shared`).
+        match x {
+            NdArrayTensor::F32(storage) if storage.is_owned() && storage.len() == shape.num_elements() => {
+                let array = storage.into_shared();
+                if array.is_standard_layout() {
+                    let dims: Vec<usize> = shape.iter().copied().collect();
+                    NdArrayTensor::from(array.into_shape_with_order(dims).expect("a contiguous array takes any shape of as many elements"))
+                } else {
+                    <NdArray as FloatTensorOps<NdArray>>::float_reshape(NdArrayTensor::from(array), shape)
+                }
+            }
+            x => <NdArray as FloatTensorOps<NdArray>>::float_reshape(x, shape),
+        }
+    }
+
     fn max_pool_backward_of(x_shape: [usize; 4], indices: IntTensor<Self>, grad: FloatTensor<Self>) -> FloatTensor<Self> {
         let [n, c, h, w] = x_shape;
         match (values(&grad), index_values(&indices)) {
@@ -331,6 +348,35 @@ mod tests {
         for (i, (g, e)) in got.iter().zip(&expected).enumerate() {
             assert!((g - e).abs() <= tolerance * scale, "{what}[{i}] = {g}, reference {e}");
         }
+    }
+
+    /// `reshape_values` on NdArray keeps a contiguous tensor's values where they are (Burn's
+    /// reshape copies them), copies a strided one into row-major order, and on the autodiff
+    /// backend passes the gradient back in the input's shape.
+    #[test]
+    fn reshape_values_shares_contiguous_values() {
+        fn address(t: &Tensor<NdArray, 2>) -> *const f32 {
+            match t.clone().into_primitive().tensor() {
+                burn::backend::ndarray::NdArrayTensor::F32(storage) => storage.view().as_ptr(),
+                _ => panic!("an f32 tensor"),
+            }
+        }
+        let mut rng = Lcg(11);
+        let x = random(&mut rng, [3, 5], 1.0, 0.0).inner();
+        let y = crate::ops::reshape_values(x.clone(), [5, 3]);
+        assert_eq!(y.to_data(), x.clone().reshape([5, 3]).to_data());
+        assert_eq!(address(&y), address(&x), "the values moved");
+        let back: Tensor<NdArray, 2> = crate::ops::reshape_values(crate::ops::reshape_values::<NdArray, 2, 3>(y, [1, 15, 1]), [3, 5]);
+        assert_eq!(back.to_data(), x.to_data());
+        // A transposed view: row-major values of the view, in a new place.
+        let t = x.clone().transpose();
+        let flat = crate::ops::reshape_values::<NdArray, 2, 2>(t.clone(), [1, 15]);
+        assert_eq!(flat.to_data(), t.reshape([1, 15]).to_data());
+        // The gradient of Σ w · reshape(x) is w in x's shape.
+        let xa = random(&mut rng, [2, 3, 4], 1.0, 0.0).require_grad();
+        let w = random(&mut rng, [6, 4], 1.0, 0.0);
+        let grads = (crate::ops::reshape_values(xa.clone(), [6, 4]) * w.clone()).sum().backward();
+        assert_eq!(xa.grad(&grads).unwrap().to_data(), w.inner().reshape([2, 3, 4]).to_data());
     }
 
     /// The convolution kernel and its backward against the gathered-window product of plain

@@ -247,6 +247,20 @@ pub trait FusedOps: Backend {
     fn self_attention_backward(qkv: FloatTensor<Self>, attention: FloatTensor<Self>, grad: FloatTensor<Self>, heads: usize, scale: f64) -> FloatTensor<Self> {
         attention_backward_by_reference::<Self>(qkv, attention, grad, heads, scale)
     }
+
+    /// `x`'s values in row-major order as a tensor of `shape` (as many elements): Burn's
+    /// reshape, which a backend may do without the copy Burn makes (NdArray 0.21 copies every
+    /// reshape, even of a contiguous tensor).
+    fn reshape_values(x: FloatTensor<Self>, shape: Shape) -> FloatTensor<Self> {
+        Self::float_reshape(x, shape)
+    }
+}
+
+/// [`FusedOps::reshape_values`] on tensors.
+pub(crate) fn reshape_values<B: FusedOps, const D1: usize, const D2: usize>(x: Tensor<B, D1>, shape: [usize; D2]) -> Tensor<B, D2> {
+    let len = x.shape().num_elements();
+    assert_eq!(len, shape.iter().product::<usize>(), "{:?} cannot take the {len} values of {:?}", shape, x.dims());
+    float(B::reshape_values(x.into_primitive().tensor(), Shape::new(shape)))
 }
 
 /// [`FusedOps::max_pool_backward_of`] in plain ops.
@@ -561,10 +575,10 @@ pub fn fused_linear<B: FusedOps, const D: usize>(x: Tensor<B, D>, weight: Tensor
     let mut shape = x.dims();
     let [inputs, outputs] = weight.dims();
     let rows = shape.iter().product::<usize>() / inputs.max(1);
-    let x = x.reshape([rows, inputs]).into_primitive().tensor();
+    let x = reshape_values(x, [rows, inputs]).into_primitive().tensor();
     let y = B::linear_output(x, weight.into_primitive().tensor(), bias.map(|b| b.into_primitive().tensor()), gelu);
     shape[D - 1] = outputs;
-    float::<B, 2>(y).reshape(shape)
+    reshape_values(float::<B, 2>(y), shape)
 }
 
 /// Layer norm over the last dimension (`nn.LayerNorm(d, eps)`) through
@@ -573,8 +587,8 @@ pub fn fused_layer_norm<B: FusedOps, const D: usize>(x: Tensor<B, D>, gamma: Ten
     let shape = x.dims();
     let d = shape[D - 1];
     let rows = shape.iter().product::<usize>() / d.max(1);
-    let [y, _, _] = B::layer_norm_stats(x.reshape([rows, d]).into_primitive().tensor(), gamma.into_primitive().tensor(), beta.map(|b| b.into_primitive().tensor()), epsilon);
-    float::<B, 2>(y).reshape(shape)
+    let [y, _, _] = B::layer_norm_stats(reshape_values(x, [rows, d]).into_primitive().tensor(), gamma.into_primitive().tensor(), beta.map(|b| b.into_primitive().tensor()), epsilon);
+    reshape_values(float::<B, 2>(y), shape)
 }
 
 /// Softmax over the last dimension through [`FusedOps::softmax_last`].
@@ -582,7 +596,7 @@ pub fn fused_softmax<B: FusedOps, const D: usize>(x: Tensor<B, D>) -> Tensor<B, 
     let shape = x.dims();
     let d = shape[D - 1];
     let rows = shape.iter().product::<usize>() / d.max(1);
-    float::<B, 2>(B::softmax_last(x.reshape([rows, d]).into_primitive().tensor())).reshape(shape)
+    reshape_values(float::<B, 2>(B::softmax_last(reshape_values(x, [rows, d]).into_primitive().tensor())), shape)
 }
 
 /// Multi-head self-attention's core through [`FusedOps::self_attention`]: `softmax(scale · q · kᵀ) · v`
@@ -798,6 +812,11 @@ impl<B: FusedOps, C: CheckpointStrategy> FusedOps for Autodiff<B, C> {
             OpsKind::UnTracked(prep) => prep.finish(B::max_pool_plain(x.primitive, pool)),
         }
     }
+
+    fn reshape_values(x: FloatTensor<Self>, shape: Shape) -> FloatTensor<Self> {
+        let from = burn::tensor::TensorMetadata::shape(&x.primitive);
+        record::<B, C, _, 1>(ReshapeBackward { from }, [&x], (), B::reshape_values(x.primitive.clone(), shape))
+    }
 }
 
 /// `out` as the output of the operation `op` on `parents`, with `state` kept for its backward
@@ -958,6 +977,24 @@ impl<B: FusedOps, const N: usize> Backward<B, N> for LayerNormBackward {
             if let Some(node) = node {
                 grads.register::<B>(node.id, g);
             }
+        }
+    }
+}
+
+/// The gradient of [`FusedOps::reshape_values`]: the output's gradient in the input's shape.
+#[derive(Debug)]
+struct ReshapeBackward {
+    from: Shape,
+}
+
+impl<B: FusedOps> Backward<B, 1> for ReshapeBackward {
+    type State = ();
+
+    fn backward(self, ops: Ops<Self::State, 1>, grads: &mut Gradients, _checkpointer: &mut Checkpointer) {
+        let [node_x] = ops.parents;
+        let grad = grads.consume::<B>(&ops.node);
+        if let Some(node) = node_x {
+            grads.register::<B>(node.id, B::reshape_values(grad, self.from));
         }
     }
 }
