@@ -113,15 +113,17 @@ fn inside(len: usize, k: usize, stride: usize, padding: usize, out: usize) -> (u
 }
 
 /// The runs of one image's gathered windows that lie inside the image, for [`im2col`] and
-/// [`col2im`]: `f(row, column, input, len)` says that `len` elements of gathered row `row`, from
-/// column `column` on, are the input elements at `input, input + sw, input + 2·sw, …`.
-fn inside_runs(g: &ConvGeometry, mut f: impl FnMut(usize, usize, usize, usize)) {
+/// [`col2im`], over the input channels `channels`: `f(row, column, input, len)` says that `len`
+/// elements of gathered row `row` (counted from the first of `channels`' rows), from column
+/// `column` on, are the input elements at `input, input + sw, input + 2·sw, …`.
+fn inside_runs(g: &ConvGeometry, channels: std::ops::Range<usize>, mut f: impl FnMut(usize, usize, usize, usize)) {
     let [kh, kw] = g.kernel;
     let [sh, sw] = g.stride;
     let [ph, pw] = g.padding;
     let [ho, wo] = g.out_hw();
     let (h, w) = (g.height, g.width);
-    for c in 0..g.channels {
+    let first = channels.start;
+    for c in channels {
         for ky in 0..kh {
             let (oy0, oy1) = inside(h, ky, sh, ph, ho);
             for kx in 0..kw {
@@ -129,7 +131,7 @@ fn inside_runs(g: &ConvGeometry, mut f: impl FnMut(usize, usize, usize, usize)) 
                 if ox0 == ox1 {
                     continue;
                 }
-                let row = (c * kh + ky) * kw + kx;
+                let row = ((c - first) * kh + ky) * kw + kx;
                 for oy in oy0..oy1 {
                     let iy = oy * sh + ky - ph;
                     f(row, oy * wo + ox0, c * h * w + iy * w + ox0 * sw + kx - pw, ox1 - ox0);
@@ -144,8 +146,14 @@ fn inside_runs(g: &ConvGeometry, mut f: impl FnMut(usize, usize, usize, usize)) 
 /// image are not written: `cols` holds zeros there (a fresh buffer, or one filled by `im2col`
 /// for the same geometry).
 fn im2col(x: &[f32], g: &ConvGeometry, cols: &mut [f32], ld: usize) {
+    im2col_channels(x, g, 0..g.channels, cols, ld);
+}
+
+/// [`im2col`] of the input channels `channels` only, into their rows (`cols` starts at the
+/// first of them).
+fn im2col_channels(x: &[f32], g: &ConvGeometry, channels: std::ops::Range<usize>, cols: &mut [f32], ld: usize) {
     let sw = g.stride[1];
-    inside_runs(g, |row, column, input, len| {
+    inside_runs(g, channels, |row, column, input, len| {
         let dst = &mut cols[row * ld + column..row * ld + column + len];
         if sw == 1 {
             dst.copy_from_slice(&x[input..input + len]);
@@ -160,7 +168,7 @@ fn im2col(x: &[f32], g: &ConvGeometry, cols: &mut [f32], ld: usize) {
 /// The adjoint of [`im2col`]: adds every gathered element back onto its input position.
 fn col2im(cols: &[f32], ld: usize, g: &ConvGeometry, gx: &mut [f32]) {
     let sw = g.stride[1];
-    inside_runs(g, |row, column, input, len| {
+    inside_runs(g, 0..g.channels, |row, column, input, len| {
         for (v, i) in cols[row * ld + column..row * ld + column + len].iter().zip((input..).step_by(sw)) {
             gx[i] += v;
         }
@@ -168,26 +176,36 @@ fn col2im(cols: &[f32], ld: usize, g: &ConvGeometry, gx: &mut [f32]) {
 }
 
 /// The whole batch's gathered windows side by side: `[k, batch · l]`, image `i` in columns
-/// `i·l..(i+1)·l`.
+/// `i·l..(i+1)·l`; an input channel's rows per parallel task.
 fn batch_columns(x: &[f32], g: &ConvGeometry) -> Vec<f32> {
     let (k, l, n) = (g.k(), g.l(), g.batch);
     let mut cols = vec![0.0; k * n * l];
-    for i in 0..n {
-        im2col(&x[i * g.image_len()..(i + 1) * g.image_len()], g, &mut cols[i * l..], n * l);
-    }
+    let channel_rows = g.kernel[0] * g.kernel[1] * n * l;
+    cols.par_chunks_mut(channel_rows.max(1)).enumerate().for_each(|(c, cols)| {
+        for i in 0..n {
+            im2col_channels(&x[i * g.image_len()..(i + 1) * g.image_len()], g, c..c + 1, &mut cols[i * l..], n * l);
+        }
+    });
     cols
 }
 
-/// `[batch, out, l]` from `[out, batch · l]` (or back, `to_batch_major = false`).
+/// `[batch, out, l]` from `[out, batch · l]` (or back, `to_batch_major = false`), a block of the
+/// destination per parallel task.
 fn swap_batch(src: &[f32], n: usize, o: usize, l: usize, to_batch_major: bool) -> Vec<f32> {
     let mut dst = vec![0.0; src.len()];
-    for i in 0..n {
-        for c in 0..o {
-            let (a, b) = ((c * n + i) * l, (i * o + c) * l);
-            let (from, to) = if to_batch_major { (a, b) } else { (b, a) };
-            dst[to..to + l].copy_from_slice(&src[from..from + l]);
-        }
+    if dst.is_empty() {
+        return dst;
     }
+    // Destination blocks: an image's `[out, l]`, or a channel's `[batch, l]`.
+    let per_block = if to_batch_major { o } else { n };
+    dst.par_chunks_mut(per_block * l).enumerate().for_each(|(block, dst)| {
+        for (j, dst) in dst.chunks_mut(l).enumerate() {
+            // Block `block`, run `j`: image `block`, channel `j`; or channel `block`, image `j`.
+            let (i, c) = if to_batch_major { (block, j) } else { (j, block) };
+            let from = if to_batch_major { (c * n + i) * l } else { (i * o + c) * l };
+            dst.copy_from_slice(&src[from..from + l]);
+        }
+    });
     dst
 }
 
@@ -231,9 +249,7 @@ pub fn conv2d_input_grad(weight: &[f32], grad: &[f32], g: &ConvGeometry) -> Vec<
         let grad = swap_batch(grad, n, o, l, false);
         let mut cols = vec![0.0; k * n * l];
         matmul(k, n * l, o, &mut cols, n * l, false, weight, [1, k], &grad, [n * l, 1], true);
-        for (i, gx) in gx.chunks_mut(g.image_len()).enumerate() {
-            col2im(&cols[i * l..], n * l, g, gx);
-        }
+        gx.par_chunks_mut(g.image_len().max(1)).enumerate().for_each(|(i, gx)| col2im(&cols[i * l..], n * l, g, gx));
         return gx;
     }
     let per_image = n >= rayon::current_num_threads();
