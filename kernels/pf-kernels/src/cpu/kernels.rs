@@ -711,20 +711,29 @@ pub fn gelu_derivative(x: f32) -> f32 {
 /// Elements per parallel task of the element-wise maps.
 const ELEMENT_RUN: usize = 4096;
 
-/// Runs `f` compiled for AVX2 where the CPU has it, as it is elsewhere. pf builds for baseline
-/// x86-64, whose SSE2 loops are 4 lanes wide; the element-wise kernels' loops (branch-free
-/// `#[inline(always)]` math) get 8 lanes here. The results are the same: no fused multiply-adds
-/// (Rust does not contract `a · b + c`), the same operations in the same order per element.
-/// Callers pass `#[inline(always)]` closures over `#[inline(always)]` functions: only what LLVM
-/// inlines into the clone gets the wider code (a closure left out of line runs at SSE2; check
-/// with `objdump` that each `wide::avx2` clone holds `ymm` instructions).
+/// Runs `f` compiled for AVX-512 or AVX2 where the CPU has it, as it is elsewhere. pf builds for
+/// baseline x86-64, whose SSE2 loops are 4 lanes wide; the element-wise kernels' loops
+/// (branch-free `#[inline(always)]` math) get 16 lanes (AVX-512) or 8 (AVX2) here. The results
+/// are the same: no fused multiply-adds (Rust does not contract `a · b + c`), the same
+/// operations in the same order per element. Callers pass `#[inline(always)]` closures over
+/// `#[inline(always)]` functions: only what LLVM inlines into the clone gets the wider code (a
+/// closure left out of line runs at SSE2; check with `objdump` that each `wide::avx512` clone
+/// holds `zmm` instructions and each `wide::avx2` clone `ymm`).
 #[inline(always)]
 fn wide<R>(f: impl FnOnce() -> R) -> R {
     #[cfg(target_arch = "x86_64")]
     {
+        #[target_feature(enable = "avx512f")]
+        fn avx512<R>(f: impl FnOnce() -> R) -> R {
+            f()
+        }
         #[target_feature(enable = "avx2")]
         fn avx2<R>(f: impl FnOnce() -> R) -> R {
             f()
+        }
+        if std::arch::is_x86_feature_detected!("avx512f") {
+            // Safety: this CPU has AVX-512F.
+            return unsafe { avx512(f) };
         }
         if std::arch::is_x86_feature_detected!("avx2") {
             // Safety: this CPU has AVX2.
