@@ -97,10 +97,10 @@ impl<B: FusedOps> ConvBn<B> {
 }
 
 /// `conv(x)` through pf's CPU convolution kernel (then the bias), where the backend has the
-/// kernels and the convolution is a plain one (one group, no dilation, symmetric padding);
-/// `None` otherwise.
+/// kernels and the convolution has no dilation and a symmetric padding (any groups: PiT's
+/// pooling layer is a grouped one); `None` otherwise.
 fn conv2d_on_cpu_kernels<B: FusedOps>(conv: &Conv2d<B>, x: Tensor<B, 4>) -> Option<Tensor<B, 4>> {
-    if !B::CPU_KERNELS || conv.groups != 1 || conv.dilation != [1, 1] {
+    if !B::CPU_KERNELS || conv.dilation != [1, 1] {
         return None;
     }
     let padding = symmetric_padding(conv)?;

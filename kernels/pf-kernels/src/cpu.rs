@@ -320,8 +320,12 @@ fn attention_geometry(qkv: &NdArrayTensor, heads: usize) -> kernels::AttentionGe
 fn geometry(x: &NdArrayTensor, weight: &NdArrayTensor, stride: [usize; 2], padding: [usize; 2]) -> kernels::ConvGeometry {
     let [batch, channels, height, width] = dims::<4>(x);
     let [out_channels, in_channels, kh, kw] = dims::<4>(weight);
-    assert_eq!(channels, in_channels, "convolution of {channels} channels with a weight for {in_channels}");
-    kernels::ConvGeometry { batch, channels, height, width, out_channels, kernel: [kh, kw], stride, padding }
+    let groups = channels / in_channels.max(1);
+    assert!(
+        groups > 0 && channels == groups * in_channels && out_channels % groups == 0,
+        "convolution of {channels} channels with a weight of {out_channels} outputs for {in_channels} inputs: not a whole number of groups"
+    );
+    kernels::ConvGeometry { batch, channels, height, width, out_channels, kernel: [kh, kw], stride, padding, groups }
 }
 
 #[cfg(test)]
@@ -403,6 +407,41 @@ mod tests {
             let g2 = (reference * weights).sum().backward();
             assert_close(&format!("{case} input gradient"), x.grad(&g1).unwrap(), x.grad(&g2).unwrap(), 1e-5);
             assert_close(&format!("{case} weight gradient"), w.grad(&g1).unwrap(), w.grad(&g2).unwrap(), 1e-5);
+        }
+    }
+
+    /// Grouped convolutions (depthwise, PiT's pooling with two outputs per input channel, and
+    /// groups of several channels) against Burn's own convolution and against the reference twin,
+    /// forward and both gradients: maps 1×1 up to odd sizes, batch 1 and above, strides 1 and 2.
+    #[test]
+    fn grouped_conv2d_matches_burn_and_the_reference() {
+        use burn::tensor::module::conv2d;
+        use burn::tensor::ops::ConvOptions;
+        let mut rng = Lcg(11);
+        // (x shape, groups, outputs per group, kernel, stride, padding)
+        let mut cases = vec![([2, 6, 7, 5], 6, 2, 3, 2, 1), ([1, 6, 9, 9], 3, 1, 3, 1, 1), ([3, 4, 6, 6], 2, 3, 2, 2, 0), ([2, 8, 5, 7], 4, 2, 1, 1, 0)];
+        for batch in [1, 3] {
+            for hw in [1, 2, 3, 14] {
+                cases.extend([([batch, 4, hw, hw], 4, 2, 3, 2, 1), ([batch, 3, hw, hw + 1], 3, 1, 3, 1, 1)]);
+            }
+        }
+        for (shape, groups, per_group, kernel, stride, padding) in cases {
+            let case = format!("{shape:?} groups {groups} k{kernel} s{stride} p{padding}");
+            let x = random(&mut rng, shape, 1.0, 0.0).require_grad();
+            let w = random(&mut rng, [groups * per_group, shape[1] / groups, kernel, kernel], 0.5, 0.0).require_grad();
+            let ours = fused_conv2d(x.clone(), w.clone(), [stride; 2], [padding; 2]);
+            let burn = conv2d(x.clone(), w.clone(), None, ConvOptions::new([stride; 2], [padding; 2], [1, 1], groups));
+            let twin = conv2d_as_matmul(x.clone(), w.clone(), [stride; 2], [padding; 2]);
+            let weights = random(&mut rng, burn.dims(), 1.0, 0.0);
+            assert_close(&format!("{case} output"), ours.clone().inner(), burn.clone().inner(), 1e-5);
+            assert_close(&format!("{case} twin output"), twin.clone().inner(), burn.clone().inner(), 1e-5);
+            let g1 = (ours * weights.clone()).sum().backward();
+            let g2 = (burn * weights.clone()).sum().backward();
+            let g3 = (twin * weights).sum().backward();
+            for (what, got) in [("", &g1), ("twin ", &g3)] {
+                assert_close(&format!("{case} {what}input gradient"), x.grad(got).unwrap(), x.grad(&g2).unwrap(), 1e-5);
+                assert_close(&format!("{case} {what}weight gradient"), w.grad(got).unwrap(), w.grad(&g2).unwrap(), 1e-5);
+            }
         }
     }
 

@@ -72,11 +72,11 @@ pub trait FusedOps: Backend {
     /// layers through the methods below only where this holds.
     const CPU_KERNELS: bool = false;
 
-    /// A bias-free convolution (dilation 1, one group); the reference twin is
+    /// A bias-free convolution (dilation 1; `in / weight's in` groups); the reference twin is
     /// [`conv2d_as_matmul`](crate::reference::conv2d_as_matmul).
     ///
     /// # Shapes
-    /// - `x`: `[batch, in, height, width]`, `weight`: `[out, in, kh, kw]`
+    /// - `x`: `[batch, in, height, width]`, `weight`: `[out, in / groups, kh, kw]`
     /// - output: `[batch, out, height', width']`
     fn conv2d_plain(x: FloatTensor<Self>, weight: FloatTensor<Self>, stride: [usize; 2], padding: [usize; 2]) -> FloatTensor<Self> {
         conv2d_by_reference::<Self>(x, weight, stride, padding)
@@ -428,7 +428,8 @@ pub(crate) fn conv2d_backward_by_burn<B: Backend>(
     padding: [usize; 2],
     wanted: [bool; 2],
 ) -> [Option<FloatTensor<B>>; 2] {
-    let options = || burn::tensor::ops::ConvOptions::new(stride, padding, [1, 1], 1);
+    let groups = float::<B, 4>(x.clone()).dims()[1] / float::<B, 4>(weight.clone()).dims()[1].max(1);
+    let options = || burn::tensor::ops::ConvOptions::new(stride, padding, [1, 1], groups);
     let gx = wanted[0].then(|| B::conv2d_x_backward(x.clone(), weight.clone(), grad.clone(), options()));
     let gw = wanted[1].then(|| B::conv2d_weight_backward(x, weight, grad, options()));
     [gx, gw]
@@ -525,12 +526,12 @@ pub fn bn_relu_max_pool_backward<B: Backend>(
     (gx.reshape([n, c, h, w]), per_channel(g.clone() * x_at), per_channel(g))
 }
 
-/// A bias-free convolution (dilation 1, one group) through [`FusedOps::conv2d_plain`]: pf's CPU
-/// kernel on NdArray, the reference twin [`conv2d_as_matmul`](crate::reference::conv2d_as_matmul)
-/// elsewhere.
+/// A bias-free convolution (dilation 1; `in / weight's in` groups) through
+/// [`FusedOps::conv2d_plain`]: pf's CPU kernel on NdArray, the reference twin
+/// [`conv2d_as_matmul`](crate::reference::conv2d_as_matmul) elsewhere.
 ///
 /// # Shapes
-/// - `x`: `[batch, in, height, width]`, `weight`: `[out, in, kh, kw]`
+/// - `x`: `[batch, in, height, width]`, `weight`: `[out, in / groups, kh, kw]`
 /// - output: `[batch, out, height', width']`
 pub fn fused_conv2d<B: FusedOps>(x: Tensor<B, 4>, weight: Tensor<B, 4>, stride: [usize; 2], padding: [usize; 2]) -> Tensor<B, 4> {
     float(B::conv2d_plain(x.into_primitive().tensor(), weight.into_primitive().tensor(), stride, padding))

@@ -118,12 +118,24 @@ pub fn reference_gelu_max_pool_gelu<B: FusedOps>(tokens: Tensor<B, 3>, grid: [us
 /// orders of magnitude slower than their matrix product. The `k·k` shifted, strided views of
 /// the padded input are stacked so that row `c·k·k + ky·k + kx` matches the weight's layout.
 ///
+/// A grouped convolution (`weight` for `in / groups` input channels) is one such product per
+/// group, the groups' outputs side by side.
+///
 /// # Shapes
-/// - `x`: `[batch, in, height, width]`, `weight`: `[out, in, kh, kw]`
+/// - `x`: `[batch, in, height, width]`, `weight`: `[out, in / groups, kh, kw]`
 /// - output: `[batch, out, height', width']`
 pub fn conv2d_as_matmul<B: Backend>(x: Tensor<B, 4>, weight: Tensor<B, 4>, stride: [usize; 2], padding: [usize; 2]) -> Tensor<B, 4> {
     let [n, c, h, w] = x.dims();
-    let [o, _, kh, kw] = weight.dims();
+    let [o, group_in, kh, kw] = weight.dims();
+    let groups = c / group_in.max(1);
+    assert!(groups > 0 && c == groups * group_in && o % groups == 0, "convolution of {c} channels with a weight of {o} outputs for {group_in} inputs: not a whole number of groups");
+    if groups > 1 {
+        let group_out = o / groups;
+        let outputs = (0..groups)
+            .map(|g| conv2d_as_matmul(x.clone().narrow(1, g * group_in, group_in), weight.clone().narrow(0, g * group_out, group_out), stride, padding))
+            .collect();
+        return Tensor::cat(outputs, 1);
+    }
     let [sh, sw] = stride;
     let [ph, pw] = padding;
     let ho = (h + 2 * ph - kh) / sh + 1;

@@ -19,7 +19,8 @@ const WEIGHT_GRADIENT_PARTS: usize = 8;
 /// (a product per image would repack the weight for a handful of columns).
 const SMALL_MAP: usize = 64;
 
-/// A convolution without bias, dilation or groups: `[batch, in, h, w]` by `[out, in, kh, kw]`.
+/// A convolution without bias or dilation: `[batch, in, h, w]` by `[out, in / groups, kh, kw]`,
+/// output channel `oc` reading the input channels of its group `oc / (out / groups)`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct ConvGeometry {
     pub batch: usize,
@@ -30,6 +31,7 @@ pub struct ConvGeometry {
     pub kernel: [usize; 2],
     pub stride: [usize; 2],
     pub padding: [usize; 2],
+    pub groups: usize,
 }
 
 impl ConvGeometry {
@@ -57,6 +59,16 @@ impl ConvGeometry {
 
     fn image_len(&self) -> usize {
         self.channels * self.height * self.width
+    }
+
+    /// Input and output channels per group.
+    fn group_channels(&self) -> (usize, usize) {
+        (self.channels / self.groups, self.out_channels / self.groups)
+    }
+
+    /// Weight elements per output channel: `in / groups · kh · kw`.
+    fn taps(&self) -> usize {
+        self.group_channels().0 * self.kernel[0] * self.kernel[1]
     }
 }
 
@@ -211,6 +223,9 @@ fn swap_batch(src: &[f32], n: usize, o: usize, l: usize, to_batch_major: bool) -
 
 /// The convolution: `[batch, out, ho, wo]`.
 pub fn conv2d(x: &[f32], weight: &[f32], g: &ConvGeometry) -> Vec<f32> {
+    if g.groups > 1 {
+        return grouped_conv2d(x, weight, g);
+    }
     let (n, o, k, l) = (g.batch, g.out_channels, g.k(), g.l());
     assert_eq!(x.len(), n * g.image_len(), "conv input size");
     assert_eq!(weight.len(), o * k, "conv weight size");
@@ -242,6 +257,9 @@ pub fn conv2d(x: &[f32], weight: &[f32], g: &ConvGeometry) -> Vec<f32> {
 
 /// Gradient of [`conv2d`] with respect to its input, for the output gradient `grad`.
 pub fn conv2d_input_grad(weight: &[f32], grad: &[f32], g: &ConvGeometry) -> Vec<f32> {
+    if g.groups > 1 {
+        return grouped_conv2d_input_grad(weight, grad, g);
+    }
     let (n, o, k, l) = (g.batch, g.out_channels, g.k(), g.l());
     assert_eq!(grad.len(), n * o * l, "conv output gradient size");
     let mut gx = vec![0.0; n * g.image_len()];
@@ -274,6 +292,9 @@ pub fn conv2d_input_grad(weight: &[f32], grad: &[f32], g: &ConvGeometry) -> Vec<
 /// Gradient of [`conv2d`] with respect to its weight: `Σ_i grad_i · cols_iᵀ`, summed in a fixed
 /// order (see [`WEIGHT_GRADIENT_PARTS`]).
 pub fn conv2d_weight_grad(x: &[f32], grad: &[f32], g: &ConvGeometry) -> Vec<f32> {
+    if g.groups > 1 {
+        return grouped_conv2d_weight_grad(x, grad, g);
+    }
     let (n, o, k, l) = (g.batch, g.out_channels, g.k(), g.l());
     assert_eq!(grad.len(), n * o * l, "conv output gradient size");
     if l < SMALL_MAP && n > 1 {
@@ -308,6 +329,76 @@ pub fn conv2d_weight_grad(x: &[f32], grad: &[f32], g: &ConvGeometry) -> Vec<f32>
     for part in parts {
         gw.iter_mut().zip(part).for_each(|(a, b)| *a += b);
     }
+    gw
+}
+
+/// A grouped convolution, computed directly (no gathered windows, no product): the grouped
+/// convolutions of pf's models are thin (PiT's pooling layer: one input channel per group, two
+/// output channels), a handful of multiply-adds per output element, too little for a matrix
+/// product per group. An output plane per task; each element sums its group's input channels
+/// and the kernel's taps in that order, over the taps whose input lies inside the image.
+fn grouped_conv2d(x: &[f32], weight: &[f32], g: &ConvGeometry) -> Vec<f32> {
+    let (n, o, l, taps) = (g.batch, g.out_channels, g.l(), g.taps());
+    let ((cg, og), sw) = (g.group_channels(), g.stride[1]);
+    assert_eq!(x.len(), n * g.image_len(), "conv input size");
+    assert_eq!(weight.len(), o * taps, "conv weight size");
+    let mut out = vec![0.0; n * o * l];
+    for_rows(&mut out, l, |plane, out| {
+        let (i, oc) = (plane / o, plane % o);
+        let first = oc / og * cg;
+        let (x, weight) = (&x[i * g.image_len()..(i + 1) * g.image_len()], &weight[oc * taps..(oc + 1) * taps]);
+        inside_runs(g, first..first + cg, |tap, column, input, len| {
+            let w = weight[tap];
+            for (y, &v) in out[column..column + len].iter_mut().zip(x[input..].iter().step_by(sw)) {
+                *y += w * v;
+            }
+        });
+    });
+    out
+}
+
+/// Gradient of [`grouped_conv2d`] with respect to its input: an input plane per task, adding
+/// its group's output channels in order, each over the kernel's taps.
+fn grouped_conv2d_input_grad(weight: &[f32], grad: &[f32], g: &ConvGeometry) -> Vec<f32> {
+    let (n, o, l, taps) = (g.batch, g.out_channels, g.l(), g.taps());
+    let ((cg, og), sw, hw) = (g.group_channels(), g.stride[1], g.height * g.width);
+    assert_eq!(grad.len(), n * o * l, "conv output gradient size");
+    let mut gx = vec![0.0; n * g.image_len()];
+    for_rows(&mut gx, hw, |plane, gx| {
+        let (i, c) = (plane / g.channels, plane % g.channels);
+        let (group, local) = (c / cg, c % cg);
+        for oc in group * og..(group + 1) * og {
+            let (weight, grad) = (&weight[oc * taps + local * (taps / cg)..], &grad[(i * o + oc) * l..(i * o + oc + 1) * l]);
+            inside_runs(g, c..c + 1, |tap, column, input, len| {
+                let w = weight[tap];
+                for (v, &d) in gx[input - c * hw..].iter_mut().step_by(sw).zip(&grad[column..column + len]) {
+                    *v += w * d;
+                }
+            });
+        }
+    });
+    gx
+}
+
+/// Gradient of [`grouped_conv2d`] with respect to its weight: an output channel per task, each
+/// tap's sum over the images and the output map in that order, in `f64`.
+fn grouped_conv2d_weight_grad(x: &[f32], grad: &[f32], g: &ConvGeometry) -> Vec<f32> {
+    let (n, o, l, taps) = (g.batch, g.out_channels, g.l(), g.taps());
+    let ((cg, og), sw) = (g.group_channels(), g.stride[1]);
+    assert_eq!(grad.len(), n * o * l, "conv output gradient size");
+    let mut gw = vec![0.0; o * taps];
+    gw.par_chunks_mut(taps.max(1)).enumerate().for_each(|(oc, gw)| {
+        let first = oc / og * cg;
+        let mut sums = vec![0.0f64; taps];
+        for i in 0..n {
+            let (x, grad) = (&x[i * g.image_len()..(i + 1) * g.image_len()], &grad[(i * o + oc) * l..(i * o + oc + 1) * l]);
+            inside_runs(g, first..first + cg, |tap, column, input, len| {
+                let dot: f64 = grad[column..column + len].iter().zip(x[input..].iter().step_by(sw)).map(|(&d, &v)| d as f64 * v as f64).sum();
+                sums[tap] += dot;
+            });
+        }
+        gw.iter_mut().zip(sums).for_each(|(w, s)| *w = s as f32);
+    });
     gw
 }
 
