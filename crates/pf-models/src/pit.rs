@@ -9,7 +9,7 @@ use burn::prelude::*;
 use pf_core::exact::LayerNorm;
 use pf_core::macs::{conv_cost, linear_cost};
 use pf_core::{mixer_kind, resize_bicubic, AttnType, Block, BlockConfig, Cost};
-use pf_kernels::FusedOps;
+use pf_kernels::{reshape_values, row_major, FusedOps};
 use serde::{Deserialize, Serialize};
 
 use crate::error::ModelError;
@@ -230,7 +230,8 @@ impl<B: FusedOps> Transformer<B> {
     /// - output: same
     pub fn forward(&self, x: Tensor<B, 4>) -> Tensor<B, 4> {
         let [b, c, h, w] = x.dims();
-        let tokens = x.reshape([b, c, h * w]).swap_dims(1, 2);
+        // Tokens in row-major order once per stage: every block's residual sums run over them.
+        let tokens = row_major(reshape_values(x, [b, c, h * w]).swap_dims(1, 2));
         let tokens = self.blocks.iter().fold(tokens, |t, block| block.forward(t, [h, w]));
         tokens.swap_dims(1, 2).reshape([b, c, h, w])
     }

@@ -256,8 +256,18 @@ pub trait FusedOps: Backend {
     }
 }
 
-/// [`FusedOps::reshape_values`] on tensors.
-pub(crate) fn reshape_values<B: FusedOps, const D1: usize, const D2: usize>(x: Tensor<B, D1>, shape: [usize; D2]) -> Tensor<B, D2> {
+/// `x` with its values in row-major order: on pf's CPU kernels a strided view (a transposition)
+/// is copied once, in one pass, and a contiguous tensor passes as it is. Element-wise ops of
+/// Burn's NdArray over a strided operand step through it element by element (PiT's residual
+/// sums over its transposed tokens did).
+pub fn row_major<B: FusedOps, const D: usize>(x: Tensor<B, D>) -> Tensor<B, D> {
+    let dims = x.dims();
+    reshape_values(x, dims)
+}
+
+/// [`FusedOps::reshape_values`] on tensors: `x`'s values in row-major order as a tensor of
+/// `shape`, without a copy where the backend can share them.
+pub fn reshape_values<B: FusedOps, const D1: usize, const D2: usize>(x: Tensor<B, D1>, shape: [usize; D2]) -> Tensor<B, D2> {
     let len = x.shape().num_elements();
     assert_eq!(len, shape.iter().product::<usize>(), "{:?} cannot take the {len} values of {:?}", shape, x.dims());
     float(B::reshape_values(x.into_primitive().tensor(), Shape::new(shape)))
