@@ -320,11 +320,7 @@ fn attention_geometry(qkv: &NdArrayTensor, heads: usize) -> kernels::AttentionGe
 fn geometry(x: &NdArrayTensor, weight: &NdArrayTensor, stride: [usize; 2], padding: [usize; 2]) -> kernels::ConvGeometry {
     let [batch, channels, height, width] = dims::<4>(x);
     let [out_channels, in_channels, kh, kw] = dims::<4>(weight);
-    let groups = channels / in_channels.max(1);
-    assert!(
-        groups > 0 && channels == groups * in_channels && out_channels % groups == 0,
-        "convolution of {channels} channels with a weight of {out_channels} outputs for {in_channels} inputs: not a whole number of groups"
-    );
+    let groups = crate::reference::conv_groups(channels, out_channels, in_channels);
     kernels::ConvGeometry { batch, channels, height, width, out_channels, kernel: [kh, kw], stride, padding, groups }
 }
 

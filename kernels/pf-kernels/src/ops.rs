@@ -256,11 +256,16 @@ pub trait FusedOps: Backend {
     }
 }
 
-/// `x` with its values in row-major order: on pf's CPU kernels a strided view (a transposition)
-/// is copied once, in one pass, and a contiguous tensor passes as it is. Element-wise ops of
+/// `x` with its values in row-major order on pf's CPU kernels: a strided view (a transposition)
+/// is copied once, in one pass, and a contiguous tensor passes as it is; other backends get `x`
+/// as it is. Element-wise ops of
 /// Burn's NdArray over a strided operand step through it element by element (PiT's residual
 /// sums over its transposed tokens did).
 pub fn row_major<B: FusedOps, const D: usize>(x: Tensor<B, D>) -> Tensor<B, D> {
+    if !B::CPU_KERNELS {
+        // GPU kernels read strided tensors as they are: no copy to make.
+        return x;
+    }
     let dims = x.dims();
     reshape_values(x, dims)
 }
@@ -438,7 +443,8 @@ pub(crate) fn conv2d_backward_by_burn<B: Backend>(
     padding: [usize; 2],
     wanted: [bool; 2],
 ) -> [Option<FloatTensor<B>>; 2] {
-    let groups = float::<B, 4>(x.clone()).dims()[1] / float::<B, 4>(weight.clone()).dims()[1].max(1);
+    let (x_shape, w_shape) = (burn::tensor::TensorMetadata::shape(&x), burn::tensor::TensorMetadata::shape(&weight));
+    let groups = crate::reference::conv_groups(x_shape[1], w_shape[0], w_shape[1]);
     let options = || burn::tensor::ops::ConvOptions::new(stride, padding, [1, 1], groups);
     let gx = wanted[0].then(|| B::conv2d_x_backward(x.clone(), weight.clone(), grad.clone(), options()));
     let gw = wanted[1].then(|| B::conv2d_weight_backward(x, weight, grad, options()));
@@ -844,6 +850,16 @@ fn record<B: FusedOps, C: CheckpointStrategy, T: Backward<B, N>, const N: usize>
     }
 }
 
+/// The backward of a one-input operation: `input_grad(state, output's gradient)` registered as
+/// the input's gradient where the input is tracked.
+fn backward_one<B: FusedOps, S>(ops: Ops<S, 1>, grads: &mut Gradients, input_grad: impl FnOnce(S, FloatTensor<B>) -> FloatTensor<B>) {
+    let [node] = ops.parents;
+    let grad = grads.consume::<B>(&ops.node);
+    if let Some(node) = node {
+        grads.register::<B>(node.id, input_grad(ops.state, grad));
+    }
+}
+
 /// The max-pool of a backend without pf's CPU max-pool: Burn's on GPUs, the running maximum
 /// over shifted views elsewhere (see [`Pool2d::max_pool`]).
 pub(crate) fn max_pool_by_reference<B: FusedOps>(x: FloatTensor<B>, pool: Pool2d) -> FloatTensor<B> {
@@ -881,11 +897,7 @@ impl<B: FusedOps> Backward<B, 1> for AvgPoolBackward {
     type State = ();
 
     fn backward(self, ops: Ops<Self::State, 1>, grads: &mut Gradients, _checkpointer: &mut Checkpointer) {
-        let [node_x] = ops.parents;
-        let grad = grads.consume::<B>(&ops.node);
-        if let Some(node) = node_x {
-            grads.register::<B>(node.id, B::avg_pool_backward(self.x_shape, grad, self.pool));
-        }
+        backward_one::<B, _>(ops, grads, |(), grad| B::avg_pool_backward(self.x_shape, grad, self.pool));
     }
 }
 
@@ -944,11 +956,7 @@ impl<B: FusedOps> Backward<B, 1> for MaxPoolBackward {
     type State = IntTensor<B>;
 
     fn backward(self, ops: Ops<Self::State, 1>, grads: &mut Gradients, _checkpointer: &mut Checkpointer) {
-        let [node_x] = ops.parents;
-        let grad = grads.consume::<B>(&ops.node);
-        if let Some(node) = node_x {
-            grads.register::<B>(node.id, B::max_pool_backward_of(self.x_shape, ops.state, grad));
-        }
+        backward_one::<B, _>(ops, grads, |indices, grad| B::max_pool_backward_of(self.x_shape, indices, grad));
     }
 }
 
@@ -1002,11 +1010,7 @@ impl<B: FusedOps> Backward<B, 1> for ReshapeBackward {
     type State = ();
 
     fn backward(self, ops: Ops<Self::State, 1>, grads: &mut Gradients, _checkpointer: &mut Checkpointer) {
-        let [node_x] = ops.parents;
-        let grad = grads.consume::<B>(&ops.node);
-        if let Some(node) = node_x {
-            grads.register::<B>(node.id, B::reshape_values(grad, self.from));
-        }
+        backward_one::<B, _>(ops, grads, |(), grad| B::reshape_values(grad, self.from));
     }
 }
 
@@ -1017,11 +1021,7 @@ impl<B: FusedOps> Backward<B, 1> for SoftmaxBackward {
     type State = FloatTensor<B>;
 
     fn backward(self, ops: Ops<Self::State, 1>, grads: &mut Gradients, _checkpointer: &mut Checkpointer) {
-        let [node_x] = ops.parents;
-        let grad = grads.consume::<B>(&ops.node);
-        if let Some(node) = node_x {
-            grads.register::<B>(node.id, B::softmax_last_backward(ops.state, grad));
-        }
+        backward_one::<B, _>(ops, grads, |y, grad| B::softmax_last_backward(y, grad));
     }
 }
 
@@ -1033,12 +1033,7 @@ impl<B: FusedOps> Backward<B, 1> for AttentionBackward {
     type State = (FloatTensor<B>, FloatTensor<B>, usize, f64);
 
     fn backward(self, ops: Ops<Self::State, 1>, grads: &mut Gradients, _checkpointer: &mut Checkpointer) {
-        let [node_qkv] = ops.parents;
-        let grad = grads.consume::<B>(&ops.node);
-        let (qkv, attention, heads, scale) = ops.state;
-        if let Some(node) = node_qkv {
-            grads.register::<B>(node.id, B::self_attention_backward(qkv, attention, grad, heads, scale));
-        }
+        backward_one::<B, _>(ops, grads, |(qkv, attention, heads, scale), grad| B::self_attention_backward(qkv, attention, grad, heads, scale));
     }
 }
 
@@ -1049,12 +1044,7 @@ impl<B: FusedOps> Backward<B, 1> for GeluMaxPoolGeluBackward {
     type State = (FloatTensor<B>, IntTensor<B>);
 
     fn backward(self, ops: Ops<Self::State, 1>, grads: &mut Gradients, _checkpointer: &mut Checkpointer) {
-        let [node_tokens] = ops.parents;
-        let grad = grads.consume::<B>(&ops.node);
-        let (tokens, indices) = ops.state;
-        if let Some(node) = node_tokens {
-            grads.register::<B>(node.id, B::gelu_max_pool_gelu_backward_of(tokens, indices, grad));
-        }
+        backward_one::<B, _>(ops, grads, |(tokens, indices), grad| B::gelu_max_pool_gelu_backward_of(tokens, indices, grad));
     }
 }
 

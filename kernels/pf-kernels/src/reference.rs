@@ -112,6 +112,17 @@ pub fn reference_gelu_max_pool_gelu<B: FusedOps>(tokens: Tensor<B, 3>, grid: [us
     gelu(x.permute([0, 2, 3, 1]).reshape([batch, n, channels]))
 }
 
+/// The number of groups of a convolution of `channels` input channels by a weight of
+/// `out_channels` outputs for `weight_in` inputs each; panics unless both divide evenly.
+pub(crate) fn conv_groups(channels: usize, out_channels: usize, weight_in: usize) -> usize {
+    let groups = channels / weight_in.max(1);
+    assert!(
+        groups > 0 && channels == groups * weight_in && out_channels % groups == 0,
+        "convolution of {channels} channels with a weight of {out_channels} outputs for {weight_in} inputs: not a whole number of groups"
+    );
+    groups
+}
+
 /// A bias-free convolution as one matrix product over gathered windows (im2col); for a 1×1
 /// kernel the only window is the (strided) input itself. Backends without pf's kernels (NdArray)
 /// run every convolution this way: their direct convolution, and above all its backward, is
@@ -127,8 +138,7 @@ pub fn reference_gelu_max_pool_gelu<B: FusedOps>(tokens: Tensor<B, 3>, grid: [us
 pub fn conv2d_as_matmul<B: Backend>(x: Tensor<B, 4>, weight: Tensor<B, 4>, stride: [usize; 2], padding: [usize; 2]) -> Tensor<B, 4> {
     let [n, c, h, w] = x.dims();
     let [o, group_in, kh, kw] = weight.dims();
-    let groups = c / group_in.max(1);
-    assert!(groups > 0 && c == groups * group_in && o % groups == 0, "convolution of {c} channels with a weight of {o} outputs for {group_in} inputs: not a whole number of groups");
+    let groups = conv_groups(c, o, group_in);
     if groups > 1 {
         let group_out = o / groups;
         let outputs = (0..groups)
