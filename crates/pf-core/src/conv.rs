@@ -4,7 +4,7 @@ use burn::nn::conv::{Conv2d, Conv2dConfig};
 use burn::nn::PaddingConfig2d;
 use burn::prelude::*;
 pub use pf_kernels::reference::{channel_matmul, conv2d_as_matmul};
-use pf_kernels::{fused_bn_relu_max_pool, fused_conv2d, FusedOps, Pool2d};
+use pf_kernels::{fused_bn_relu_max_pool, fused_conv2d, fused_conv2d_batch_norm_eval, FusedOps, Pool2d};
 
 use crate::macs::{conv_cost, Cost};
 use crate::norm::{BatchNorm2d, BatchNorm2dConfig};
@@ -47,7 +47,7 @@ impl<B: FusedOps> ConvBn<B> {
     /// - `x`: `[batch, in, height, width]`
     /// - output: `[batch, out, height', width']`
     pub fn forward(&self, x: Tensor<B, 4>) -> Tensor<B, 4> {
-        self.bn.forward_act(self.conv_forward(x), None, self.relu)
+        self.conv_bn_act(x, None, self.relu)
     }
 
     /// `ReLU(BN(conv(x)) + identity)`: the end of a bottleneck (`ConvBN`, the shortcut's sum
@@ -57,17 +57,31 @@ impl<B: FusedOps> ConvBn<B> {
     /// - `x`: `[batch, in, height, width]`, `identity`: `[batch, out, height', width']`
     /// - output: `[batch, out, height', width']`
     pub fn forward_residual(&self, x: Tensor<B, 4>, identity: Tensor<B, 4>) -> Tensor<B, 4> {
-        self.bn.forward_act(self.conv_forward(x), Some(identity), true)
+        self.conv_bn_act(x, Some(identity), true)
+    }
+
+    /// `act(BN(conv(x)) (+ residual))`. In evaluation on pf's CPU kernels, one kernel: each
+    /// image's output normalised right after its convolution (the same values as the two
+    /// layers one after the other).
+    fn conv_bn_act(&self, x: Tensor<B, 4>, residual: Option<Tensor<B, 4>>, relu: bool) -> Tensor<B, 4> {
+        let conv = &self.conv;
+        let evaluating = !B::ad_enabled(&x.device());
+        if let (true, true, [1, 1], None, Some(padding)) = (B::CPU_KERNELS, evaluating, conv.dilation, &conv.bias, symmetric_padding(conv)) {
+            let bn = &self.bn;
+            let norm = [bn.weight.val(), bn.bias.val(), bn.running_mean.value_sync(), bn.running_var.value_sync()];
+            return fused_conv2d_batch_norm_eval(x, conv.weight.val(), conv.stride, padding, norm, residual, relu, bn.epsilon);
+        }
+        self.bn.forward_act(self.conv_forward(x), residual, relu)
     }
 
     /// `max_pool(ReLU(BN(conv(x))))` through the fused kernel where the backend has one (the
     /// reference twin elsewhere): the conv output is read once, the pooled map written once.
     /// On pf's CPU kernels: the batch norm with its ReLU, then the max-pool kernel.
     pub fn forward_max_pool(&self, x: Tensor<B, 4>, pool: Pool2d) -> Tensor<B, 4> {
-        let y = self.conv_forward(x);
         if B::CPU_KERNELS {
-            return pool.max_pool(self.bn.forward_act(y, None, true));
+            return pool.max_pool(self.conv_bn_act(x, None, true));
         }
+        let y = self.conv_forward(x);
         let (scale, shift) = self.bn.scale_shift(&y);
         fused_bn_relu_max_pool(y, scale, shift, pool)
     }

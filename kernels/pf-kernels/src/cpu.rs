@@ -111,6 +111,38 @@ impl FusedOps for NdArray {
         [tensor(y, [n, c, h, w]), tensor(mean, [c]), tensor(var, [c])]
     }
 
+    fn conv2d_batch_norm_eval(
+        x: FloatTensor<Self>,
+        weight: FloatTensor<Self>,
+        stride: [usize; 2],
+        padding: [usize; 2],
+        norm: [FloatTensor<Self>; 4],
+        residual: Option<FloatTensor<Self>>,
+        relu: bool,
+        epsilon: f64,
+    ) -> FloatTensor<Self> {
+        let g = geometry(&x, &weight, stride, padding);
+        let [ho, wo] = g.out_hw();
+        let (o, l) = (g.out_channels, ho * wo);
+        let out_shape = [g.batch, o, ho, wo];
+        let residual_values = residual.as_ref().map(values);
+        let [nw, nb, nm, nv] = norm.each_ref().map(values);
+        let fits = residual.as_ref().is_none_or(|r| dims::<4>(r) == out_shape);
+        let (Some(xs), Some(ws), Some(nw), Some(nb), Some(mean), Some(var), Some(residual_values), true) = (values(&x), values(&weight), nw, nb, nm, nv, residual_values.map_or(Some(None), |r| r.map(Some)), fits) else {
+            let [norm_weight, norm_bias, mean, var] = norm;
+            let y = Self::conv2d_plain(x, weight, stride, padding);
+            return Self::batch_norm_act(y, norm_weight, norm_bias, Some((mean, var)), residual, relu, epsilon).into_iter().next().expect("the output");
+        };
+        // The scale as `batch_norm_act` computes it: the same values.
+        let scale: Vec<f32> = nw.iter().zip(var.iter()).map(|(w, v)| w / (v + epsilon as f32).sqrt()).collect();
+        let residual = residual_values.as_deref();
+        let epilogue = |i: usize, c: usize, plane: &mut [f32]| {
+            let residual = residual.map(|r| &r[(i * o + c) * l..(i * o + c + 1) * l]);
+            kernels::normalize_plane(plane, c, &mean, &scale, &nb, residual, relu);
+        };
+        tensor(kernels::conv2d_then(&xs, &ws, &g, Some(&epilogue)), out_shape)
+    }
+
     fn batch_norm_act_backward(
         x: FloatTensor<Self>,
         y: FloatTensor<Self>,
@@ -332,7 +364,7 @@ mod tests {
     use crate::reference::{conv2d_as_matmul, gelu, reference_batch_norm, reference_gelu_max_pool_gelu, Pool2d};
     use crate::ops::attention_by_reference;
     use crate::testing::Lcg;
-    use crate::{fused_attention, fused_avg_pool2d, fused_batch_norm, fused_conv2d, fused_gelu_max_pool_gelu, fused_layer_norm, fused_linear, fused_max_pool2d, fused_softmax};
+    use crate::{fused_attention, fused_avg_pool2d, fused_batch_norm, fused_conv2d, fused_conv2d_batch_norm_eval, fused_gelu_max_pool_gelu, fused_layer_norm, fused_linear, fused_max_pool2d, fused_softmax};
 
     type Ad = Autodiff<NdArray>;
 
@@ -437,6 +469,38 @@ mod tests {
             for (what, got) in [("", &g1), ("twin ", &g3)] {
                 assert_close(&format!("{case} {what}input gradient"), x.grad(got).unwrap(), x.grad(&g2).unwrap(), 1e-5);
                 assert_close(&format!("{case} {what}weight gradient"), w.grad(got).unwrap(), w.grad(&g2).unwrap(), 1e-5);
+            }
+        }
+    }
+
+    /// The evaluation kernel of convolution and batch norm (with and without the residual and
+    /// the ReLU) gives exactly the values of the two kernels one after the other: maps from 1×1
+    /// up (the whole-batch product and the per-image one), batch 1 (one image over every
+    /// thread) and above, kernels 1 and 3, strides 1 and 2, a grouped convolution.
+    #[test]
+    fn conv2d_batch_norm_eval_equals_the_two_layers() {
+        let mut rng = Lcg(17);
+        // (x shape, out channels, groups, kernel, stride, padding)
+        let mut cases = vec![([2, 4, 9, 9], 6, 2, 3, 1, 1), ([1, 6, 5, 7], 6, 6, 3, 2, 1)];
+        for batch in [1, 2, 5] {
+            for hw in [1, 3, 8, 11] {
+                cases.extend([([batch, 5, hw, hw], 7, 1, 1, 1, 0), ([batch, 3, hw, hw + 1], 4, 1, 3, 1, 1), ([batch, 3, hw + 2, hw], 4, 1, 3, 2, 1)]);
+            }
+        }
+        for (shape, out, groups, kernel, stride, padding) in cases {
+            let inner = |t: Tensor<Ad, 4>| t.inner();
+            let x = inner(random(&mut rng, shape, 1.0, 0.0));
+            let w = inner(random(&mut rng, [out, shape[1] / groups, kernel, kernel], 0.5, 0.0));
+            let norm = [random(&mut rng, [out], 0.5, 1.0).inner(), random(&mut rng, [out], 0.5, 0.0).inner(), random(&mut rng, [out], 1.0, 0.0).inner(), random(&mut rng, [out], 0.3, 1.0).abs().inner()];
+            let y = fused_conv2d(x.clone(), w.clone(), [stride; 2], [padding; 2]);
+            for (residual, relu) in [(false, false), (false, true), (true, true)] {
+                let case = format!("{shape:?} out {out} groups {groups} k{kernel} s{stride} p{padding} residual {residual} relu {relu}");
+                let r = residual.then(|| random(&mut rng, y.dims(), 1.0, 0.0).inner());
+                let [nw, nb, mean, var] = norm.clone();
+                let (two, _) = fused_batch_norm(y.clone(), nw, nb, Some((mean, var)), r.clone(), relu, 1e-5);
+                let one = fused_conv2d_batch_norm_eval(x.clone(), w.clone(), [stride; 2], [padding; 2], norm.clone(), r, relu, 1e-5);
+                assert_eq!(one.dims(), two.dims(), "{case}: shape");
+                assert_eq!(one.into_data(), two.into_data(), "{case}: values");
             }
         }
     }

@@ -130,6 +130,27 @@ pub trait FusedOps: Backend {
         batch_norm_backward_by_reference::<Self>(x, y, grad, mean, var, weight, epsilon, relu, batch_stats)
     }
 
+    /// Evaluation of `act(BN(conv(x)) (+ residual))`, the batch norm with its running statistics
+    /// (`norm`: weight, bias, running mean, running variance): [`FusedOps::conv2d_plain`], then
+    /// [`FusedOps::batch_norm_act`], and the same values. pf's CPU kernels normalise each
+    /// image's output right after its product, while it is in cache.
+    #[allow(clippy::too_many_arguments)]
+    fn conv2d_batch_norm_eval(
+        x: FloatTensor<Self>,
+        weight: FloatTensor<Self>,
+        stride: [usize; 2],
+        padding: [usize; 2],
+        norm: [FloatTensor<Self>; 4],
+        residual: Option<FloatTensor<Self>>,
+        relu: bool,
+        epsilon: f64,
+    ) -> FloatTensor<Self> {
+        let [norm_weight, norm_bias, mean, var] = norm;
+        let y = Self::conv2d_plain(x, weight, stride, padding);
+        let [y, _, _] = Self::batch_norm_act(y, norm_weight, norm_bias, Some((mean, var)), residual, relu, epsilon);
+        y
+    }
+
     /// Max-pool (padding never wins, the first maximum wins) with the flat index `h · W + w` of
     /// every window's winner; `None` where the backend has no CPU kernel.
     fn max_pool_with_indices(_x: FloatTensor<Self>, _pool: Pool2d) -> Option<(FloatTensor<Self>, IntTensor<Self>)> {
@@ -551,6 +572,30 @@ pub fn bn_relu_max_pool_backward<B: Backend>(
 /// - output: `[batch, out, height', width']`
 pub fn fused_conv2d<B: FusedOps>(x: Tensor<B, 4>, weight: Tensor<B, 4>, stride: [usize; 2], padding: [usize; 2]) -> Tensor<B, 4> {
     float(B::conv2d_plain(x.into_primitive().tensor(), weight.into_primitive().tensor(), stride, padding))
+}
+
+/// `act(BN(conv(x)) (+ residual))` in evaluation, with the batch norm's running statistics
+/// (`norm`: weight, bias, running mean, running variance), through
+/// [`FusedOps::conv2d_batch_norm_eval`]: [`fused_conv2d`] then [`fused_batch_norm`], in one pass
+/// on pf's CPU kernels.
+///
+/// # Shapes
+/// - `x`: `[batch, in, height, width]`, `weight`: `[out, in / groups, kh, kw]`, `norm`: `[out]` each
+/// - `residual`, output: `[batch, out, height', width']`
+#[allow(clippy::too_many_arguments)]
+pub fn fused_conv2d_batch_norm_eval<B: FusedOps>(
+    x: Tensor<B, 4>,
+    weight: Tensor<B, 4>,
+    stride: [usize; 2],
+    padding: [usize; 2],
+    norm: [Tensor<B, 1>; 4],
+    residual: Option<Tensor<B, 4>>,
+    relu: bool,
+    epsilon: f64,
+) -> Tensor<B, 4> {
+    let prim = |t: Tensor<B, 4>| t.into_primitive().tensor();
+    let norm = norm.map(|t| t.into_primitive().tensor());
+    float(B::conv2d_batch_norm_eval(prim(x), prim(weight), stride, padding, norm, residual.map(prim), relu, epsilon))
 }
 
 /// Batch norm, then the residual sum and ReLU, through [`FusedOps::batch_norm_act`]; the reference

@@ -4,6 +4,7 @@
 //! training run repeats bit for bit.
 
 use std::borrow::Cow;
+use std::mem::MaybeUninit;
 
 use gemm::Parallelism;
 use rayon::prelude::*;
@@ -75,13 +76,45 @@ impl ConvGeometry {
 /// `dst (+)= a · b` for row-major-like operands given by their row and column strides.
 #[allow(clippy::too_many_arguments)]
 fn matmul(m: usize, n: usize, k: usize, dst: &mut [f32], dst_rs: usize, accumulate: bool, a: &[f32], a_strides: [usize; 2], b: &[f32], b_strides: [usize; 2], parallel: bool) {
+    product(m, n, k, as_uninit(dst), dst_rs, accumulate, a, a_strides, b, b_strides, parallel);
+}
+
+/// `values` as memory to write into: every write through it puts an initialized `f32` (a
+/// product, [`im2col`]), so the values stay initialized.
+fn as_uninit(values: &mut [f32]) -> &mut [MaybeUninit<f32>] {
+    // Safety: `MaybeUninit<f32>` has the layout of `f32`, and the callers above only write
+    // initialized values through the returned slice.
+    unsafe { &mut *(values as *mut [f32] as *mut [MaybeUninit<f32>]) }
+}
+
+/// `dst = a · b` into memory not yet written: every one of the `m` rows' first `n` elements is
+/// written (a product with `read_dst = false` never reads its destination), so a fresh buffer
+/// needs no zeroing first (a pass over every layer's output, 2–4% of a model's time).
+#[allow(clippy::too_many_arguments)]
+fn matmul_into(m: usize, n: usize, k: usize, dst: &mut [MaybeUninit<f32>], dst_rs: usize, a: &[f32], a_strides: [usize; 2], b: &[f32], b_strides: [usize; 2], parallel: bool) {
+    product(m, n, k, dst, dst_rs, false, a, a_strides, b, b_strides, parallel);
+}
+
+/// A vector of `len` values that `write` writes, every one of them (with [`matmul_into`]),
+/// allocated without zeroing.
+fn written_by(len: usize, write: impl FnOnce(&mut [MaybeUninit<f32>])) -> Vec<f32> {
+    let mut values = Vec::with_capacity(len);
+    write(&mut values.spare_capacity_mut()[..len]);
+    // Safety: callers pass a `write` that writes every one of the `len` elements (products
+    // over the whole buffer, in disjoint blocks that cover it).
+    unsafe { values.set_len(len) };
+    values
+}
+
+#[allow(clippy::too_many_arguments)]
+fn product(m: usize, n: usize, k: usize, dst: &mut [MaybeUninit<f32>], dst_rs: usize, accumulate: bool, a: &[f32], a_strides: [usize; 2], b: &[f32], b_strides: [usize; 2], parallel: bool) {
     if m == 0 || n == 0 {
         return;
     }
     if k == 0 {
         if !accumulate {
             for row in 0..m {
-                dst[row * dst_rs..row * dst_rs + n].fill(0.0);
+                dst[row * dst_rs..row * dst_rs + n].fill(MaybeUninit::new(0.0));
             }
         }
         return;
@@ -96,7 +129,7 @@ fn matmul(m: usize, n: usize, k: usize, dst: &mut [f32], dst_rs: usize, accumula
             m,
             n,
             k,
-            dst.as_mut_ptr(),
+            dst.as_mut_ptr() as *mut f32,
             1,
             dst_rs as isize,
             accumulate,
@@ -124,11 +157,11 @@ fn inside(len: usize, k: usize, stride: usize, padding: usize, out: usize) -> (u
     (first, last.max(first))
 }
 
-/// The runs of one image's gathered windows that lie inside the image, for [`im2col`] and
-/// [`col2im`], over the input channels `channels`: `f(row, column, input, len)` says that `len`
-/// elements of gathered row `row` (counted from the first of `channels`' rows), from column
-/// `column` on, are the input elements at `input, input + sw, input + 2·sw, …`.
-fn inside_runs(g: &ConvGeometry, channels: std::ops::Range<usize>, mut f: impl FnMut(usize, usize, usize, usize)) {
+/// Every gathered row of the input channels `channels`: `f(row, start, oy, ox)`, where `row`
+/// counts from the first of `channels`' rows, the output positions `oy.0..oy.1` (rows) and
+/// `ox.0..ox.1` (columns) are those whose window element lies inside the image, and `start(oy)`
+/// is that element's input index for output position `(oy, ox.0)` (then every `sw`-th on).
+fn gathered_rows(g: &ConvGeometry, channels: std::ops::Range<usize>, mut f: impl FnMut(usize, &dyn Fn(usize) -> usize, (usize, usize), (usize, usize))) {
     let [kh, kw] = g.kernel;
     let [sh, sw] = g.stride;
     let [ph, pw] = g.padding;
@@ -137,41 +170,59 @@ fn inside_runs(g: &ConvGeometry, channels: std::ops::Range<usize>, mut f: impl F
     let first = channels.start;
     for c in channels {
         for ky in 0..kh {
-            let (oy0, oy1) = inside(h, ky, sh, ph, ho);
+            let oy = inside(h, ky, sh, ph, ho);
             for kx in 0..kw {
-                let (ox0, ox1) = inside(w, kx, sw, pw, wo);
-                if ox0 == ox1 {
-                    continue;
-                }
-                let row = ((c - first) * kh + ky) * kw + kx;
-                for oy in oy0..oy1 {
-                    let iy = oy * sh + ky - ph;
-                    f(row, oy * wo + ox0, c * h * w + iy * w + ox0 * sw + kx - pw, ox1 - ox0);
-                }
+                let ox = inside(w, kx, sw, pw, wo);
+                let start = |oy: usize| c * h * w + (oy * sh + ky - ph) * w + ox.0 * sw + kx - pw;
+                f(((c - first) * kh + ky) * kw + kx, &start, oy, ox);
             }
         }
     }
 }
 
+/// The runs of one image's gathered windows that lie inside the image, for [`col2im`] and the
+/// grouped convolutions, over the input channels `channels`: `f(row, column, input, len)` says
+/// that `len` elements of gathered row `row` (counted from the first of `channels`' rows), from
+/// column `column` on, are the input elements at `input, input + sw, input + 2·sw, …`.
+fn inside_runs(g: &ConvGeometry, channels: std::ops::Range<usize>, mut f: impl FnMut(usize, usize, usize, usize)) {
+    let wo = g.out_hw()[1];
+    gathered_rows(g, channels, |row, start, (oy0, oy1), (ox0, ox1)| {
+        if ox0 < ox1 {
+            for oy in oy0..oy1 {
+                f(row, oy * wo + ox0, start(oy), ox1 - ox0);
+            }
+        }
+    });
+}
+
 /// Gathers one image's windows: row `c·kh·kw + ky·kw + kx`, column `oy·wo + ox` of `cols` (rows
-/// `ld` apart) is `x[c, oy·sh + ky − ph, ox·sw + kx − pw]`. Elements whose window leaves the
-/// image are not written: `cols` holds zeros there (a fresh buffer, or one filled by `im2col`
-/// for the same geometry).
-fn im2col(x: &[f32], g: &ConvGeometry, cols: &mut [f32], ld: usize) {
+/// `ld` apart) is `x[c, oy·sh + ky − ph, ox·sw + kx − pw]`, zero where the window leaves the
+/// image. Every one of the `k` rows' `l` columns is written: `cols` needs no zeroing first.
+fn im2col(x: &[f32], g: &ConvGeometry, cols: &mut [MaybeUninit<f32>], ld: usize) {
     im2col_channels(x, g, 0..g.channels, cols, ld);
 }
 
 /// [`im2col`] of the input channels `channels` only, into their rows (`cols` starts at the
 /// first of them).
-fn im2col_channels(x: &[f32], g: &ConvGeometry, channels: std::ops::Range<usize>, cols: &mut [f32], ld: usize) {
+fn im2col_channels(x: &[f32], g: &ConvGeometry, channels: std::ops::Range<usize>, cols: &mut [MaybeUninit<f32>], ld: usize) {
     let sw = g.stride[1];
-    inside_runs(g, channels, |row, column, input, len| {
-        let dst = &mut cols[row * ld + column..row * ld + column + len];
-        if sw == 1 {
-            dst.copy_from_slice(&x[input..input + len]);
-        } else {
-            for (d, i) in dst.iter_mut().zip((input..).step_by(sw)) {
-                *d = x[i];
+    let wo = g.out_hw()[1];
+    let zero = MaybeUninit::new(0.0);
+    gathered_rows(g, channels, |row, start, (oy0, oy1), (ox0, ox1)| {
+        for (oy, dst) in cols[row * ld..row * ld + g.l()].chunks_mut(wo.max(1)).enumerate() {
+            if oy < oy0 || oy >= oy1 || ox0 == ox1 {
+                dst.fill(zero);
+                continue;
+            }
+            dst[..ox0].fill(zero);
+            dst[ox1..].fill(zero);
+            let (dst, from) = (&mut dst[ox0..ox1], start(oy));
+            if sw == 1 {
+                copy_into(dst, &x[from..from + dst.len()]);
+            } else {
+                for (d, i) in dst.iter_mut().zip((from..).step_by(sw)) {
+                    d.write(x[i]);
+                }
             }
         }
     });
@@ -191,68 +242,104 @@ fn col2im(cols: &[f32], ld: usize, g: &ConvGeometry, gx: &mut [f32]) {
 /// `i·l..(i+1)·l`; an input channel's rows per parallel task.
 fn batch_columns(x: &[f32], g: &ConvGeometry) -> Vec<f32> {
     let (k, l, n) = (g.k(), g.l(), g.batch);
-    let mut cols = vec![0.0; k * n * l];
     let channel_rows = g.kernel[0] * g.kernel[1] * n * l;
-    cols.par_chunks_mut(channel_rows.max(1)).enumerate().for_each(|(c, cols)| {
-        for i in 0..n {
-            im2col_channels(&x[i * g.image_len()..(i + 1) * g.image_len()], g, c..c + 1, &mut cols[i * l..], n * l);
-        }
-    });
-    cols
+    written_by(k * n * l, |cols| {
+        cols.par_chunks_mut(channel_rows.max(1)).enumerate().for_each(|(c, cols)| {
+            for i in 0..n {
+                im2col_channels(&x[i * g.image_len()..(i + 1) * g.image_len()], g, c..c + 1, &mut cols[i * l..], n * l);
+            }
+        })
+    })
 }
 
 /// `[batch, out, l]` from `[out, batch · l]` (or back, `to_batch_major = false`), a block of the
 /// destination per parallel task.
 fn swap_batch(src: &[f32], n: usize, o: usize, l: usize, to_batch_major: bool) -> Vec<f32> {
-    let mut dst = vec![0.0; src.len()];
-    if dst.is_empty() {
-        return dst;
+    if src.is_empty() {
+        return Vec::new();
     }
     // Destination blocks: an image's `[out, l]`, or a channel's `[batch, l]`.
     let per_block = if to_batch_major { o } else { n };
-    dst.par_chunks_mut(per_block * l).enumerate().for_each(|(block, dst)| {
-        for (j, dst) in dst.chunks_mut(l).enumerate() {
-            // Block `block`, run `j`: image `block`, channel `j`; or channel `block`, image `j`.
-            let (i, c) = if to_batch_major { (block, j) } else { (j, block) };
-            let from = if to_batch_major { (c * n + i) * l } else { (i * o + c) * l };
-            dst.copy_from_slice(&src[from..from + l]);
-        }
-    });
-    dst
+    written_by(src.len(), |dst| {
+        dst.par_chunks_mut(per_block * l).enumerate().for_each(|(block, dst)| {
+            for (j, dst) in dst.chunks_mut(l).enumerate() {
+                // Block `block`, run `j`: image `block`, channel `j`; or channel `block`, image `j`.
+                let (i, c) = if to_batch_major { (block, j) } else { (j, block) };
+                let from = if to_batch_major { (c * n + i) * l } else { (i * o + c) * l };
+                copy_into(dst, &src[from..from + l]);
+            }
+        })
+    })
+}
+
+/// `dst = src`, element for element.
+fn copy_into(dst: &mut [MaybeUninit<f32>], src: &[f32]) {
+    // Safety: `MaybeUninit<f32>` has the layout of `f32`; reading initialized values through it
+    // is sound.
+    dst.copy_from_slice(unsafe { &*(src as *const [f32] as *const [MaybeUninit<f32>]) });
 }
 
 /// The convolution: `[batch, out, ho, wo]`.
 pub fn conv2d(x: &[f32], weight: &[f32], g: &ConvGeometry) -> Vec<f32> {
-    if g.groups > 1 {
-        return grouped_conv2d(x, weight, g);
-    }
+    conv2d_then(x, weight, g, None)
+}
+
+/// What [`conv2d_then`] applies to an output plane: `(image, channel, plane)`.
+pub type Epilogue<'a> = &'a (dyn Fn(usize, usize, &mut [f32]) + Sync);
+
+/// [`conv2d`], then `epilogue(image, channel, plane)` on every output plane in place, each
+/// image's planes right after its product (still in cache: a layer's batch norm in
+/// evaluation costs no pass of its own over the map).
+pub fn conv2d_then(x: &[f32], weight: &[f32], g: &ConvGeometry, epilogue: Option<Epilogue>) -> Vec<f32> {
     let (n, o, k, l) = (g.batch, g.out_channels, g.k(), g.l());
+    let planes_after = |out: &mut [f32]| {
+        if let Some(epilogue) = epilogue {
+            for_rows(out, l, |plane, values| epilogue(plane / o, plane % o, values));
+        }
+    };
+    if g.groups > 1 {
+        let mut out = grouped_conv2d(x, weight, g);
+        planes_after(&mut out);
+        return out;
+    }
     assert_eq!(x.len(), n * g.image_len(), "conv input size");
     assert_eq!(weight.len(), o * k, "conv weight size");
     if l < SMALL_MAP && n > 1 {
         let cols = batch_columns(x, g);
-        let mut product = vec![0.0; o * n * l];
-        matmul(o, n * l, k, &mut product, n * l, false, weight, [k, 1], &cols, [n * l, 1], true);
-        return swap_batch(&product, n, o, l, true);
+        let product = written_by(o * n * l, |dst| matmul_into(o, n * l, k, dst, n * l, weight, [k, 1], &cols, [n * l, 1], true));
+        let mut out = swap_batch(&product, n, o, l, true);
+        planes_after(&mut out);
+        return out;
     }
-    let mut out = vec![0.0; n * o * l];
     let per_image = n >= rayon::current_num_threads();
-    let image = |(i, out): (usize, &mut [f32])| {
+    // Each image's `[o, l]` block is one product's whole destination.
+    let image = |(i, out): (usize, &mut [MaybeUninit<f32>])| {
         let x = &x[i * g.image_len()..(i + 1) * g.image_len()];
         if g.pointwise() {
-            matmul(o, l, k, out, l, false, weight, [k, 1], x, [l, 1], !per_image);
+            matmul_into(o, l, k, out, l, weight, [k, 1], x, [l, 1], !per_image);
         } else {
-            let mut cols = vec![0.0; k * l];
-            im2col(x, g, &mut cols, l);
-            matmul(o, l, k, out, l, false, weight, [k, 1], &cols, [l, 1], !per_image);
+            let cols = written_by(k * l, |cols| im2col(x, g, cols, l));
+            matmul_into(o, l, k, out, l, weight, [k, 1], &cols, [l, 1], !per_image);
+        }
+        let Some(epilogue) = epilogue else { return };
+        // Safety: the product above wrote every element of the image's block.
+        let out = unsafe { &mut *(out as *mut [MaybeUninit<f32>] as *mut [f32]) };
+        if per_image {
+            for (c, plane) in out.chunks_mut(l.max(1)).enumerate() {
+                epilogue(i, c, plane);
+            }
+        } else {
+            // One image on several threads: its planes in parallel too.
+            for_rows(out, l, |c, plane| epilogue(i, c, plane));
         }
     };
-    if per_image {
-        out.par_chunks_mut(o * l).enumerate().for_each(image);
-    } else {
-        out.chunks_mut(o * l).enumerate().for_each(image);
-    }
-    out
+    written_by(n * o * l, |out| {
+        if per_image {
+            out.par_chunks_mut((o * l).max(1)).enumerate().for_each(image);
+        } else {
+            out.chunks_mut((o * l).max(1)).enumerate().for_each(image);
+        }
+    })
 }
 
 /// Gradient of [`conv2d`] with respect to its input, for the output gradient `grad`.
@@ -265,8 +352,7 @@ pub fn conv2d_input_grad(weight: &[f32], grad: &[f32], g: &ConvGeometry) -> Vec<
     let mut gx = vec![0.0; n * g.image_len()];
     if l < SMALL_MAP && n > 1 {
         let grad = swap_batch(grad, n, o, l, false);
-        let mut cols = vec![0.0; k * n * l];
-        matmul(k, n * l, o, &mut cols, n * l, false, weight, [1, k], &grad, [n * l, 1], true);
+        let cols = written_by(k * n * l, |cols| matmul_into(k, n * l, o, cols, n * l, weight, [1, k], &grad, [n * l, 1], true));
         gx.par_chunks_mut(g.image_len().max(1)).enumerate().for_each(|(i, gx)| col2im(&cols[i * l..], n * l, g, gx));
         return gx;
     }
@@ -276,8 +362,7 @@ pub fn conv2d_input_grad(weight: &[f32], grad: &[f32], g: &ConvGeometry) -> Vec<
         if g.pointwise() {
             matmul(k, l, o, gx, l, false, weight, [1, k], grad, [l, 1], !per_image);
         } else {
-            let mut cols = vec![0.0; k * l];
-            matmul(k, l, o, &mut cols, l, false, weight, [1, k], grad, [l, 1], !per_image);
+            let cols = written_by(k * l, |cols| matmul_into(k, l, o, cols, l, weight, [1, k], grad, [l, 1], !per_image));
             col2im(&cols, l, g, gx);
         }
     };
@@ -316,7 +401,7 @@ pub fn conv2d_weight_grad(x: &[f32], grad: &[f32], g: &ConvGeometry) -> Vec<f32>
                 let cols = if g.pointwise() {
                     x
                 } else {
-                    im2col(x, g, &mut cols, l);
+                    im2col(x, g, as_uninit(&mut cols), l);
                     &cols[..]
                 };
                 matmul(o, k, l, &mut gw, k, j > 0, grad, [l, 1], cols, [1, l], false);
@@ -404,7 +489,7 @@ fn grouped_conv2d_weight_grad(x: &[f32], grad: &[f32], g: &ConvGeometry) -> Vec<
 
 /// `f(row, values)` for every `len`-element row of `dst`, in parallel tasks of whole rows and
 /// about [`ELEMENT_RUN`] elements (a task per row would cost more than a small map's row).
-fn for_rows(dst: &mut [f32], len: usize, f: impl Fn(usize, &mut [f32]) + Sync) {
+fn for_rows<T: Send>(dst: &mut [T], len: usize, f: impl Fn(usize, &mut [T]) + Sync) {
     let len = len.max(1);
     let per_task = (ELEMENT_RUN / len).max(1);
     dst.par_chunks_mut(per_task * len).enumerate().for_each(|(task, rows)| {
@@ -447,20 +532,39 @@ pub fn batch_moments(x: &[f32], n: usize, c: usize, hw: usize) -> (Vec<f32>, Vec
 /// `y = act((x − mean[c]) · scale[c] + shift[c] (+ residual))`, act ReLU or none.
 pub fn normalize(x: &[f32], mean: &[f32], scale: &[f32], shift: &[f32], residual: Option<&[f32]>, relu: bool, hw: usize) -> Vec<f32> {
     let c = mean.len();
-    let mut y = vec![0.0; x.len()];
-    for_rows(&mut y, hw, |row, y| {
-        let ch = row % c;
-        let (m, s, b) = (mean[ch], scale[ch], shift[ch]);
-        let x = &x[row * hw..(row + 1) * hw];
-        match residual {
-            Some(r) => {
-                let r = &r[row * hw..(row + 1) * hw];
-                wide(#[inline(always)] || zip_run(y, x, r, #[inline(always)] |x, r| relu_if(relu, (x - m) * s + b + r)));
+    written_by(x.len(), |y| {
+        for_rows(y, hw, |row, y| {
+            let ch = row % c;
+            let (m, s, b) = (mean[ch], scale[ch], shift[ch]);
+            let x = &x[row * hw..(row + 1) * hw];
+            match residual {
+                Some(r) => {
+                    let r = &r[row * hw..(row + 1) * hw];
+                    wide(#[inline(always)] || zip_run(y, x, r, #[inline(always)] |x, r| relu_if(relu, (x - m) * s + b + r)));
+                }
+                None => wide(#[inline(always)] || map_run(y, x, #[inline(always)] |x| relu_if(relu, (x - m) * s + b))),
             }
-            None => wide(#[inline(always)] || map_run(y, x, #[inline(always)] |x| relu_if(relu, (x - m) * s + b))),
-        }
-    });
-    y
+        })
+    })
+}
+
+/// [`normalize`] of one plane in place (channel `ch`; `residual`: the plane's residual values),
+/// element for element the same arithmetic.
+#[allow(clippy::too_many_arguments)]
+pub fn normalize_plane(plane: &mut [f32], ch: usize, mean: &[f32], scale: &[f32], shift: &[f32], residual: Option<&[f32]>, relu: bool) {
+    let (m, s, b) = (mean[ch], scale[ch], shift[ch]);
+    match residual {
+        Some(r) => wide(#[inline(always)] || {
+            for (y, &r) in plane.iter_mut().zip(r) {
+                *y = relu_if(relu, (*y - m) * s + b + r);
+            }
+        }),
+        None => wide(#[inline(always)] || {
+            for y in plane.iter_mut() {
+                *y = relu_if(relu, (*y - m) * s + b);
+            }
+        }),
+    }
 }
 
 /// `v`, or ReLU of it when `relu`.
@@ -493,8 +597,7 @@ pub fn normalize_backward(x: &[f32], y: &[f32], grad: &[f32], mean: &[f32], inv_
     let sum_g = channel_sums(&g, &g, n, c, hw, #[inline(always)] |g, _, _| g as f64);
     let sum_gxhat = channel_sums(&g, x, n, c, hw, #[inline(always)] |g, x, ch| g as f64 * ((x - mean[ch]) * inv_std[ch]) as f64);
     let count = (n * hw) as f64;
-    let mut gx = vec![0.0; x.len()];
-    for_rows(&mut gx, hw, |row, gx| {
+    let gx = written_by(x.len(), |gx| for_rows(gx, hw, |row, gx| {
         let ch = row % c;
         let (m, is, w) = (mean[ch], inv_std[ch], weight[ch]);
         let g = &g[row * hw..(row + 1) * hw];
@@ -506,10 +609,10 @@ pub fn normalize_backward(x: &[f32], y: &[f32], grad: &[f32], mean: &[f32], inv_
         } else {
             let k = w * is;
             for (gx, &g) in gx.iter_mut().zip(g) {
-                *gx = k * g;
+                gx.write(k * g);
             }
         }
-    });
+    }));
     NormGrads {
         x: gx,
         weight: sum_gxhat.iter().map(|&v| v as f32).collect(),
@@ -533,7 +636,7 @@ pub fn max_pool(x: &[f32], planes: usize, channels: usize, hw: [usize; 2], pool:
         let plane = match affine {
             Some((scale, shift)) => {
                 let (s, b) = (scale[p % channels], shift[p % channels]);
-                wide(#[inline(always)] || map_run(activated, plane, #[inline(always)] |v| (v * s + b).max(0.0)));
+                wide(#[inline(always)] || map_run(as_uninit(activated), plane, #[inline(always)] |v| (v * s + b).max(0.0)));
                 &activated[..]
             }
             None => plane,
@@ -840,32 +943,32 @@ fn wide<R>(f: impl FnOnce() -> R) -> R {
 // LLVM left out of line, and with it the whole loop out of the AVX2 clone.
 #[allow(clippy::redundant_closure)]
 fn map_elements(src: &[f32], f: impl Fn(f32) -> f32 + Sync) -> Vec<f32> {
-    let mut dst = vec![0.0; src.len()];
-    dst.par_chunks_mut(ELEMENT_RUN).zip(src.par_chunks(ELEMENT_RUN)).for_each(|(d, s)| wide(#[inline(always)] || map_run(d, s, #[inline(always)] |v| f(v))));
-    dst
+    written_by(src.len(), |dst| {
+        dst.par_chunks_mut(ELEMENT_RUN).zip(src.par_chunks(ELEMENT_RUN)).for_each(|(d, s)| wide(#[inline(always)] || map_run(d, s, #[inline(always)] |v| f(v))))
+    })
 }
 
 /// `f(a, b)` of every pair of elements, as [`map_elements`].
 #[allow(clippy::redundant_closure)]
 fn zip_elements(a: &[f32], b: &[f32], f: impl Fn(f32, f32) -> f32 + Sync) -> Vec<f32> {
-    let mut dst = vec![0.0; a.len()];
-    dst.par_chunks_mut(ELEMENT_RUN).zip(a.par_chunks(ELEMENT_RUN).zip(b.par_chunks(ELEMENT_RUN))).for_each(|(d, (a, b))| {
-        wide(#[inline(always)] || zip_run(d, a, b, #[inline(always)] |a, b| f(a, b)));
-    });
-    dst
+    written_by(a.len(), |dst| {
+        dst.par_chunks_mut(ELEMENT_RUN).zip(a.par_chunks(ELEMENT_RUN).zip(b.par_chunks(ELEMENT_RUN))).for_each(|(d, (a, b))| {
+            wide(#[inline(always)] || zip_run(d, a, b, #[inline(always)] |a, b| f(a, b)));
+        })
+    })
 }
 
 #[inline(always)]
-fn map_run(dst: &mut [f32], src: &[f32], f: impl Fn(f32) -> f32) {
+fn map_run(dst: &mut [MaybeUninit<f32>], src: &[f32], f: impl Fn(f32) -> f32) {
     for (d, &s) in dst.iter_mut().zip(src) {
-        *d = f(s);
+        d.write(f(s));
     }
 }
 
 #[inline(always)]
-fn zip_run(dst: &mut [f32], a: &[f32], b: &[f32], f: impl Fn(f32, f32) -> f32) {
+fn zip_run(dst: &mut [MaybeUninit<f32>], a: &[f32], b: &[f32], f: impl Fn(f32, f32) -> f32) {
     for (d, (&a, &b)) in dst.iter_mut().zip(a.iter().zip(b)) {
-        *d = f(a, b);
+        d.write(f(a, b));
     }
 }
 
@@ -916,7 +1019,7 @@ pub fn linear(x: &[f32], weight: &[f32], bias: Option<&[f32]>, rows: usize, inpu
                 z.chunks_mut(outputs).for_each(#[inline(always)] |z| z.iter_mut().zip(bias).for_each(#[inline(always)] |(z, b)| *z += b));
             }
             match (gelu_after, y) {
-                (true, Some(y)) => map_run(y, z, #[inline(always)] |v| gelu(v)),
+                (true, Some(y)) => map_run(as_uninit(y), z, #[inline(always)] |v| gelu(v)),
                 (true, None) => z.iter_mut().for_each(#[inline(always)] |v| *v = gelu(*v)),
                 (false, _) => {}
             }
