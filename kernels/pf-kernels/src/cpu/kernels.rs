@@ -499,17 +499,19 @@ fn for_rows<T: Send>(dst: &mut [T], len: usize, f: impl Fn(usize, &mut [T]) + Sy
     });
 }
 
-/// Per-channel sums over batch and pixels of `f(a, b)` for the elements of `[batch, c, hw]`
-/// tensors `a` and `b`, in f64, channels in parallel (see [`sum_lanes`] for the order).
-fn channel_sums(a: &[f32], b: &[f32], n: usize, c: usize, hw: usize, f: impl Fn(f32, f32, usize) -> f64 + Sync) -> Vec<f64> {
+/// Per-channel pairs of sums over batch and pixels of `f(a, b, channel)` for the elements of
+/// `[batch, c, hw]` tensors `a` and `b`, in f64, channels in parallel, images in order (see
+/// [`sum_lane_pairs`] for the order within a plane).
+fn channel_sums(a: &[f32], b: &[f32], n: usize, c: usize, hw: usize, f: impl Fn(f32, f32, usize) -> (f64, f64) + Sync) -> Vec<(f64, f64)> {
     (0..c)
         .into_par_iter()
         .map(|ch| {
             wide(#[inline(always)] || {
-                let mut total = 0.0;
+                let mut total = (0.0, 0.0);
                 for i in 0..n {
                     let run = (i * c + ch) * hw..(i * c + ch + 1) * hw;
-                    total += sum_lanes(&a[run.clone()], &b[run], #[inline(always)] |a, b| f(a, b, ch));
+                    let (s0, s1) = sum_lane_pairs(&a[run.clone()], &b[run], #[inline(always)] |a, b| f(a, b, ch));
+                    total = (total.0 + s0, total.1 + s1);
                 }
                 total
             })
@@ -517,16 +519,24 @@ fn channel_sums(a: &[f32], b: &[f32], n: usize, c: usize, hw: usize, f: impl Fn(
         .collect()
 }
 
-/// Batch mean and biased variance per channel of `[batch, channels, hw]`, accumulated in f64.
+/// Batch mean and biased variance per channel of `[batch, channels, hw]`, in one pass:
+/// `Σ d` and `Σ d²` in f64 of the values' differences `d` from the channel's first value (the
+/// shift keeps `Σ d² / count − mean(d)²` free of cancellation when a channel's mean is large
+/// against its deviation).
 pub fn batch_moments(x: &[f32], n: usize, c: usize, hw: usize) -> (Vec<f32>, Vec<f32>) {
     let count = (n * hw) as f64;
-    let mean = channel_sums(x, x, n, c, hw, #[inline(always)] |v, _, _| v as f64);
-    let mean: Vec<f64> = mean.into_iter().map(|s| s / count).collect();
-    let var = channel_sums(x, x, n, c, hw, #[inline(always)] |v, _, ch| {
-        let d = v as f64 - mean[ch];
-        d * d
+    let shift: Vec<f64> = (0..c).map(|ch| x.get(ch * hw).map_or(0.0, |&v| v as f64)).collect();
+    let sums = channel_sums(x, x, n, c, hw, #[inline(always)] |v, _, ch| {
+        let d = v as f64 - shift[ch];
+        (d, d * d)
     });
-    (mean.iter().map(|&m| m as f32).collect(), var.into_iter().map(|v| (v / count) as f32).collect())
+    sums.iter()
+        .zip(&shift)
+        .map(|(&(sum, squares), &shift)| {
+            let mean = sum / count;
+            ((shift + mean) as f32, (squares / count - mean * mean).max(0.0) as f32)
+        })
+        .unzip()
 }
 
 /// `y = act((x − mean[c]) · scale[c] + shift[c] (+ residual))`, act ReLU or none.
@@ -593,9 +603,8 @@ pub struct NormGrads {
 #[allow(clippy::too_many_arguments)]
 pub fn normalize_backward(x: &[f32], y: &[f32], grad: &[f32], mean: &[f32], inv_std: &[f32], weight: &[f32], relu: bool, batch_stats: bool, n: usize, hw: usize) -> NormGrads {
     let c = mean.len();
-    let g: Vec<f32> = if relu { zip_elements(grad, y, #[inline(always)] |g, y| if y > 0.0 { g } else { 0.0 }) } else { grad.to_vec() };
-    let sum_g = channel_sums(&g, &g, n, c, hw, #[inline(always)] |g, _, _| g as f64);
-    let sum_gxhat = channel_sums(&g, x, n, c, hw, #[inline(always)] |g, x, ch| g as f64 * ((x - mean[ch]) * inv_std[ch]) as f64);
+    let (g, sums) = masked_gradient_sums(x, y, grad, mean, inv_std, relu, n, hw);
+    let (sum_g, sum_gxhat): (Vec<f64>, Vec<f64>) = sums.into_iter().unzip();
     let count = (n * hw) as f64;
     let gx = written_by(x.len(), |gx| for_rows(gx, hw, |row, gx| {
         let ch = row % c;
@@ -619,6 +628,41 @@ pub fn normalize_backward(x: &[f32], y: &[f32], grad: &[f32], mean: &[f32], inv_
         bias: sum_g.iter().map(|&v| v as f32).collect(),
         residual: g,
     }
+}
+
+/// The gradient `g` after the ReLU's mask (`grad` itself without `relu`), and per channel
+/// `Σ g` and `Σ g · x̂` (`x̂ = (x − mean) · inv_std`) in f64: one pass over the map, a channel's
+/// planes in image order per parallel task, each plane summed right after it is written.
+#[allow(clippy::too_many_arguments)]
+fn masked_gradient_sums(x: &[f32], y: &[f32], grad: &[f32], mean: &[f32], inv_std: &[f32], relu: bool, n: usize, hw: usize) -> (Vec<f32>, Vec<(f64, f64)>) {
+    let c = mean.len();
+    let mut sums = Vec::new();
+    let g = written_by(grad.len(), |g| {
+        let mut planes: Vec<Vec<&mut [MaybeUninit<f32>]>> = (0..c).map(|_| Vec::with_capacity(n)).collect();
+        for (p, plane) in g.chunks_mut(hw.max(1)).enumerate() {
+            planes[p % c].push(plane);
+        }
+        sums = planes
+            .into_par_iter()
+            .enumerate()
+            .map(|(ch, planes)| {
+                let (m, is) = (mean[ch], inv_std[ch]);
+                wide(#[inline(always)] || {
+                    let mut total = (0.0, 0.0);
+                    for (i, plane) in planes.into_iter().enumerate() {
+                        let run = (i * c + ch) * hw..(i * c + ch + 1) * hw;
+                        zip_run(plane, &grad[run.clone()], &y[run.clone()], #[inline(always)] |g, y| if !relu || y > 0.0 { g } else { 0.0 });
+                        // Safety: `zip_run` just wrote every element of the plane.
+                        let plane = unsafe { &*(plane as *const [MaybeUninit<f32>] as *const [f32]) };
+                        let (s0, s1) = sum_lane_pairs(plane, &x[run], #[inline(always)] |g, x| (g as f64, g as f64 * ((x - m) * is) as f64));
+                        total = (total.0 + s0, total.1 + s1);
+                    }
+                    total
+                })
+            })
+            .collect();
+    });
+    (g, sums)
 }
 
 /// Max-pool (padding never wins, the first maximum of a window in row-major order wins) of
@@ -1147,18 +1191,27 @@ fn exp_shifted(x: f32) -> f32 {
 /// remainder: the loop vectorizes, and the sum does not depend on the thread count.
 #[inline(always)]
 fn sum_lanes(a: &[f32], b: &[f32], f: impl Fn(f32, f32) -> f64) -> f64 {
+    sum_lane_pairs(a, b, #[inline(always)] |a, b| (f(a, b), 0.0)).0
+}
+
+/// Two sums at once, each as [`sum_lanes`] takes it.
+#[inline(always)]
+fn sum_lane_pairs(a: &[f32], b: &[f32], f: impl Fn(f32, f32) -> (f64, f64)) -> (f64, f64) {
     const LANES: usize = 8;
-    let mut lanes = [0.0f64; LANES];
+    let mut lanes = [[0.0f64; LANES]; 2];
     let (a_chunks, b_chunks) = (a.chunks_exact(LANES), b.chunks_exact(LANES));
     let (a_rest, b_rest) = (a_chunks.remainder(), b_chunks.remainder());
     for (a, b) in a_chunks.zip(b_chunks) {
         for l in 0..LANES {
-            lanes[l] += f(a[l], b[l]);
+            let (s0, s1) = f(a[l], b[l]);
+            lanes[0][l] += s0;
+            lanes[1][l] += s1;
         }
     }
-    let mut total = lanes.iter().sum::<f64>();
+    let mut total = (lanes[0].iter().sum::<f64>(), lanes[1].iter().sum::<f64>());
     for (&a, &b) in a_rest.iter().zip(b_rest) {
-        total += f(a, b);
+        let (s0, s1) = f(a, b);
+        total = (total.0 + s0, total.1 + s1);
     }
     total
 }
