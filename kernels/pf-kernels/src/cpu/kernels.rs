@@ -62,6 +62,12 @@ impl ConvGeometry {
         self.channels * self.height * self.width
     }
 
+    /// Whether the convolution is one product over the whole batch (see [`SMALL_MAP`]) rather
+    /// than one per image.
+    fn whole_batch(&self) -> bool {
+        self.batch > 1 && self.l() < SMALL_MAP
+    }
+
     /// Input and output channels per group.
     fn group_channels(&self) -> (usize, usize) {
         (self.channels / self.groups, self.out_channels / self.groups)
@@ -161,6 +167,7 @@ fn inside(len: usize, k: usize, stride: usize, padding: usize, out: usize) -> (u
 /// counts from the first of `channels`' rows, the output positions `oy.0..oy.1` (rows) and
 /// `ox.0..ox.1` (columns) are those whose window element lies inside the image, and `start(oy)`
 /// is that element's input index for output position `(oy, ox.0)` (then every `sw`-th on).
+#[inline(always)]
 fn gathered_rows(g: &ConvGeometry, channels: std::ops::Range<usize>, mut f: impl FnMut(usize, &dyn Fn(usize) -> usize, (usize, usize), (usize, usize))) {
     let [kh, kw] = g.kernel;
     let [sh, sw] = g.stride;
@@ -206,25 +213,32 @@ fn im2col(x: &[f32], g: &ConvGeometry, cols: &mut [MaybeUninit<f32>], ld: usize)
 /// first of them).
 fn im2col_channels(x: &[f32], g: &ConvGeometry, channels: std::ops::Range<usize>, cols: &mut [MaybeUninit<f32>], ld: usize) {
     let sw = g.stride[1];
-    let wo = g.out_hw()[1];
+    let (wo, l) = (g.out_hw()[1], g.l());
     let zero = MaybeUninit::new(0.0);
-    gathered_rows(g, channels, |row, start, (oy0, oy1), (ox0, ox1)| {
-        for (oy, dst) in cols[row * ld..row * ld + g.l()].chunks_mut(wo.max(1)).enumerate() {
-            if oy < oy0 || oy >= oy1 || ox0 == ox1 {
-                dst.fill(zero);
-                continue;
-            }
-            dst[..ox0].fill(zero);
-            dst[ox1..].fill(zero);
-            let (dst, from) = (&mut dst[ox0..ox1], start(oy));
-            if sw == 1 {
-                copy_into(dst, &x[from..from + dst.len()]);
-            } else {
-                for (d, i) in dst.iter_mut().zip((from..).step_by(sw)) {
-                    d.write(x[i]);
+    wide(#[inline(always)] || {
+        gathered_rows(g, channels, #[inline(always)] |row, start, (oy0, oy1), (ox0, ox1)| {
+            for (oy, dst) in cols[row * ld..row * ld + l].chunks_mut(wo.max(1)).enumerate() {
+                if oy < oy0 || oy >= oy1 || ox0 == ox1 {
+                    dst.fill(zero);
+                    continue;
+                }
+                dst[..ox0].fill(zero);
+                dst[ox1..].fill(zero);
+                let (dst, from) = (&mut dst[ox0..ox1], start(oy));
+                if sw == 1 {
+                    copy_into(dst, &x[from..from + dst.len()]);
+                } else {
+                    // Whole steps for all but the last element: a loop without index checks,
+                    // which vectorizes (a deinterleave for stride 2).
+                    let (steps, last) = x[from..from + (dst.len() - 1) * sw + 1].split_at((dst.len() - 1) * sw);
+                    let (last_dst, dst) = dst.split_last_mut().expect("a run inside the image is not empty");
+                    for (d, step) in dst.iter_mut().zip(steps.chunks_exact(sw)) {
+                        d.write(step[0]);
+                    }
+                    last_dst.write(last[0]);
                 }
             }
-        }
+        })
     });
 }
 
@@ -304,7 +318,7 @@ pub fn conv2d_then(x: &[f32], weight: &[f32], g: &ConvGeometry, epilogue: Option
     }
     assert_eq!(x.len(), n * g.image_len(), "conv input size");
     assert_eq!(weight.len(), o * k, "conv weight size");
-    if l < SMALL_MAP && n > 1 {
+    if g.whole_batch() {
         let cols = batch_columns(x, g);
         let product = written_by(o * n * l, |dst| matmul_into(o, n * l, k, dst, n * l, weight, [k, 1], &cols, [n * l, 1], true));
         let mut out = swap_batch(&product, n, o, l, true);
@@ -350,7 +364,7 @@ pub fn conv2d_input_grad(weight: &[f32], grad: &[f32], g: &ConvGeometry) -> Vec<
     let (n, o, k, l) = (g.batch, g.out_channels, g.k(), g.l());
     assert_eq!(grad.len(), n * o * l, "conv output gradient size");
     let mut gx = vec![0.0; n * g.image_len()];
-    if l < SMALL_MAP && n > 1 {
+    if g.whole_batch() {
         let grad = swap_batch(grad, n, o, l, false);
         let cols = written_by(k * n * l, |cols| matmul_into(k, n * l, o, cols, n * l, weight, [1, k], &grad, [n * l, 1], true));
         gx.par_chunks_mut(g.image_len().max(1)).enumerate().for_each(|(i, gx)| col2im(&cols[i * l..], n * l, g, gx));
@@ -382,7 +396,7 @@ pub fn conv2d_weight_grad(x: &[f32], grad: &[f32], g: &ConvGeometry) -> Vec<f32>
     }
     let (n, o, k, l) = (g.batch, g.out_channels, g.k(), g.l());
     assert_eq!(grad.len(), n * o * l, "conv output gradient size");
-    if l < SMALL_MAP && n > 1 {
+    if g.whole_batch() {
         let cols = batch_columns(x, g);
         let grad = swap_batch(grad, n, o, l, false);
         let mut gw = vec![0.0; o * k];
@@ -488,32 +502,34 @@ fn grouped_conv2d_weight_grad(x: &[f32], grad: &[f32], g: &ConvGeometry) -> Vec<
 }
 
 /// `f(row, values)` for every `len`-element row of `dst`, in parallel tasks of whole rows and
-/// about [`ELEMENT_RUN`] elements (a task per row would cost more than a small map's row).
+/// about [`ELEMENT_RUN`] elements (a task per row would cost more than a small map's row), a
+/// task's rows in one [`wide`] call (pass `#[inline(always)]` closures).
 fn for_rows<T: Send>(dst: &mut [T], len: usize, f: impl Fn(usize, &mut [T]) + Sync) {
     let len = len.max(1);
     let per_task = (ELEMENT_RUN / len).max(1);
     dst.par_chunks_mut(per_task * len).enumerate().for_each(|(task, rows)| {
-        for (r, row) in rows.chunks_mut(len).enumerate() {
-            f(task * per_task + r, row);
-        }
+        wide(#[inline(always)] || {
+            for (r, row) in rows.chunks_mut(len).enumerate() {
+                f(task * per_task + r, row);
+            }
+        })
     });
 }
 
 /// Per-channel pairs of sums over batch and pixels of `f(a, b, channel)` for the elements of
 /// `[batch, c, hw]` tensors `a` and `b`, in f64, channels in parallel, images in order (see
-/// [`sum_lane_pairs`] for the order within a plane).
+/// [`LaneSums`] for the order).
 fn channel_sums(a: &[f32], b: &[f32], n: usize, c: usize, hw: usize, f: impl Fn(f32, f32, usize) -> (f64, f64) + Sync) -> Vec<(f64, f64)> {
     (0..c)
         .into_par_iter()
         .map(|ch| {
             wide(#[inline(always)] || {
-                let mut total = (0.0, 0.0);
+                let mut sums = LaneSums::default();
                 for i in 0..n {
                     let run = (i * c + ch) * hw..(i * c + ch + 1) * hw;
-                    let (s0, s1) = sum_lane_pairs(&a[run.clone()], &b[run], #[inline(always)] |a, b| f(a, b, ch));
-                    total = (total.0 + s0, total.1 + s1);
+                    sums.add(&a[run.clone()], &b[run], #[inline(always)] |a, b| f(a, b, ch));
                 }
-                total
+                sums.total()
             })
         })
         .collect()
@@ -543,16 +559,13 @@ pub fn batch_moments(x: &[f32], n: usize, c: usize, hw: usize) -> (Vec<f32>, Vec
 pub fn normalize(x: &[f32], mean: &[f32], scale: &[f32], shift: &[f32], residual: Option<&[f32]>, relu: bool, hw: usize) -> Vec<f32> {
     let c = mean.len();
     written_by(x.len(), |y| {
-        for_rows(y, hw, |row, y| {
+        for_rows(y, hw, #[inline(always)] |row, y| {
             let ch = row % c;
             let (m, s, b) = (mean[ch], scale[ch], shift[ch]);
             let x = &x[row * hw..(row + 1) * hw];
             match residual {
-                Some(r) => {
-                    let r = &r[row * hw..(row + 1) * hw];
-                    wide(#[inline(always)] || zip_run(y, x, r, #[inline(always)] |x, r| relu_if(relu, (x - m) * s + b + r)));
-                }
-                None => wide(#[inline(always)] || map_run(y, x, #[inline(always)] |x| relu_if(relu, (x - m) * s + b))),
+                Some(r) => zip_run(y, x, &r[row * hw..(row + 1) * hw], #[inline(always)] |x, r| relu_if(relu, (x - m) * s + b + r)),
+                None => map_run(y, x, #[inline(always)] |x| relu_if(relu, (x - m) * s + b)),
             }
         })
     })
@@ -606,7 +619,7 @@ pub fn normalize_backward(x: &[f32], y: &[f32], grad: &[f32], mean: &[f32], inv_
     let (g, sums) = masked_gradient_sums(x, y, grad, mean, inv_std, relu, n, hw);
     let (sum_g, sum_gxhat): (Vec<f64>, Vec<f64>) = sums.into_iter().unzip();
     let count = (n * hw) as f64;
-    let gx = written_by(x.len(), |gx| for_rows(gx, hw, |row, gx| {
+    let gx = written_by(x.len(), |gx| for_rows(gx, hw, #[inline(always)] |row, gx| {
         let ch = row % c;
         let (m, is, w) = (mean[ch], inv_std[ch], weight[ch]);
         let g = &g[row * hw..(row + 1) * hw];
@@ -614,7 +627,7 @@ pub fn normalize_backward(x: &[f32], y: &[f32], grad: &[f32], mean: &[f32], inv_
         if batch_stats {
             let (mg, mgx) = ((sum_g[ch] / count) as f32, (sum_gxhat[ch] / count) as f32);
             let k = w * is;
-            wide(#[inline(always)] || zip_run(gx, g, x, #[inline(always)] |g, x| k * (g - mg - (x - m) * is * mgx)));
+            zip_run(gx, g, x, #[inline(always)] |g, x| k * (g - mg - (x - m) * is * mgx));
         } else {
             let k = w * is;
             for (gx, &g) in gx.iter_mut().zip(g) {
@@ -648,16 +661,15 @@ fn masked_gradient_sums(x: &[f32], y: &[f32], grad: &[f32], mean: &[f32], inv_st
             .map(|(ch, planes)| {
                 let (m, is) = (mean[ch], inv_std[ch]);
                 wide(#[inline(always)] || {
-                    let mut total = (0.0, 0.0);
+                    let mut sums = LaneSums::default();
                     for (i, plane) in planes.into_iter().enumerate() {
                         let run = (i * c + ch) * hw..(i * c + ch + 1) * hw;
                         zip_run(plane, &grad[run.clone()], &y[run.clone()], #[inline(always)] |g, y| if !relu || y > 0.0 { g } else { 0.0 });
                         // Safety: `zip_run` just wrote every element of the plane.
                         let plane = unsafe { &*(plane as *const [MaybeUninit<f32>] as *const [f32]) };
-                        let (s0, s1) = sum_lane_pairs(plane, &x[run], #[inline(always)] |g, x| (g as f64, g as f64 * ((x - m) * is) as f64));
-                        total = (total.0 + s0, total.1 + s1);
+                        sums.add(plane, &x[run], #[inline(always)] |g, x| (g as f64, g as f64 * ((x - m) * is) as f64));
                     }
-                    total
+                    sums.total()
                 })
             })
             .collect();
@@ -1197,23 +1209,48 @@ fn sum_lanes(a: &[f32], b: &[f32], f: impl Fn(f32, f32) -> f64) -> f64 {
 /// Two sums at once, each as [`sum_lanes`] takes it.
 #[inline(always)]
 fn sum_lane_pairs(a: &[f32], b: &[f32], f: impl Fn(f32, f32) -> (f64, f64)) -> (f64, f64) {
+    let mut sums = LaneSums::default();
+    sums.add(a, b, f);
+    sums.total()
+}
+
+/// Pairs of f64 sums over runs of elements: whole groups of [`LaneSums::LANES`] elements into
+/// as many interleaved partial sums, the elements after the last whole group of a run into a
+/// sum of their own; the totals add them up in a fixed order. Many short runs (a channel's
+/// planes of a small map) share one set of lanes: no reduction per run.
+#[derive(Default)]
+struct LaneSums {
+    lanes: [[f64; LaneSums::LANES]; 2],
+    rest: (f64, f64),
+}
+
+impl LaneSums {
     const LANES: usize = 8;
-    let mut lanes = [[0.0f64; LANES]; 2];
-    let (a_chunks, b_chunks) = (a.chunks_exact(LANES), b.chunks_exact(LANES));
-    let (a_rest, b_rest) = (a_chunks.remainder(), b_chunks.remainder());
-    for (a, b) in a_chunks.zip(b_chunks) {
-        for l in 0..LANES {
-            let (s0, s1) = f(a[l], b[l]);
-            lanes[0][l] += s0;
-            lanes[1][l] += s1;
+
+    /// Adds `f(a[i], b[i])` for every element of the run.
+    #[inline(always)]
+    fn add(&mut self, a: &[f32], b: &[f32], f: impl Fn(f32, f32) -> (f64, f64)) {
+        let (a_chunks, b_chunks) = (a.chunks_exact(Self::LANES), b.chunks_exact(Self::LANES));
+        let (a_rest, b_rest) = (a_chunks.remainder(), b_chunks.remainder());
+        let [first, second] = &mut self.lanes;
+        for (a, b) in a_chunks.zip(b_chunks) {
+            for l in 0..Self::LANES {
+                let (s0, s1) = f(a[l], b[l]);
+                first[l] += s0;
+                second[l] += s1;
+            }
+        }
+        for (&a, &b) in a_rest.iter().zip(b_rest) {
+            let (s0, s1) = f(a, b);
+            self.rest = (self.rest.0 + s0, self.rest.1 + s1);
         }
     }
-    let mut total = (lanes[0].iter().sum::<f64>(), lanes[1].iter().sum::<f64>());
-    for (&a, &b) in a_rest.iter().zip(b_rest) {
-        let (s0, s1) = f(a, b);
-        total = (total.0 + s0, total.1 + s1);
+
+    #[inline(always)]
+    fn total(&self) -> (f64, f64) {
+        let [first, second] = &self.lanes;
+        (first.iter().sum::<f64>() + self.rest.0, second.iter().sum::<f64>() + self.rest.1)
     }
-    total
 }
 
 /// Softmax over the last dimension of `[rows, d]`, shifted by the row's maximum.
