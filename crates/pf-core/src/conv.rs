@@ -66,7 +66,7 @@ impl<B: FusedOps> ConvBn<B> {
     fn conv_bn_act(&self, x: Tensor<B, 4>, residual: Option<Tensor<B, 4>>, relu: bool) -> Tensor<B, 4> {
         let conv = &self.conv;
         let evaluating = !B::ad_enabled(&x.device());
-        if let (true, true, [1, 1], None, Some(padding)) = (B::CPU_KERNELS, evaluating, conv.dilation, &conv.bias, symmetric_padding(conv)) {
+        if let (true, None, Some(padding)) = (evaluating, &conv.bias, cpu_kernel_padding(conv)) {
             let bn = &self.bn;
             let norm = [bn.weight.val(), bn.bias.val(), bn.running_mean.value_sync(), bn.running_var.value_sync()];
             return fused_conv2d_batch_norm_eval(x, conv.weight.val(), conv.stride, padding, norm, residual, relu, bn.epsilon);
@@ -114,10 +114,7 @@ impl<B: FusedOps> ConvBn<B> {
 /// kernels and the convolution has no dilation and a symmetric padding (any groups: PiT's
 /// pooling layer is a grouped one); `None` otherwise.
 fn conv2d_on_cpu_kernels<B: FusedOps>(conv: &Conv2d<B>, x: Tensor<B, 4>) -> Option<Tensor<B, 4>> {
-    if !B::CPU_KERNELS || conv.dilation != [1, 1] {
-        return None;
-    }
-    let padding = symmetric_padding(conv)?;
+    let padding = cpu_kernel_padding(conv)?;
     let y = fused_conv2d(x, conv.weight.val(), conv.stride, padding);
     Some(match &conv.bias {
         Some(bias) => {
@@ -126,6 +123,15 @@ fn conv2d_on_cpu_kernels<B: FusedOps>(conv: &Conv2d<B>, x: Tensor<B, 4>) -> Opti
         }
         None => y,
     })
+}
+
+/// The convolution's `[height, width]` padding where pf's CPU kernel runs it: the backend has
+/// the kernels, no dilation, the same padding on both sides of each axis.
+fn cpu_kernel_padding<B: FusedOps>(conv: &Conv2d<B>) -> Option<[usize; 2]> {
+    if !B::CPU_KERNELS || conv.dilation != [1, 1] {
+        return None;
+    }
+    symmetric_padding(conv)
 }
 
 /// `[height, width]` padding, where it is the same on both sides of each axis.

@@ -16,7 +16,7 @@ use burn::tensor::{Shape, TensorData, TensorMetadata};
 
 use crate::ops::{
     avg_pool_backward_by_reference, avg_pool_by_reference,
-    attention_backward_by_reference, attention_by_reference, batch_norm_backward_by_reference, batch_norm_by_reference, conv2d_backward_by_burn, conv2d_by_reference, layer_norm_backward_by_reference, layer_norm_by_reference, linear_backward_by_reference, linear_by_reference,
+    attention_backward_by_reference, attention_by_reference, batch_norm_backward_by_reference, batch_norm_by_reference, conv2d_backward_by_burn, conv2d_batch_norm_by_composition, conv2d_by_reference, layer_norm_backward_by_reference, layer_norm_by_reference, linear_backward_by_reference, linear_by_reference,
     max_pool_backward_by_reference, softmax_backward_by_reference, softmax_by_reference, FusedOps,
 };
 use crate::reference::Pool2d;
@@ -105,7 +105,7 @@ impl FusedOps for NdArray {
             Some((Some(m), Some(v))) => (m.into_owned(), v.into_owned()),
             _ => kernels::batch_moments(&xs, n, c, h * w),
         };
-        let scale: Vec<f32> = ws.iter().zip(&var).map(|(w, v)| w / (v + epsilon as f32).sqrt()).collect();
+        let scale = norm_scale(&ws, &var, epsilon);
         let residual = residual_values.flatten();
         let y = kernels::normalize(&xs, &mean, &scale, &bs, residual.as_deref(), relu, h * w);
         [tensor(y, [n, c, h, w]), tensor(mean, [c]), tensor(var, [c])]
@@ -126,16 +126,15 @@ impl FusedOps for NdArray {
         let (o, l) = (g.out_channels, ho * wo);
         let out_shape = [g.batch, o, ho, wo];
         let residual_values = residual.as_ref().map(values);
+        // f32 values everywhere, a residual of the output's shape: otherwise the two layers.
+        let residual_ready = residual.as_ref().is_none_or(|r| dims::<4>(r) == out_shape) && !matches!(residual_values, Some(None));
         let [nw, nb, nm, nv] = norm.each_ref().map(values);
-        let fits = residual.as_ref().is_none_or(|r| dims::<4>(r) == out_shape);
-        let (Some(xs), Some(ws), Some(nw), Some(nb), Some(mean), Some(var), Some(residual_values), true) = (values(&x), values(&weight), nw, nb, nm, nv, residual_values.map_or(Some(None), |r| r.map(Some)), fits) else {
-            let [norm_weight, norm_bias, mean, var] = norm;
-            let y = Self::conv2d_plain(x, weight, stride, padding);
-            return Self::batch_norm_act(y, norm_weight, norm_bias, Some((mean, var)), residual, relu, epsilon).into_iter().next().expect("the output");
+        let (Some(xs), Some(ws), Some(nw), Some(nb), Some(mean), Some(var), true) = (values(&x), values(&weight), nw, nb, nm, nv, residual_ready) else {
+            return conv2d_batch_norm_by_composition::<Self>(x, weight, stride, padding, norm, residual, relu, epsilon);
         };
-        // The scale as `batch_norm_act` computes it: the same values.
-        let scale: Vec<f32> = nw.iter().zip(var.iter()).map(|(w, v)| w / (v + epsilon as f32).sqrt()).collect();
-        let residual = residual_values.as_deref();
+        let scale = norm_scale(&nw, &var, epsilon);
+        let residual = residual_values.flatten();
+        let residual = residual.as_deref();
         let epilogue = |i: usize, c: usize, plane: &mut [f32]| {
             let residual = residual.map(|r| &r[(i * o + c) * l..(i * o + c + 1) * l]);
             kernels::normalize_plane(plane, c, &mean, &scale, &nb, residual, relu);
@@ -347,6 +346,12 @@ fn linear(x: NdArrayTensor, weight: NdArrayTensor, bias: Option<NdArrayTensor>, 
 fn attention_geometry(qkv: &NdArrayTensor, heads: usize) -> kernels::AttentionGeometry {
     let [batch, tokens, channels] = dims::<3>(qkv);
     kernels::AttentionGeometry { batch, tokens, heads, head_dim: channels / (3 * heads) }
+}
+
+/// Batch norm's per-channel scale `weight / sqrt(var + eps)`, computed one way for every kernel
+/// that normalises (so that they give the same values).
+fn norm_scale(weight: &[f32], var: &[f32], epsilon: f64) -> Vec<f32> {
+    weight.iter().zip(var).map(|(w, v)| w / (v + epsilon as f32).sqrt()).collect()
 }
 
 fn geometry(x: &NdArrayTensor, weight: &NdArrayTensor, stride: [usize; 2], padding: [usize; 2]) -> kernels::ConvGeometry {

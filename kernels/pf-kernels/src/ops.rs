@@ -145,10 +145,7 @@ pub trait FusedOps: Backend {
         relu: bool,
         epsilon: f64,
     ) -> FloatTensor<Self> {
-        let [norm_weight, norm_bias, mean, var] = norm;
-        let y = Self::conv2d_plain(x, weight, stride, padding);
-        let [y, _, _] = Self::batch_norm_act(y, norm_weight, norm_bias, Some((mean, var)), residual, relu, epsilon);
-        y
+        conv2d_batch_norm_by_composition::<Self>(x, weight, stride, padding, norm, residual, relu, epsilon)
     }
 
     /// Max-pool (padding never wins, the first maximum wins) with the flat index `h · W + w` of
@@ -439,6 +436,25 @@ pub(crate) fn conv2d_by_reference<B: Backend>(x: FloatTensor<B>, weight: FloatTe
 
 /// [`reference_batch_norm`](crate::reference::reference_batch_norm) on primitives.
 #[allow(clippy::too_many_arguments)]
+/// [`FusedOps::conv2d_batch_norm_eval`] as its two layers: [`FusedOps::conv2d_plain`], then
+/// [`FusedOps::batch_norm_act`] with the running statistics.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn conv2d_batch_norm_by_composition<B: FusedOps>(
+    x: FloatTensor<B>,
+    weight: FloatTensor<B>,
+    stride: [usize; 2],
+    padding: [usize; 2],
+    norm: [FloatTensor<B>; 4],
+    residual: Option<FloatTensor<B>>,
+    relu: bool,
+    epsilon: f64,
+) -> FloatTensor<B> {
+    let [norm_weight, norm_bias, mean, var] = norm;
+    let y = B::conv2d_plain(x, weight, stride, padding);
+    let [y, _, _] = B::batch_norm_act(y, norm_weight, norm_bias, Some((mean, var)), residual, relu, epsilon);
+    y
+}
+
 pub(crate) fn batch_norm_by_reference<B: Backend>(
     x: FloatTensor<B>,
     weight: FloatTensor<B>,

@@ -286,6 +286,15 @@ fn swap_batch(src: &[f32], n: usize, o: usize, l: usize, to_batch_major: bool) -
     })
 }
 
+/// `values` as initialized `f32`s.
+///
+/// # Safety
+/// Every element of `values` has been written.
+unsafe fn assume_written(values: &mut [MaybeUninit<f32>]) -> &mut [f32] {
+    // Safety: `MaybeUninit<f32>` has the layout of `f32`; the caller vouches for the values.
+    unsafe { &mut *(values as *mut [MaybeUninit<f32>] as *mut [f32]) }
+}
+
 /// `dst = src`, element for element.
 fn copy_into(dst: &mut [MaybeUninit<f32>], src: &[f32]) {
     // Safety: `MaybeUninit<f32>` has the layout of `f32`; reading initialized values through it
@@ -337,7 +346,7 @@ pub fn conv2d_then(x: &[f32], weight: &[f32], g: &ConvGeometry, epilogue: Option
         }
         let Some(epilogue) = epilogue else { return };
         // Safety: the product above wrote every element of the image's block.
-        let out = unsafe { &mut *(out as *mut [MaybeUninit<f32>] as *mut [f32]) };
+        let out = unsafe { assume_written(out) };
         if per_image {
             for (c, plane) in out.chunks_mut(l.max(1)).enumerate() {
                 epilogue(i, c, plane);
@@ -666,7 +675,7 @@ fn masked_gradient_sums(x: &[f32], y: &[f32], grad: &[f32], mean: &[f32], inv_st
                         let run = (i * c + ch) * hw..(i * c + ch + 1) * hw;
                         zip_run(plane, &grad[run.clone()], &y[run.clone()], #[inline(always)] |g, y| if !relu || y > 0.0 { g } else { 0.0 });
                         // Safety: `zip_run` just wrote every element of the plane.
-                        let plane = unsafe { &*(plane as *const [MaybeUninit<f32>] as *const [f32]) };
+                        let plane = unsafe { assume_written(plane) };
                         sums.add(plane, &x[run], #[inline(always)] |g, x| (g as f64, g as f64 * ((x - m) * is) as f64));
                     }
                     sums.total()
