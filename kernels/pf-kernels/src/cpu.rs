@@ -418,11 +418,14 @@ mod tests {
 
     /// The convolution kernel and its backward against the gathered-window product of plain
     /// ops, on maps from 1×1 up (both the per-image and the whole-batch products), batch 1 and
-    /// above, kernels 1, 2, 3 and 7, strides 1 and 2, with and without padding.
+    /// above, kernels 1, 2, 3, 5 and 7, strides 1 and 2, with and without padding.
     #[test]
     fn conv2d_matches_the_reference() {
         let mut rng = Lcg(3);
         let mut cases = vec![([2, 3, 13, 9], 7, 2, 3), ([1, 4, 5, 5], 3, 1, 1), ([3, 2, 8, 6], 3, 2, 1), ([1, 1, 4, 4], 2, 2, 0), ([4, 6, 3, 3], 3, 1, 1)];
+        // Stride 1 on maps of 64 pixels and more: the input gradient as a convolution of its own, with
+        // every padding from none to `kernel − 1`.
+        cases.extend([([2, 3, 10, 9], 3, 1, 0), ([2, 2, 9, 8], 3, 1, 2), ([1, 2, 11, 10], 5, 1, 2), ([3, 2, 9, 9], 2, 1, 1), ([2, 3, 12, 9], 5, 1, 4)]);
         for batch in [1, 3] {
             for hw in [1, 2, 3, 7, 9] {
                 cases.extend([([batch, 5, hw, hw], 1, 1, 0), ([batch, 5, hw, hw + 1], 1, 2, 0), ([batch, 3, hw, hw], 3, 1, 1), ([batch, 3, hw + 2, hw], 3, 2, 1)]);

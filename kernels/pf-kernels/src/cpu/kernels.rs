@@ -68,6 +68,39 @@ impl ConvGeometry {
         self.batch > 1 && self.l() < SMALL_MAP
     }
 
+    /// The input gradient as a convolution of its own, where that is the faster way: a
+    /// stride-1 convolution's input gradient is the output gradient convolved with the kernel
+    /// turned half a turn, in and out channels swapped, padded by `kernel − 1 − padding` (its
+    /// windows gathered like the forward's, one product with the long sum over `out · kh · kw`,
+    /// no scatter back). Per-image products only (on the small maps of the whole-batch product,
+    /// the scatter measures as fast) and not for pointwise convolutions (a plain product).
+    fn input_grad_as_convolution(&self) -> Option<ConvGeometry> {
+        let fits = self.padding[0] < self.kernel[0] && self.padding[1] < self.kernel[1];
+        let wanted = self.stride == [1, 1] && self.groups == 1 && !self.pointwise() && !self.whole_batch() && fits;
+        wanted.then(|| ConvGeometry {
+            channels: self.out_channels,
+            height: self.out_hw()[0],
+            width: self.out_hw()[1],
+            out_channels: self.channels,
+            padding: [self.kernel[0] - 1 - self.padding[0], self.kernel[1] - 1 - self.padding[1]],
+            ..*self
+        })
+    }
+
+    /// For the geometry of [`Self::input_grad_as_convolution`]: `forward`'s weight
+    /// `[out, in, kh, kw]` as `[in, out, kh, kw]`, each kernel turned half a turn.
+    fn turned_weight(&self, weight: &[f32], forward: &ConvGeometry) -> Vec<f32> {
+        let ([kh, kw], o, c) = (self.kernel, forward.out_channels, forward.channels);
+        let mut turned = vec![0.0; weight.len()];
+        for (i, kernels) in turned.chunks_mut(o * kh * kw).enumerate() {
+            for (j, kernel) in kernels.chunks_mut(kh * kw).enumerate() {
+                let from = &weight[(j * c + i) * kh * kw..(j * c + i + 1) * kh * kw];
+                kernel.iter_mut().zip(from.iter().rev()).for_each(|(t, &w)| *t = w);
+            }
+        }
+        turned
+    }
+
     /// Input and output channels per group.
     fn group_channels(&self) -> (usize, usize) {
         (self.channels / self.groups, self.out_channels / self.groups)
@@ -378,6 +411,9 @@ pub fn conv2d_input_grad(weight: &[f32], grad: &[f32], g: &ConvGeometry) -> Vec<
         let cols = written_by(k * n * l, |cols| matmul_into(k, n * l, o, cols, n * l, weight, [1, k], &grad, [n * l, 1], true));
         gx.par_chunks_mut(g.image_len().max(1)).enumerate().for_each(|(i, gx)| col2im(&cols[i * l..], n * l, g, gx));
         return gx;
+    }
+    if let Some(correlation) = g.input_grad_as_convolution() {
+        return conv2d(grad, &correlation.turned_weight(weight, g), &correlation);
     }
     let per_image = n >= rayon::current_num_threads();
     let image = |(i, gx): (usize, &mut [f32])| {
