@@ -8,13 +8,7 @@ use burn::tensor::Distribution;
 use pf_core::conv::{ConvBn, ConvBnConfig};
 use pf_kernels::{FusedAutodiffBackend, Pool2d};
 
-fn assert_close<B: Backend, const D: usize>(what: &str, got: Tensor<B, D>, expected: Tensor<B, D>, tolerance: f32) {
-    let (got, expected) = (got.into_data().to_vec::<f32>().unwrap(), expected.into_data().to_vec::<f32>().unwrap());
-    assert_eq!(got.len(), expected.len(), "{what}: sizes");
-    for (i, (g, e)) in got.iter().zip(&expected).enumerate() {
-        assert!((g - e).abs() <= tolerance * (1.0 + e.abs()), "{what}[{i}] = {g}, reference {e}");
-    }
-}
+use crate::common::assert_close;
 
 /// One training step of a 1×1 and a 3×3 `ConvBN-ReLU` followed by the stride-1 and stride-2
 /// pools of R50-max, fused against plain.

@@ -1,5 +1,7 @@
 use std::path::{Path, PathBuf};
 
+use burn::prelude::*;
+
 pub type Cpu = burn::backend::NdArray;
 pub type CpuAd = burn::backend::Autodiff<Cpu>;
 
@@ -59,4 +61,13 @@ pub fn tensor<B: burn::tensor::backend::Backend, const D: usize>(shape: [usize; 
 /// A model config from its JSON form `{"family": ..., "config": {...}}`.
 pub fn model_config(json: &str) -> pf_models::ModelConfig {
     serde_json::from_str(json).expect("model config")
+}
+
+/// Element for element, `|got − expected| ≤ tolerance · (1 + |expected|)`, shapes equal.
+pub fn assert_close<B: Backend, const D: usize>(what: &str, got: Tensor<B, D>, expected: Tensor<B, D>, tolerance: f32) {
+    assert_eq!(got.dims(), expected.dims(), "{what}: shapes");
+    let (got, expected) = (got.into_data().to_vec::<f32>().unwrap(), expected.into_data().to_vec::<f32>().unwrap());
+    for (i, (g, e)) in got.iter().zip(&expected).enumerate() {
+        assert!((g - e).abs() <= tolerance * (1.0 + e.abs()), "{what}[{i}] = {g}, reference {e}");
+    }
 }

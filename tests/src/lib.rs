@@ -20,6 +20,8 @@ mod parity;
 #[cfg(test)]
 mod presets;
 #[cfg(test)]
+mod study;
+#[cfg(test)]
 mod train;
 #[cfg(test)]
 mod weights;

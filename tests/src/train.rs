@@ -21,7 +21,7 @@ fn digits() -> PathBuf {
 }
 
 /// A copy of `per_class` images of every digit per split.
-fn digits_slice(dir: &Path, per_class: usize) -> PathBuf {
+pub(crate) fn digits_slice(dir: &Path, per_class: usize) -> PathBuf {
     for split in ["train", "val"] {
         let source = ImageFolder::open(&digits().join(split)).expect("the built-in digits");
         for (class, name) in source.classes.iter().enumerate() {

@@ -20,6 +20,9 @@ pub struct ConvBnConfig {
     pub padding: Option<usize>,
     #[config(default = true)]
     pub relu: bool,
+    /// Convolution groups (the channel count: depthwise).
+    #[config(default = 1)]
+    pub groups: usize,
 }
 
 /// The reference builds these as `nn.Sequential`: index 0 is the conv, 1 the norm.
@@ -36,6 +39,7 @@ impl ConvBnConfig {
         let conv = Conv2dConfig::new(self.channels, [self.kernel, self.kernel])
             .with_stride([self.stride, self.stride])
             .with_padding(PaddingConfig2d::Explicit(p, p, p, p))
+            .with_groups(self.groups)
             .with_bias(false)
             .init(device);
         ConvBn { conv, bn: BatchNorm2dConfig::new(self.channels[1]).init(device), relu: self.relu }

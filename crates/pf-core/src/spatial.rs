@@ -1,10 +1,14 @@
 //! The paper's idea as one type: the spatial operation of a bottleneck, a 3×3 conv or a
 //! parameter-free replacement for it.
 
+use std::fmt;
+use std::str::FromStr;
+
 use burn::nn::pool::{AvgPool2d, AvgPool2dConfig};
 use burn::prelude::*;
 use pf_kernels::{fused_avg_pool2d, FusedOps};
 use pf_kernels::Pool2d;
+use serde::{Deserialize, Serialize};
 
 use crate::conv::{ConvBn, ConvBnConfig};
 use crate::macs::{pool_cost, Cost};
@@ -19,7 +23,62 @@ pub enum SpatialOpConfig {
     /// `EffBottleneck`: max-pool in stride-1 blocks; 2×2 avg-pool then 3×3 conv-BN-ReLU in
     /// stride-2 blocks.
     Hybrid,
+    /// The layer study's: this operation in stride-1 blocks; in stride-2 blocks the hybrid
+    /// block's learnable downsampling (2×2 avg-pool then 3×3 conv-BN-ReLU), so that variants
+    /// differ in the studied operation only.
+    Studied(SpatialKind),
 }
+
+/// The spatial operations of the paper's layer study ("depthwise convolution is replaceable
+/// with a parameter-free operation"), by their names in model files and on the command line.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum SpatialKind {
+    /// 3×3 conv-BN-ReLU.
+    Conv,
+    /// 3×3 depthwise conv-BN-ReLU (one group per channel).
+    Dwconv,
+    /// 3×3 max-pool, padding 1.
+    Max,
+    /// 3×3 average pool, padding 1, the padding counted (PyTorch's default).
+    Avg,
+    /// Nothing: the map as it is.
+    Identity,
+}
+
+impl SpatialKind {
+    pub const ALL: [Self; 5] = [Self::Conv, Self::Dwconv, Self::Max, Self::Avg, Self::Identity];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Conv => "conv",
+            Self::Dwconv => "dwconv",
+            Self::Max => "max",
+            Self::Avg => "avg",
+            Self::Identity => "identity",
+        }
+    }
+}
+
+impl fmt::Display for SpatialKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+impl FromStr for SpatialKind {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, String> {
+        Self::ALL
+            .into_iter()
+            .find(|k| k.name() == s)
+            .ok_or_else(|| format!("unknown spatial operation `{s}`; expected one of conv, dwconv, max, avg, identity"))
+    }
+}
+
+/// The 3×3, stride-1 average pool of the layer study's `avg`.
+pub const STUDY_AVG_POOL: Pool2d = Pool2d::new(3, 1, 1);
 
 /// The 2×2, stride-2 average pool of an `EffBottleneck`'s stride-2 blocks.
 pub const AVG_POOL: Pool2d = Pool2d::new(2, 2, 0);
@@ -47,23 +106,53 @@ pub struct AvgPoolConv<B: FusedOps> {
     pub conv: ConvBn<B>,
 }
 
+/// An average-pool window (padding counted) as a module without parameters.
+#[derive(Module, Clone, Debug)]
+pub struct AvgPool {
+    pub kernel: usize,
+    pub stride: usize,
+    pub padding: usize,
+}
+
+impl AvgPool {
+    pub fn window(&self) -> Pool2d {
+        Pool2d::new(self.kernel, self.stride, self.padding)
+    }
+}
+
+/// The layer study's `identity`: the map passes unchanged.
+#[derive(Module, Clone, Debug)]
+pub struct Identity;
+
 #[derive(Module, Debug)]
 pub enum SpatialOp<B: FusedOps> {
+    /// A 3×3 conv-BN-ReLU, full or depthwise (`groups` = channels).
     Conv(ConvBn<B>),
     MaxPool(MaxPool),
     AvgPoolConv(AvgPoolConv<B>),
+    AvgPool(AvgPool),
+    Identity(Identity),
 }
 
 impl SpatialOpConfig {
     pub fn init<B: FusedOps>(&self, width: usize, stride: usize, device: &B::Device) -> SpatialOp<B> {
         let conv = |stride| ConvBnConfig::new([width, width], 3).with_stride(stride).init(device);
         match (self, stride) {
-            (Self::Conv, _) => SpatialOp::Conv(conv(stride)),
-            (Self::Hybrid, 2) => SpatialOp::AvgPoolConv(AvgPoolConv {
+            (Self::Hybrid | Self::Studied(_), 2) => SpatialOp::AvgPoolConv(AvgPoolConv {
                 pool: AvgPool2dConfig::new([AVG_POOL.kernel; 2]).with_strides([AVG_POOL.stride; 2]).init(),
                 conv: conv(1),
             }),
-            (Self::MaxPool | Self::Hybrid, _) => SpatialOp::MaxPool(MaxPool { kernel: 3, stride, padding: 1 }),
+            (Self::Conv | Self::Studied(SpatialKind::Conv), _) => SpatialOp::Conv(conv(stride)),
+            (Self::MaxPool | Self::Hybrid | Self::Studied(SpatialKind::Max), _) => SpatialOp::MaxPool(MaxPool { kernel: 3, stride, padding: 1 }),
+            (Self::Studied(SpatialKind::Dwconv), _) => {
+                SpatialOp::Conv(ConvBnConfig::new([width, width], 3).with_stride(stride).with_groups(width).init(device))
+            }
+            (Self::Studied(SpatialKind::Avg), _) => {
+                let p = STUDY_AVG_POOL;
+                SpatialOp::AvgPool(AvgPool { kernel: p.kernel, stride, padding: p.padding })
+            }
+            // Stride 1 only: ResNet's strided blocks are stride 2, caught above.
+            (Self::Studied(SpatialKind::Identity), _) => SpatialOp::Identity(Identity),
         }
     }
 }
@@ -77,6 +166,8 @@ impl<B: FusedOps> SpatialOp<B> {
             Self::Conv(conv) => conv.forward(x),
             Self::MaxPool(pool) => pool.window().max_pool(x),
             Self::AvgPoolConv(op) => op.conv.forward(fused_avg_pool2d(x, AVG_POOL)),
+            Self::AvgPool(pool) => fused_avg_pool2d(x, pool.window()),
+            Self::Identity(_) => x,
         }
     }
 
@@ -90,10 +181,12 @@ impl<B: FusedOps> SpatialOp<B> {
                 let (hw, conv) = op.conv.cost(hw);
                 (hw, pool + conv)
             }
+            Self::AvgPool(p) => pool_cost(width, hw, p.kernel, p.stride, p.padding),
+            Self::Identity(_) => (hw, Cost::default()),
         }
     }
 
     pub fn has_parameters(&self) -> bool {
-        !matches!(self, Self::MaxPool(_))
+        matches!(self, Self::Conv(_) | Self::AvgPoolConv(_))
     }
 }

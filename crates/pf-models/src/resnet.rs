@@ -5,6 +5,7 @@ use burn::prelude::*;
 use pf_kernels::FusedOps;
 use pf_core::spatial::MaxPool;
 use pf_core::macs::{linear_cost, pool_cost};
+use pf_core::spatial::SpatialKind;
 use pf_core::{ConvBn, ConvBnConfig, Cost, SpatialOp, SpatialOpConfig};
 use serde::{Deserialize, Serialize};
 
@@ -48,6 +49,12 @@ pub struct ResNetConfig {
     /// through the fused kernel where the backend has one; `false` forces the reference ops.
     #[serde(default = "crate::default_true")]
     pub fused: bool,
+    /// The layer study's spatial operation per stage (`cargo xtask study`): every stride-1
+    /// block of stage `s` uses `ops[s]`, every stride-2 block the hybrid block's learnable
+    /// downsampling (2×2 avg-pool, 3×3 conv-BN-ReLU); `block` then decides nothing. `None` (the
+    /// presets and the reference's networks): `block` decides.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ops: Option<[SpatialKind; 4]>,
 }
 
 fn default_width_mult() -> f64 {
@@ -110,7 +117,21 @@ pub struct ResNet<B: FusedOps> {
 
 impl ResNetConfig {
     pub fn new(block: BlockKind, layers: [usize; 4]) -> Self {
-        Self { block, layers, width_mult: 1.0, num_classes: crate::default_num_classes(), fused: true }
+        Self { block, layers, width_mult: 1.0, num_classes: crate::default_num_classes(), fused: true, ops: None }
+    }
+
+    /// This network with `op` in every stride-1 block (see [`Self::ops`]).
+    pub fn with_op(mut self, op: SpatialKind) -> Self {
+        self.ops = Some([op; 4]);
+        self
+    }
+
+    /// The spatial operation of stage `stage`'s blocks.
+    fn spatial(&self, stage: usize) -> SpatialOpConfig {
+        match self.ops {
+            Some(ops) => SpatialOpConfig::Studied(ops[stage]),
+            None => self.block.spatial(),
+        }
     }
 
     pub fn validate(&self) -> Result<(), ModelError> {
@@ -129,7 +150,7 @@ impl ResNetConfig {
 
     pub fn init<B: FusedOps>(&self, device: &B::Device) -> ResNet<B> {
         let mut inplanes = STEM_WIDTH;
-        let mut stage = |base: usize, blocks: usize, stride: usize| {
+        let mut stage = |index: usize, base: usize, blocks: usize, stride: usize| {
             let planes = (base as f64 * self.width_mult) as usize;
             let out = planes * EXPANSION;
             let layer = (0..blocks)
@@ -139,7 +160,7 @@ impl ResNetConfig {
                         .then(|| conv_bn([inplanes, out], 1, stride, false, device));
                     let block = Bottleneck {
                         reduction_block: conv_bn([inplanes, planes], 1, 1, true, device),
-                        conv_block: self.block.spatial().init(planes, stride, device),
+                        conv_block: self.spatial(index).init(planes, stride, device),
                         expansion_block: conv_bn([planes, out], 1, 1, false, device),
                         downsample,
                         fused: self.fused,
@@ -150,10 +171,10 @@ impl ResNetConfig {
                 .collect();
             layer
         };
-        let layer1 = stage(64, self.layers[0], 1);
-        let layer2 = stage(128, self.layers[1], 2);
-        let layer3 = stage(256, self.layers[2], 2);
-        let layer4 = stage(512, self.layers[3], 2);
+        let layer1 = stage(0, 64, self.layers[0], 1);
+        let layer2 = stage(1, 128, self.layers[1], 2);
+        let layer3 = stage(2, 256, self.layers[2], 2);
+        let layer4 = stage(3, 512, self.layers[3], 2);
         let features = (512.0 * self.width_mult) as usize * EXPANSION;
         ResNet {
             conv1: conv_bn([3, STEM_WIDTH], 7, 2, true, device),
@@ -163,7 +184,8 @@ impl ResNetConfig {
             layer3,
             layer4,
             fc: LinearConfig::new(features, self.num_classes).init(device),
-            size_multiple: if self.block == BlockKind::Hybrid { 32 } else { 1 },
+            // The studied networks downsample as the hybrid one does.
+            size_multiple: if self.block == BlockKind::Hybrid || self.ops.is_some() { 32 } else { 1 },
             fused: self.fused,
         }
     }

@@ -19,6 +19,7 @@ pub mod presets;
 pub mod randaugment;
 pub mod recipe;
 pub mod report;
+pub mod study;
 pub mod train;
 
 /// The repository root, where the built-in dataset and recipes live.

@@ -12,7 +12,9 @@ use pf_train::bench::{bench_kernels, bench_model, draw_chart, kernel_note, markd
 use pf_train::data::ImageFolder;
 use pf_train::eval::{evaluate, Verbosity};
 use pf_train::recipe::{ModelSpec, Recipe};
+use pf_train::study::{draw_study_chart, study, study_table, StudyArgs};
 use pf_train::train::{train_on, TrainArgs};
+use pf_core::spatial::SpatialKind;
 use pf_train::load::{eval_transform, model_config, training_summary, weights_config};
 use pf_train::{checkpoint, resolve};
 
@@ -332,6 +334,112 @@ impl Job for BenchCli {
         if let Some(path) = &self.json {
             checkpoint::replace_file(path, json.as_bytes())?;
             println!("records written to {}", path.display());
+        }
+        Ok(ExitCode::SUCCESS)
+    }
+}
+
+#[derive(clap::Args)]
+pub struct StudyCli {
+    /// Built-in recipe (digits, r50-step-90, deit-300) or a recipe file; its model must be a ResNet.
+    #[arg(long, default_value = "digits")]
+    recipe: String,
+    /// Dataset root with train/ and val/ (default: the recipe's).
+    #[arg(long)]
+    data: Option<PathBuf>,
+    /// Preset name or model file of a ResNet to study instead of the recipe's model.
+    #[arg(long)]
+    model: Option<String>,
+    /// Comma-separated spatial operations, each trained in every stride-1 block.
+    #[arg(long, value_delimiter = ',', default_value = "conv,dwconv,max,avg,identity", value_parser = parse_op)]
+    ops: Vec<SpatialKind>,
+    #[arg(long)]
+    epochs: Option<usize>,
+    /// Output folder, one training run per operation in it (default: runs/study-<recipe>). An
+    /// interrupted study continues where it stopped when run again with the same folder.
+    #[arg(long)]
+    out: Option<PathBuf>,
+    /// Write the rows as JSON (`{"rows": [...]}`) to this file.
+    #[arg(long)]
+    json: Option<PathBuf>,
+    /// Draw validation top-1 against parameters and against latency (SVG) in this file.
+    #[arg(long)]
+    chart: Option<PathBuf>,
+    /// Train on an evenly spread slice of this many images (a quick look).
+    #[arg(long)]
+    train_limit: Option<usize>,
+    /// Validate on an evenly spread slice of this many images.
+    #[arg(long)]
+    val_limit: Option<usize>,
+    /// No progress bars (logs only).
+    #[arg(long)]
+    quiet: bool,
+    #[arg(skip = BackendKind::Ndarray)]
+    backend: BackendKind,
+}
+
+fn parse_op(s: &str) -> Result<SpatialKind, String> {
+    s.trim().parse()
+}
+
+impl StudyCli {
+    pub fn with_backend(mut self, backend: BackendKind) -> Self {
+        self.backend = backend;
+        self
+    }
+
+    fn args(&self) -> Result<StudyArgs> {
+        let mut recipe = Recipe::load(&self.recipe)?;
+        if let Some(spec) = &self.model {
+            recipe.model = match spec.parse::<ModelName>() {
+                Ok(_) => ModelSpec::Preset(spec.clone()),
+                Err(_) => ModelSpec::Config(model_config(spec)?),
+            };
+        }
+        recipe.epochs = self.epochs.unwrap_or(recipe.epochs);
+        recipe.validate().context("the recipe after the command-line overrides")?;
+        let data = match self.data.clone().or_else(|| recipe.data.clone()) {
+            Some(d) => resolve(&d),
+            None => bail!("recipe {} names no dataset; pass --data DIR (with DIR/train and DIR/val)", recipe.name),
+        };
+        let out = self.out.clone().unwrap_or_else(|| PathBuf::from("runs").join(format!("study-{}", recipe.name)));
+        // Found out now, not after the training.
+        for (flag, path) in [("--json", &self.json), ("--chart", &self.chart)] {
+            if let Some(dir) = path.as_ref().and_then(|p| p.parent()).filter(|d| !d.as_os_str().is_empty() && !d.is_dir()) {
+                bail!("{flag}: folder {} does not exist", dir.display());
+            }
+        }
+        Ok(StudyArgs { recipe, data, out, ops: self.ops.clone(), train_limit: self.train_limit, val_limit: self.val_limit, progress: !self.quiet })
+    }
+}
+
+impl Job for StudyCli {
+    type Output = ExitCode;
+
+    fn run<B: FusedAutodiffBackend>(self, device: B::Device) -> Result<ExitCode> {
+        let args = self.args()?;
+        println!(
+            "layer study of recipe {} on {} ({}): {} in every stride-1 block, {} epochs each; runs in {}",
+            args.recipe.name,
+            args.data.display(),
+            self.backend.name(),
+            args.ops.iter().map(|op| op.name()).collect::<Vec<_>>().join(", "),
+            args.recipe.epochs,
+            args.out.display()
+        );
+        let rows = study::<B>(&args, &device, |r| {
+            println!("{}: val top-1 {:.2}%, {} parameters, {:.2} ms at batch 1", r.op, r.val_top1, r.params, r.latency_ms)
+        })?;
+        print!("{}", study_table(&rows));
+        if let Some(path) = &self.json {
+            let json = serde_json::json!({ "recipe": args.recipe.name, "epochs": args.recipe.epochs, "backend": self.backend.name(), "rows": rows });
+            checkpoint::replace_file(path, serde_json::to_string_pretty(&json)?.as_bytes())?;
+            println!("rows written to {}", path.display());
+        }
+        if let Some(path) = &self.chart {
+            let title = format!("layer study: recipe {}, {} epochs ({})", args.recipe.name, args.recipe.epochs, self.backend.name());
+            draw_study_chart(path, &title, &rows).map_err(|e| anyhow::anyhow!("drawing {}: {e}", path.display()))?;
+            println!("chart written to {}", path.display());
         }
         Ok(ExitCode::SUCCESS)
     }
