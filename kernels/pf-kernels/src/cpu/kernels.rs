@@ -1350,7 +1350,14 @@ impl AttentionGeometry {
     /// reference scales q before the product).
     fn scaled_q(&self, qkv: &[f32], b: usize, h: usize, scale: f32) -> Vec<f32> {
         let (start, row) = (self.q_start(b, h), 3 * self.dim());
-        (0..self.tokens).flat_map(|t| qkv[start + t * row..start + t * row + self.head_dim].iter().map(move |&v| v * scale)).collect()
+        let d = self.head_dim;
+        written_by(self.tokens * d, |q| {
+            for (t, q) in q.chunks_mut(d.max(1)).enumerate() {
+                q.iter_mut().zip(&qkv[start + t * row..start + t * row + d]).for_each(|(q, &v)| {
+                    q.write(v * scale);
+                });
+            }
+        })
     }
 
     /// Gathers per-head `[batch, heads, parts, tokens, head_dim]` blocks into token rows
@@ -1358,17 +1365,17 @@ impl AttentionGeometry {
     fn gather_heads(&self, blocks: &[f32], parts: usize) -> Vec<f32> {
         let (n, d, heads) = (self.tokens, self.head_dim, self.heads);
         let row_len = parts * heads * d;
-        let mut rows = vec![0.0; self.batch * n * row_len];
-        rows.par_chunks_mut(row_len.max(1)).enumerate().for_each(|(bt, row)| {
-            let (b, t) = (bt / n, bt % n);
-            for i in 0..parts {
-                for h in 0..heads {
-                    let block = (((b * heads + h) * parts + i) * n + t) * d;
-                    row[(i * heads + h) * d..(i * heads + h + 1) * d].copy_from_slice(&blocks[block..block + d]);
+        written_by(self.batch * n * row_len, |rows| {
+            rows.par_chunks_mut(row_len.max(1)).enumerate().for_each(|(bt, row)| {
+                let (b, t) = (bt / n, bt % n);
+                for i in 0..parts {
+                    for h in 0..heads {
+                        let block = (((b * heads + h) * parts + i) * n + t) * d;
+                        copy_into(&mut row[(i * heads + h) * d..(i * heads + h + 1) * d], &blocks[block..block + d]);
+                    }
                 }
-            }
-        });
-        rows
+            })
+        })
     }
 }
 
@@ -1379,24 +1386,40 @@ impl AttentionGeometry {
 /// reuses one scratch of `tokens²`).
 pub fn attention(qkv: &[f32], g: &AttentionGeometry, scale: f32, keep_attention: bool) -> (Vec<f32>, Option<Vec<f32>>) {
     let (n, d, c) = (g.tokens, g.head_dim, g.dim());
-    let mut heads_out = vec![0.0; g.batch * g.heads * n * d];
-    if heads_out.is_empty() {
+    let len = g.batch * g.heads * n * d;
+    if len == 0 {
         return (vec![0.0; g.batch * n * c], keep_attention.then(|| vec![0.0; g.batch * g.heads * n * n]));
     }
-    let head = |bh: usize, p: &mut [f32], o: &mut [f32]| {
+    // Every product below writes its whole destination (scores, then the head's output), so
+    // neither the outputs nor the scratch of the scores are zeroed first.
+    let head = |bh: usize, p: &mut [MaybeUninit<f32>], o: &mut [MaybeUninit<f32>]| {
         let (b, h) = (bh / g.heads, bh % g.heads);
         let (start, row) = (g.q_start(b, h), 3 * c);
         let q = g.scaled_q(qkv, b, h, scale);
-        matmul(n, n, d, p, n, false, &q, [d, 1], &qkv[start + c..], [1, row], false);
+        matmul_into(n, n, d, p, n, &q, [d, 1], &qkv[start + c..], [1, row], false);
+        // Safety: the product wrote all `n · n` scores.
+        let p = unsafe { assume_written(p) };
         p.chunks_mut(n).for_each(softmax_row);
-        matmul(n, d, n, o, d, false, p, [n, 1], &qkv[start + 2 * c..], [row, 1], false);
+        matmul_into(n, d, n, o, d, p, [n, 1], &qkv[start + 2 * c..], [row, 1], false);
     };
     if !keep_attention {
-        heads_out.par_chunks_mut(n * d).enumerate().for_each_init(|| vec![0.0; n * n], |p, (bh, o)| head(bh, p, o));
+        let heads_out = written_by(len, |out| {
+            out.par_chunks_mut(n * d).enumerate().for_each_init(|| Vec::with_capacity(n * n), |p: &mut Vec<f32>, (bh, o)| {
+                head(bh, &mut p.spare_capacity_mut()[..n * n], o)
+            })
+        });
         return (g.gather_heads(&heads_out, 1), None);
     }
-    let mut probs = vec![0.0; g.batch * g.heads * n * n];
-    probs.par_chunks_mut(n * n).zip(heads_out.par_chunks_mut(n * d)).enumerate().for_each(|(bh, (p, o))| head(bh, p, o));
+    let mut probs = Vec::with_capacity(g.batch * g.heads * n * n);
+    let heads_out = written_by(len, |out| {
+        probs.spare_capacity_mut()[..g.batch * g.heads * n * n]
+            .par_chunks_mut(n * n)
+            .zip(out.par_chunks_mut(n * d))
+            .enumerate()
+            .for_each(|(bh, (p, o))| head(bh, p, o))
+    });
+    // Safety: every head's task wrote its whole block of the attention (the first product).
+    unsafe { probs.set_len(g.batch * g.heads * n * n) };
     (g.gather_heads(&heads_out, 1), Some(probs))
 }
 
