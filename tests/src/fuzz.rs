@@ -97,7 +97,9 @@ fn fuzz(name: &str, good: &[u8], dir: &Path, extension: &str, seed: u64, load: i
 #[test]
 fn mutated_pytorch_checkpoints_end_in_errors_or_loads() {
     let dir = scratch("fuzz-pth");
-    let config = model_config(r#"{"family": "vit", "config": {"img_size": 64, "patch_size": 16, "embed_dim": 48, "depth": 2, "num_heads": 3, "mlp_ratio": 4, "attn_type": "attn", "num_classes": 10}}"#);
+    let config = model_config(
+        r#"{"family": "vit", "config": {"img_size": 64, "patch_size": 16, "embed_dim": 48, "depth": 2, "num_heads": 3, "mlp_ratio": 4, "attn_type": "attn", "num_classes": 10}}"#,
+    );
     let good = std::fs::read(fixtures_dir().join("vit_attn_eval.pth")).expect("fixture");
     let model = config.init::<Cpu>(&Default::default()).expect("model");
     assert!(load_pytorch(model.clone(), &fixtures_dir().join("vit_attn_eval.pth")).is_ok(), "the unmutated file loads");

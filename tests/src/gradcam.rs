@@ -52,14 +52,26 @@ fn check_cases<B: FusedAutodiffBackend>(device: B::Device) {
         if (cam.logit - logit).abs() > logit_tol * logit.abs().max(1.0) {
             failures.push(format!("{name}: logit {} against {logit}", cam.logit));
         }
-        let rows = expected["map"].as_array().expect("map").iter().map(|r| r.as_array().expect("row").iter().map(|v| v.as_f64().expect("cell")).collect::<Vec<_>>()).collect::<Vec<_>>();
+        let rows = expected["map"]
+            .as_array()
+            .expect("map")
+            .iter()
+            .map(|r| r.as_array().expect("row").iter().map(|v| v.as_f64().expect("cell")).collect::<Vec<_>>())
+            .collect::<Vec<_>>();
         let shape = |m: &[Vec<f64>]| (m.len(), m.first().map_or(0, Vec::len));
         if shape(&cam.map) != shape(&rows) {
             failures.push(format!("{name}: map {:?} against {:?}", shape(&cam.map), shape(&rows)));
             continue;
         }
         let peak = rows.iter().flatten().fold(0f64, |m, &v| m.max(v));
-        let (worst, at) = cam.map.iter().flatten().zip(rows.iter().flatten()).map(|(a, e)| (a - e).abs()).enumerate().fold((0f64, 0), |b, (i, d)| if d > b.0 { (d, i) } else { b });
+        let (worst, at) =
+            cam.map
+                .iter()
+                .flatten()
+                .zip(rows.iter().flatten())
+                .map(|(a, e)| (a - e).abs())
+                .enumerate()
+                .fold((0f64, 0), |b, (i, d)| if d > b.0 { (d, i) } else { b });
         let outside = cam.map.iter().flatten().zip(rows.iter().flatten()).filter(|(a, e)| (*a - *e).abs() > map_tol * peak).count();
         println!("{name}: class {}, logit {:.6} ({logit:.6}), worst map error {worst:.3e} at {at} (bound {:.3e})", cam.class, cam.logit, map_tol * peak);
         if outside > 0 {
@@ -88,9 +100,18 @@ fn features_and_head<B: FusedAutodiffBackend>(device: B::Device) {
         (r#"{"family": "resnet", "config": {"block": "hybrid", "layers": [1, 1, 1, 1], "width_mult": 0.25, "num_classes": 5}}"#, [32, 32]),
         (r#"{"family": "resnet", "config": {"block": "max", "layers": [1, 1, 1, 1], "width_mult": 0.25, "num_classes": 5}}"#, [97, 70]),
         (r#"{"family": "resnet", "config": {"block": "plain", "layers": [1, 1, 1, 1], "width_mult": 0.25, "num_classes": 5}}"#, [36, 36]),
-        (r#"{"family": "vit", "config": {"img_size": 24, "patch_size": 8, "embed_dim": 8, "depth": 2, "num_heads": 2, "mlp_ratio": 2.0, "attn_type": "max", "num_classes": 5}}"#, [24, 24]),
-        (r#"{"family": "vit", "config": {"img_size": 8, "patch_size": 8, "embed_dim": 8, "depth": 2, "num_heads": 2, "mlp_ratio": 2.0, "attn_type": "max", "num_classes": 5}}"#, [8, 8]),
-        (r#"{"family": "pit", "config": {"image_size": 40, "patch_size": 8, "stride": 4, "base_dims": [4, 4], "depth": [1, 2], "heads": [1, 2], "mlp_ratio": 2.0, "attn_type": "max", "num_classes": 5}}"#, [40, 44]),
+        (
+            r#"{"family": "vit", "config": {"img_size": 24, "patch_size": 8, "embed_dim": 8, "depth": 2, "num_heads": 2, "mlp_ratio": 2.0, "attn_type": "max", "num_classes": 5}}"#,
+            [24, 24],
+        ),
+        (
+            r#"{"family": "vit", "config": {"img_size": 8, "patch_size": 8, "embed_dim": 8, "depth": 2, "num_heads": 2, "mlp_ratio": 2.0, "attn_type": "max", "num_classes": 5}}"#,
+            [8, 8],
+        ),
+        (
+            r#"{"family": "pit", "config": {"image_size": 40, "patch_size": 8, "stride": 4, "base_dims": [4, 4], "depth": [1, 2], "heads": [1, 2], "mlp_ratio": 2.0, "attn_type": "max", "num_classes": 5}}"#,
+            [40, 44],
+        ),
     ];
     for (text, [h, w]) in cases {
         let model = model_config(text).init::<B>(&device).expect("model");
@@ -141,8 +162,13 @@ fn predict_ranks_names_and_skips() {
     let tmp = scratch("predict");
     let bogus = tmp.join("not-an-image.png");
     std::fs::write(&bogus, b"nothing here").expect("write");
-    let argv = ["predict", "--weights", "gradcam_max_top1.pth", "--model", "gradcam_max_top1.model.json", "--image-size", "192", "--crop-pct", "1", "--top", "3"];
-    let mut args = Predict::try_parse_from(argv.iter().map(|s| s.to_string()).chain([dir.join("gradcam_max_top1.png").display().to_string(), bogus.display().to_string()])).expect("flags").args;
+    let argv =
+        ["predict", "--weights", "gradcam_max_top1.pth", "--model", "gradcam_max_top1.model.json", "--image-size", "192", "--crop-pct", "1", "--top", "3"];
+    let mut args = Predict::try_parse_from(
+        argv.iter().map(|s| s.to_string()).chain([dir.join("gradcam_max_top1.png").display().to_string(), bogus.display().to_string()]),
+    )
+    .expect("flags")
+    .args;
     args.weights = dir.join(&args.weights);
     args.model = args.model.map(|m| dir.join(m).display().to_string());
     let run = args.compute::<CpuAd>(&Default::default()).expect("predict");

@@ -10,8 +10,12 @@ use crate::common::Cpu;
 fn tiny(family: &str) -> ModelConfig {
     let config = match family {
         "hybrid" => serde_json::json!({"family": "resnet", "config": {"block": "hybrid", "layers": [1, 1, 1, 1], "width_mult": 0.25, "num_classes": 3}}),
-        "vit" => serde_json::json!({"family": "vit", "config": {"img_size": 32, "patch_size": 16, "embed_dim": 12, "depth": 2, "num_heads": 3, "mlp_ratio": 2, "attn_type": "max", "num_classes": 3}}),
-        _ => serde_json::json!({"family": "pit", "config": {"image_size": 32, "patch_size": 8, "stride": 4, "base_dims": [4, 4], "depth": [2, 2], "heads": [1, 2], "mlp_ratio": 2, "attn_type": "max", "num_classes": 3}}),
+        "vit" => {
+            serde_json::json!({"family": "vit", "config": {"img_size": 32, "patch_size": 16, "embed_dim": 12, "depth": 2, "num_heads": 3, "mlp_ratio": 2, "attn_type": "max", "num_classes": 3}})
+        }
+        _ => {
+            serde_json::json!({"family": "pit", "config": {"image_size": 32, "patch_size": 8, "stride": 4, "base_dims": [4, 4], "depth": [2, 2], "heads": [1, 2], "mlp_ratio": 2, "attn_type": "max", "num_classes": 3}})
+        }
     };
     serde_json::from_value(config).expect("config")
 }

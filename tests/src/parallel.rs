@@ -17,8 +17,7 @@ use crate::common::{Cpu, CpuAd};
 
 fn batch(rows: usize, size: usize, classes: usize) -> HostBatch {
     let images = Tensor::<Cpu, 4>::random([rows, 3, size, size], Distribution::Normal(0.0, 1.0), &Default::default());
-    let targets =
-        (0..rows).flat_map(|r| (0..classes).map(move |c| if c == (3 * r + 1) % classes { 0.9 } else { 0.1 / (classes - 1) as f32 })).collect();
+    let targets = (0..rows).flat_map(|r| (0..classes).map(move |c| if c == (3 * r + 1) % classes { 0.9 } else { 0.1 / (classes - 1) as f32 })).collect();
     HostBatch { images: images.into_data().to_vec().unwrap(), targets, rows, size, classes }
 }
 
@@ -131,11 +130,8 @@ fn batch_norm_runs_per_device_and_keeps_the_first_devices_statistics() {
     single.grads(&whole, data.clone()).unwrap();
 
     let two = DataParallel::<CpuAd>::new(&two_devices(), groups).unwrap().grads(&model, data).unwrap();
-    let expected: Vec<Vec<f32>> = grads_of(&first, &a.grads)
-        .iter()
-        .zip(grads_of(&second, &b.grads))
-        .map(|(x, y)| x.iter().zip(&y).map(|(p, q)| 0.5 * p + 0.5 * q).collect())
-        .collect();
+    let expected: Vec<Vec<f32>> =
+        grads_of(&first, &a.grads).iter().zip(grads_of(&second, &b.grads)).map(|(x, y)| x.iter().zip(&y).map(|(p, q)| 0.5 * p + 0.5 * q).collect()).collect();
     assert_close("gradients", &grads_of(&model, &two.grads), &expected, 1e-5);
     assert!((two.loss - 0.5 * (a.loss + b.loss)).abs() <= 1e-6 * two.loss.abs(), "loss {} vs {}", two.loss, 0.5 * (a.loss + b.loss));
     assert_close("logits", &[two.logits], &[[a.logits, b.logits].concat()], 1e-5);

@@ -8,8 +8,7 @@ use crate::common::fixtures_dir;
 fn check_all<B: FusedAutodiffBackend>(device: B::Device, known_failures: &[&str]) {
     let reports = pf_train::parity::run_all::<B>(&fixtures_dir(), &device, |r| println!("{r}")).expect("manifest");
     assert!(reports.len() >= 14, "only {} cases ran", reports.len());
-    let failed: Vec<String> =
-        reports.iter().filter(|r| !r.passed() && !known_failures.contains(&r.name.as_str())).map(|r| r.to_string()).collect();
+    let failed: Vec<String> = reports.iter().filter(|r| !r.passed() && !known_failures.contains(&r.name.as_str())).map(|r| r.to_string()).collect();
     assert!(failed.is_empty(), "parity failures:\n{}", failed.join("\n"));
 }
 

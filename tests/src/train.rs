@@ -78,8 +78,7 @@ fn a_short_run_learns_the_digits() {
     let model_path = dir.join("run/model.bpk");
     let model = load_pf(read_pf_config(&model_path).unwrap().init::<Cpu>(&Default::default()).unwrap(), &model_path).unwrap();
     let val = ImageFolder::open(&data.join("val")).unwrap();
-    let result =
-        evaluate(&model, &val, &summary.recipe.eval_transform, summary.recipe.batch_size, 2, &Default::default(), Verbosity::Silent).unwrap();
+    let result = evaluate(&model, &val, &summary.recipe.eval_transform, summary.recipe.batch_size, 2, &Default::default(), Verbosity::Silent).unwrap();
     assert_eq!(result.top1, last.val_top1);
     for file in ["metrics.csv", "metrics.json", "curves.svg", "train.json", "model.json"] {
         assert!(dir.join("run").join(file).is_file(), "{file} missing");
@@ -189,8 +188,7 @@ fn a_checkpoint_restores_model_and_optimizer_exactly() {
     assert_eq!(restored, step(load()), "two loads of the checkpoint step differently");
     let fresh_model = load().0;
     let fresh = step((fresh_model.clone(), GroupedOptimizer::new(&state.recipe, &fresh_model)));
-    let moved =
-        |after: &Vec<Vec<f32>>| before.iter().zip(after).flat_map(|(b, a)| b.iter().zip(a).map(|(x, y)| (x - y).abs())).fold(0.0f32, f32::max);
+    let moved = |after: &Vec<Vec<f32>>| before.iter().zip(after).flat_map(|(b, a)| b.iter().zip(a).map(|(x, y)| (x - y).abs())).fold(0.0f32, f32::max);
     assert!(moved(&restored) > 100.0 * moved(&fresh), "the momentum was not restored: {} vs {}", moved(&restored), moved(&fresh));
 }
 
@@ -290,10 +288,9 @@ fn weight_decay_reaches_its_group_with_its_optimizer() {
 
     let device = Default::default();
     let (lr, wd) = (0.5, 0.1);
-    for (optimizer, shrink) in [
-        (OptimizerSpec::Sgd { momentum: 0.9, nesterov: true }, 1.0 - lr * wd * 1.9),
-        (OptimizerSpec::Adamw { betas: [0.9, 0.999], eps: 1e-8 }, 1.0 - lr * wd),
-    ] {
+    for (optimizer, shrink) in
+        [(OptimizerSpec::Sgd { momentum: 0.9, nesterov: true }, 1.0 - lr * wd * 1.9), (OptimizerSpec::Adamw { betas: [0.9, 0.999], eps: 1e-8 }, 1.0 - lr * wd)]
+    {
         let mut recipe = small_recipe(1);
         recipe.weight_decay = wd;
         recipe.optimizer = optimizer.clone();
@@ -329,8 +326,7 @@ mod dashboard {
 
     use burn_train::metric::MetricDefinition;
     use burn_train::renderer::{
-        EvaluationName, EvaluationProgress, MetricState, MetricsRenderer, MetricsRendererEvaluation, MetricsRendererTraining, ProgressType,
-        TrainingProgress,
+        EvaluationName, EvaluationProgress, MetricState, MetricsRenderer, MetricsRendererEvaluation, MetricsRendererTraining, ProgressType, TrainingProgress,
     };
     use burn_train::{Interrupter, LearnerSummary};
 

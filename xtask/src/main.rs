@@ -48,10 +48,7 @@ fn main() -> ExitCode {
 /// compiles Burn for many minutes, and a silent terminal looks hung); an up-to-date build says
 /// nothing. Returns whether the build succeeded.
 fn build(cargo: &str, backend: &str) -> std::io::Result<bool> {
-    let mut child = Command::new(cargo)
-        .args(["build", "--package", "pf-train", "--bin", "pf", "--features", backend])
-        .stderr(Stdio::piped())
-        .spawn()?;
+    let mut child = Command::new(cargo).args(["build", "--package", "pf-train", "--bin", "pf", "--features", backend]).stderr(Stdio::piped()).spawn()?;
     let mut compiling = false;
     let mut held = Vec::new();
     if let Some(stderr) = child.stderr.take() {
@@ -84,8 +81,5 @@ fn backend_of(args: &[String]) -> Result<&str, String> {
         }
     }
     let value = value.unwrap_or("ndarray");
-    BACKENDS
-        .into_iter()
-        .find(|b| *b == value)
-        .ok_or_else(|| format!("unknown backend `{value}`; known backends: {}", BACKENDS.join(", ")))
+    BACKENDS.into_iter().find(|b| *b == value).ok_or_else(|| format!("unknown backend `{value}`; known backends: {}", BACKENDS.join(", ")))
 }

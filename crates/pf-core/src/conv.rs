@@ -168,7 +168,14 @@ mod tests {
         type B = burn::backend::NdArray;
         let device = Default::default();
         // Maps large and small enough for both strategies of `channel_matmul`.
-        for (shape, kernel, stride, padding) in [([2, 3, 13, 9], 7, 2, 3), ([1, 4, 5, 5], 3, 1, 1), ([3, 2, 8, 6], 3, 2, 1), ([1, 1, 4, 4], 2, 2, 0), ([4, 6, 3, 3], 3, 1, 1), ([5, 3, 2, 2], 1, 1, 0)] {
+        for (shape, kernel, stride, padding) in [
+            ([2, 3, 13, 9], 7, 2, 3),
+            ([1, 4, 5, 5], 3, 1, 1),
+            ([3, 2, 8, 6], 3, 2, 1),
+            ([1, 1, 4, 4], 2, 2, 0),
+            ([4, 6, 3, 3], 3, 1, 1),
+            ([5, 3, 2, 2], 1, 1, 0),
+        ] {
             let x = Tensor::<B, 4>::random(shape, Distribution::Normal(0.0, 1.0), &device);
             let weight = Tensor::<B, 4>::random([5, shape[1], kernel, kernel], Distribution::Normal(0.0, 1.0), &device);
             let direct = conv2d(x.clone(), weight.clone(), None, ConvOptions::new([stride; 2], [padding; 2], [1, 1], 1));

@@ -6,8 +6,8 @@ use std::str::FromStr;
 
 use burn::nn::pool::{AvgPool2d, AvgPool2dConfig};
 use burn::prelude::*;
-use pf_kernels::{fused_avg_pool2d, FusedOps};
 use pf_kernels::Pool2d;
+use pf_kernels::{fused_avg_pool2d, FusedOps};
 use serde::{Deserialize, Serialize};
 
 use crate::conv::{ConvBn, ConvBnConfig};

@@ -60,12 +60,7 @@ impl<B: FusedOps> Attention<B> {
         let out = if B::CPU_KERNELS && !dropout_acts {
             fused_attention(qkv, self.num_heads, scale)
         } else {
-            let split = |i: usize| {
-                qkv.clone()
-                    .narrow(2, i * c, c)
-                    .reshape([b, n, self.num_heads, head_dim])
-                    .swap_dims(1, 2)
-            };
+            let split = |i: usize| qkv.clone().narrow(2, i * c, c).reshape([b, n, self.num_heads, head_dim]).swap_dims(1, 2);
             let (q, k, v) = (split(0), split(1), split(2));
             let attn = self.attn_drop.forward(softmax(q.mul_scalar(scale).matmul(k.swap_dims(2, 3)), 3));
             attn.matmul(v).swap_dims(1, 2).reshape([b, n, c])

@@ -15,8 +15,8 @@ pub mod vit;
 pub mod weights;
 
 use burn::prelude::*;
-use pf_kernels::FusedOps;
 use pf_core::Cost;
+use pf_kernels::FusedOps;
 use serde::{Deserialize, Serialize};
 
 pub use error::ModelError;
@@ -76,9 +76,7 @@ impl ModelConfig {
             return Err(ModelError::Config { family: self.family(), reason: format!("drop-path rate {rate} is not in [0, 1)") });
         }
         match &mut self {
-            Self::Resnet(_) if rate > 0.0 => {
-                return Err(ModelError::Config { family: "resnet", reason: "the ResNet family has no drop-path".into() })
-            }
+            Self::Resnet(_) if rate > 0.0 => return Err(ModelError::Config { family: "resnet", reason: "the ResNet family has no drop-path".into() }),
             Self::Resnet(_) => {}
             Self::Vit(c) => c.drop_path_rate = rate,
             Self::Pit(c) => c.drop_path_rate = rate,

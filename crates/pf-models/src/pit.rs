@@ -75,12 +75,7 @@ impl PitConfig {
         let bad = |reason: String| Err(ModelError::Config { family: "pit", reason });
         let stages = self.depth.len();
         if stages == 0 || self.base_dims.len() != stages || self.heads.len() != stages {
-            return bad(format!(
-                "base_dims, depth and heads need one entry per stage, got {}, {} and {}",
-                self.base_dims.len(),
-                stages,
-                self.heads.len()
-            ));
+            return bad(format!("base_dims, depth and heads need one entry per stage, got {}, {} and {}", self.base_dims.len(), stages, self.heads.len()));
         }
         if self.patch_size == 0 || self.stride == 0 || self.image_size < self.patch_size {
             return bad(format!("image_size {} must be at least patch_size {} (stride {})", self.image_size, self.patch_size, self.stride));
@@ -135,20 +130,14 @@ impl PitConfig {
             .map(|s| {
                 let (i, o) = (self.dim(s - 1), self.dim(s));
                 ConvHeadPooling {
-                    conv: Conv2dConfig::new([i, o], [3, 3])
-                        .with_stride([2, 2])
-                        .with_padding(PaddingConfig2d::Explicit(1, 1, 1, 1))
-                        .with_groups(i)
-                        .init(device),
+                    conv: Conv2dConfig::new([i, o], [3, 3]).with_stride([2, 2]).with_padding(PaddingConfig2d::Explicit(1, 1, 1, 1)).with_groups(i).init(device),
                 }
             })
             .collect();
         let (d0, dl, g) = (self.dim(0), self.dim(self.depth.len() - 1), self.grid());
         Pit {
             patch_embed: ConvEmbedding {
-                conv: Conv2dConfig::new([3, d0], [self.patch_size, self.patch_size])
-                    .with_stride([self.stride, self.stride])
-                    .init(device),
+                conv: Conv2dConfig::new([3, d0], [self.patch_size, self.patch_size]).with_stride([self.stride, self.stride]).init(device),
             },
             pos_embed: Initializer::Normal { mean: 0.0, std: 0.02 }.init([1, d0, g, g], device),
             pos_drop: DropoutConfig::new(self.drop_rate).init(),

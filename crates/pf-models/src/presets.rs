@@ -126,9 +126,6 @@ impl FromStr for ModelName {
     type Err = ModelError;
 
     fn from_str(name: &str) -> Result<Self, ModelError> {
-        Self::ALL
-            .into_iter()
-            .find(|m| m.as_str() == name)
-            .ok_or_else(|| ModelError::UnknownModel { name: name.to_string(), known: Self::known() })
+        Self::ALL.into_iter().find(|m| m.as_str() == name).ok_or_else(|| ModelError::UnknownModel { name: name.to_string(), known: Self::known() })
     }
 }

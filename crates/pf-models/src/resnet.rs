@@ -2,11 +2,11 @@
 
 use burn::nn::{Initializer, Linear, LinearConfig};
 use burn::prelude::*;
-use pf_kernels::FusedOps;
-use pf_core::spatial::MaxPool;
 use pf_core::macs::{linear_cost, pool_cost};
+use pf_core::spatial::MaxPool;
 use pf_core::spatial::SpatialKind;
 use pf_core::{ConvBn, ConvBnConfig, Cost, SpatialOp, SpatialOpConfig};
+use pf_kernels::FusedOps;
 use serde::{Deserialize, Serialize};
 
 use crate::error::ModelError;
@@ -156,8 +156,7 @@ impl ResNetConfig {
             let layer = (0..blocks)
                 .map(|i| {
                     let stride = if i == 0 { stride } else { 1 };
-                    let downsample = (i == 0 && (stride != 1 || inplanes != out))
-                        .then(|| conv_bn([inplanes, out], 1, stride, false, device));
+                    let downsample = (i == 0 && (stride != 1 || inplanes != out)).then(|| conv_bn([inplanes, out], 1, stride, false, device));
                     let block = Bottleneck {
                         reduction_block: conv_bn([inplanes, planes], 1, 1, true, device),
                         conv_block: self.spatial(index).init(planes, stride, device),
@@ -195,8 +194,12 @@ impl ResNetConfig {
 fn conv_bn<B: FusedOps>(channels: [usize; 2], kernel: usize, stride: usize, relu: bool, device: &B::Device) -> ConvBn<B> {
     let mut block = ConvBnConfig::new(channels, kernel).with_stride(stride).with_relu(relu).init(device);
     let [o, i] = [channels[1], channels[0]];
-    block.conv.weight = Initializer::KaimingNormal { gain: 2f64.sqrt(), fan_out_only: true }
-        .init_with([o, i, kernel, kernel], Some(i * kernel * kernel), Some(o * kernel * kernel), device);
+    block.conv.weight = Initializer::KaimingNormal { gain: 2f64.sqrt(), fan_out_only: true }.init_with(
+        [o, i, kernel, kernel],
+        Some(i * kernel * kernel),
+        Some(o * kernel * kernel),
+        device,
+    );
     block
 }
 
@@ -208,11 +211,7 @@ impl<B: FusedOps> ResNet<B> {
         let [_, c, h, w] = dims;
         let m = self.size_multiple;
         if c != 3 || h == 0 || w == 0 || h % m != 0 || w % m != 0 {
-            let expected = if m > 1 {
-                format!("[batch, 3, H, W] with H and W multiples of {m}")
-            } else {
-                "[batch, 3, H, W]".to_string()
-            };
+            let expected = if m > 1 { format!("[batch, 3, H, W] with H and W multiples of {m}") } else { "[batch, 3, H, W]".to_string() };
             return Err(ModelError::input("resnet", expected, dims));
         }
         Ok(())
@@ -238,15 +237,8 @@ impl<B: FusedOps> ResNet<B> {
     /// - `x`: `[batch, 3, height, width]`
     /// - output: `[batch, 4 · 512 · width_mult, height / 32, width / 32]` (rounded up per stride)
     pub fn forward_features(&self, x: Tensor<B, 4>) -> Tensor<B, 4> {
-        let x = if self.fused {
-            self.conv1.forward_max_pool(x, self.maxpool.window())
-        } else {
-            self.maxpool.window().max_pool(self.conv1.forward(x))
-        };
-        [&self.layer1, &self.layer2, &self.layer3, &self.layer4]
-            .into_iter()
-            .flatten()
-            .fold(x, |x, block| block.forward(x))
+        let x = if self.fused { self.conv1.forward_max_pool(x, self.maxpool.window()) } else { self.maxpool.window().max_pool(self.conv1.forward(x)) };
+        [&self.layer1, &self.layer2, &self.layer3, &self.layer4].into_iter().flatten().fold(x, |x, block| block.forward(x))
     }
 
     /// Global average pool and classifier.

@@ -101,9 +101,7 @@ impl VitConfig {
             })
             .collect();
         Vit {
-            patch_embed: PatchEmbed {
-                proj: Conv2dConfig::new([3, d], [p, p]).with_stride([p, p]).init(device),
-            },
+            patch_embed: PatchEmbed { proj: Conv2dConfig::new([3, d], [p, p]).with_stride([p, p]).init(device) },
             pos_embed: Initializer::Normal { mean: 0.0, std: 0.02 }.init([1, n, d], device),
             pos_drop: DropoutConfig::new(self.drop_rate).init(),
             blocks,

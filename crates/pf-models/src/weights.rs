@@ -8,9 +8,9 @@ use std::sync::LazyLock;
 
 use burn::module::ParamId;
 use burn::prelude::*;
-use pf_kernels::FusedOps;
 use burn_store::pytorch::PytorchReader;
 use burn_store::{BurnpackStore, ModuleSnapshot, TensorSnapshot};
+use pf_kernels::FusedOps;
 use regex::Regex;
 use thiserror::Error;
 
@@ -29,8 +29,7 @@ const RULES: &[(&str, &str)] = &[
     (r"\.beta$", ".bias"),
 ];
 
-static COMPILED: LazyLock<Vec<(Regex, &'static str)>> =
-    LazyLock::new(|| RULES.iter().map(|(p, r)| (Regex::new(p).expect("valid rule"), *r)).collect());
+static COMPILED: LazyLock<Vec<(Regex, &'static str)>> = LazyLock::new(|| RULES.iter().map(|(p, r)| (Regex::new(p).expect("valid rule"), *r)).collect());
 
 /// The reference's state-dict key of a pf tensor path.
 pub fn reference_key(path: &str) -> String {
@@ -209,10 +208,7 @@ fn plan<B: FusedOps>(model: &Model<B>, ckpt: &Checkpoint) -> Result<(LoadReport,
             report.mismatched.push((entry.key.clone(), entry.shape.clone(), found_shape));
             continue;
         }
-        let data = found.to_data().map_err(|e| WeightsError::Read {
-            path: ckpt.path.clone(),
-            reason: format!("tensor {}: {e:?}", entry.key),
-        })?;
+        let data = found.to_data().map_err(|e| WeightsError::Read { path: ckpt.path.clone(), reason: format!("tensor {}: {e:?}", entry.key) })?;
         if data.dtype != burn::tensor::DType::F32 {
             report.converted_from_f16 += 1;
         }
@@ -275,10 +271,7 @@ pub fn load_pytorch<B: FusedOps>(mut model: Model<B>, path: &Path) -> Result<(Mo
         }
     };
     if !result.errors.is_empty() || !result.missing.is_empty() {
-        return Err(WeightsError::Read {
-            path: path.to_path_buf(),
-            reason: format!("applying the tensors failed: {result}"),
-        });
+        return Err(WeightsError::Read { path: path.to_path_buf(), reason: format!("applying the tensors failed: {result}") });
     }
     Ok((model, report))
 }

@@ -10,7 +10,9 @@ use burn::optim::adaptor::OptimizerAdaptor;
 use burn::optim::{GradientsParams, Optimizer, Sgd, SgdConfig};
 use burn::prelude::*;
 use burn::tensor::Distribution;
-use pf_kernels::{fused_bn_relu_max_pool, fused_gelu_max_pool_gelu, reference_bn_relu_max_pool, reference_gelu_max_pool_gelu, FusedAutodiffBackend, FusedOps, Pool2d};
+use pf_kernels::{
+    fused_bn_relu_max_pool, fused_gelu_max_pool_gelu, reference_bn_relu_max_pool, reference_gelu_max_pool_gelu, FusedAutodiffBackend, FusedOps, Pool2d,
+};
 use pf_models::weights::num_parameters;
 use pf_models::{Model, ModelName};
 use serde::{Deserialize, Serialize};
@@ -170,7 +172,12 @@ fn gelu_max_pool_gelu<B: FusedOps>(tokens: Tensor<B, 3>, grid: [usize; 2], fused
 }
 
 /// Times every case fused against reference, both passes.
-pub fn bench_kernels<B: FusedAutodiffBackend>(device: &B::Device, cases: &[KernelCase<B>], budget: Budget, mut report: impl FnMut(&KernelRecord)) -> Result<Vec<KernelRecord>> {
+pub fn bench_kernels<B: FusedAutodiffBackend>(
+    device: &B::Device,
+    cases: &[KernelCase<B>],
+    budget: Budget,
+    mut report: impl FnMut(&KernelRecord),
+) -> Result<Vec<KernelRecord>> {
     let mut records = Vec::new();
     for case in cases {
         for pass in Pass::BOTH {
@@ -182,7 +189,8 @@ pub fn bench_kernels<B: FusedAutodiffBackend>(device: &B::Device, cases: &[Kerne
             };
             let reference_ms = time(false)?;
             let fused_ms = time(true)?;
-            let record = KernelRecord { op: case.op().into(), shape: case.shape(), pass: pass.name().into(), reference_ms, fused_ms, speedup: reference_ms / fused_ms };
+            let record =
+                KernelRecord { op: case.op().into(), shape: case.shape(), pass: pass.name().into(), reference_ms, fused_ms, speedup: reference_ms / fused_ms };
             report(&record);
             records.push(record);
         }
@@ -307,9 +315,12 @@ pub fn draw_chart(path: &std::path::Path, title: &str, records: &[ModelRecord]) 
                 _ => String::new(),
             })
             .draw()?;
-        chart.draw_series(records.iter().enumerate().map(|(i, r)| {
-            Rectangle::new([(SegmentValue::Exact(i), 0.0), (SegmentValue::Exact(i + 1), value(r))], color.mix(0.7).filled())
-        }))?;
+        chart.draw_series(
+            records
+                .iter()
+                .enumerate()
+                .map(|(i, r)| Rectangle::new([(SegmentValue::Exact(i), 0.0), (SegmentValue::Exact(i + 1), value(r))], color.mix(0.7).filled())),
+        )?;
     }
     root.present()?;
     Ok(())

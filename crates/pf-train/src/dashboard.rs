@@ -107,11 +107,8 @@ impl Dashboard {
                 renderer.update_train(state)
             }
         }
-        let progress = TrainingProgress {
-            progress: Some(progress),
-            global_progress: Progress { items_processed: epoch + 1, items_total: self.epochs },
-            iteration,
-        };
+        let progress =
+            TrainingProgress { progress: Some(progress), global_progress: Progress { items_processed: epoch + 1, items_total: self.epochs }, iteration };
         if valid {
             renderer.render_valid(progress, Vec::new())
         } else {

@@ -216,11 +216,7 @@ impl EvalTransform {
     pub fn crop(&self, image: &RgbImage) -> RgbImage {
         let scale = (self.size as f64 / self.crop_pct).floor() as u32;
         let (w, h) = image.dimensions();
-        let (nw, nh) = if w <= h {
-            (scale, (scale as f64 * h as f64 / w as f64) as u32)
-        } else {
-            ((scale as f64 * w as f64 / h as f64) as u32, scale)
-        };
+        let (nw, nh) = if w <= h { (scale, (scale as f64 * h as f64 / w as f64) as u32) } else { ((scale as f64 * w as f64 / h as f64) as u32, scale) };
         let resized = image::imageops::resize(image, nw.max(1), nh.max(1), self.interpolation.filter());
         let size = self.size as u32;
         let top = ((nh as f64 - size as f64) / 2.0).round().max(0.0) as u32;

@@ -92,9 +92,7 @@ pub fn read_expected(path: &Path) -> Result<BTreeMap<String, Golden>> {
         let data = view.data();
         let (values, labels) = match view.dtype() {
             safetensors::Dtype::F32 => (data.chunks_exact(4).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])).collect(), vec![]),
-            safetensors::Dtype::F64 => {
-                (data.chunks_exact(8).map(|b| f64::from_le_bytes(b.try_into().expect("8 bytes")) as f32).collect(), vec![])
-            }
+            safetensors::Dtype::F64 => (data.chunks_exact(8).map(|b| f64::from_le_bytes(b.try_into().expect("8 bytes")) as f32).collect(), vec![]),
             safetensors::Dtype::I64 => (vec![], data.chunks_exact(8).map(|b| i64::from_le_bytes(b.try_into().expect("8 bytes"))).collect()),
             other => bail!("{}: tensor {name} has unsupported dtype {other:?}", path.display()),
         };

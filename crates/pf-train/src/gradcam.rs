@@ -75,11 +75,7 @@ pub fn grad_cam<B: FusedAutodiffBackend>(model: &Model<B>, features: Tensor<B::I
     let plane = h * w;
     let alpha = (0..channels).map(|k| grad[k * plane..(k + 1) * plane].iter().map(|&g| g as f64).sum::<f64>() / plane as f64).collect::<Vec<_>>();
     let map = (0..h)
-        .map(|y| {
-            (0..w)
-                .map(|x| alpha.iter().enumerate().map(|(k, alpha)| alpha * a[k * plane + y * w + x] as f64).sum::<f64>().max(0.0))
-                .collect()
-        })
+        .map(|y| (0..w).map(|x| alpha.iter().enumerate().map(|(k, alpha)| alpha * a[k * plane + y * w + x] as f64).sum::<f64>().max(0.0)).collect())
         .collect();
     Ok(CamMap { class, logit: values[class] as f64, logits: values, map })
 }

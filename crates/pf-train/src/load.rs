@@ -168,7 +168,15 @@ mod tests {
         let config = model_config("resnet50_hybrid").unwrap();
         assert_eq!(eval_transform(&config, None, None, None).unwrap().size, 224);
         assert!(eval_transform(&config, None, Some(1), Some(1.0)).is_ok());
-        for (size, crop) in [(None, Some(0.0)), (None, Some(1e9)), (None, Some(f64::NAN)), (None, Some(-0.5)), (Some(100_000), None), (Some(0), None), (Some(4096), Some(0.001))] {
+        for (size, crop) in [
+            (None, Some(0.0)),
+            (None, Some(1e9)),
+            (None, Some(f64::NAN)),
+            (None, Some(-0.5)),
+            (Some(100_000), None),
+            (Some(0), None),
+            (Some(4096), Some(0.001)),
+        ] {
             let err = eval_transform(&config, None, size, crop).expect_err("out of range").to_string();
             assert!(err.contains(if size.is_some() && crop.is_none() { "--image-size" } else { "--crop-pct" }), "{size:?} {crop:?}: {err}");
         }

@@ -5,8 +5,8 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use anyhow::{Context, Result};
-use pf_kernels::FusedAutodiffBackend;
 use clap::{Parser, Subcommand};
+use pf_kernels::FusedAutodiffBackend;
 use pf_models::weights::{inspect_pytorch, load_pf, num_parameters, read_pf_config};
 use pf_models::ModelName;
 use pf_train::backend::{dispatch, dispatch_on, BackendKind, Job};
@@ -101,12 +101,8 @@ fn main() -> ExitCode {
 fn explain_device_failures() {
     let default = std::panic::take_hook();
     std::panic::set_hook(Box::new(move |info| {
-        let message = info
-            .payload()
-            .downcast_ref::<String>()
-            .map(String::as_str)
-            .or_else(|| info.payload().downcast_ref::<&str>().copied())
-            .unwrap_or_default();
+        let message =
+            info.payload().downcast_ref::<String>().map(String::as_str).or_else(|| info.payload().downcast_ref::<&str>().copied()).unwrap_or_default();
         match device_failure(message) {
             Some(line) => {
                 eprintln!("error: {line}");
@@ -220,13 +216,7 @@ impl Job for Parity {
 
     fn run<B: FusedAutodiffBackend>(self, device: B::Device) -> Result<ExitCode> {
         println!("parity on {} ({:?}) against {}", self.backend.name(), device, self.dir.display());
-        let reports = parity::run_all::<B>(&self.dir, &device, |report| {
-            if self.verbose {
-                println!("{report:#}")
-            } else {
-                println!("{report}")
-            }
-        })?;
+        let reports = parity::run_all::<B>(&self.dir, &device, |report| if self.verbose { println!("{report:#}") } else { println!("{report}") })?;
         let passed = reports.iter().filter(|r| r.passed()).count();
         println!("{} passed, {} failed", passed, reports.len() - passed);
         Ok(if passed == reports.len() { ExitCode::SUCCESS } else { ExitCode::FAILURE })
@@ -242,10 +232,7 @@ fn models(json: bool) -> Result<ExitCode> {
         println!("|{:-<18}|{:-<8}|{:->14}|{:->10}|{:->11}|{:->13}|", "", "", "", "", "", "");
         for i in &infos {
             let g = |v: u64| v as f64 / 1e9;
-            println!(
-                "| {:<16} | {:<6} | {:>12} | {:>8} | {:>9.3} | {:>11.3} |",
-                i.name, i.family, i.params, i.image_size, g(i.macs), g(i.pool_reads)
-            );
+            println!("| {:<16} | {:<6} | {:>12} | {:>8} | {:>9.3} | {:>11.3} |", i.name, i.family, i.params, i.image_size, g(i.macs), g(i.pool_reads));
         }
     }
     Ok(ExitCode::SUCCESS)
@@ -263,7 +250,11 @@ fn inspect(name: &str, weights: &std::path::Path, num_classes: Option<usize>) ->
     if weights.extension().is_some_and(|e| e == "bpk") {
         let saved = read_pf_config(weights)?;
         if saved != config {
-            println!("FAILED: the checkpoint was saved for another config:\n  saved:     {}\n  requested: {}", serde_json::to_string(&saved)?, serde_json::to_string(&config)?);
+            println!(
+                "FAILED: the checkpoint was saved for another config:\n  saved:     {}\n  requested: {}",
+                serde_json::to_string(&saved)?,
+                serde_json::to_string(&config)?
+            );
             return Ok(ExitCode::FAILURE);
         }
         return match load_pf(model, weights) {

@@ -55,15 +55,20 @@ pub fn smoothed_one_hot(labels: &[usize], classes: usize, smoothing: f64) -> Vec
 /// # Shapes
 /// - `images`: `[n, channels, height, width]` row-major
 /// - output targets: `[n, classes]` row-major
-pub fn mix_batch(images: &mut [f32], dims: [usize; 4], labels: &[usize], classes: usize, smoothing: f64, config: &MixConfig, rng: &mut impl Rng) -> (Vec<f32>, f64) {
+pub fn mix_batch(
+    images: &mut [f32],
+    dims: [usize; 4],
+    labels: &[usize],
+    classes: usize,
+    smoothing: f64,
+    config: &MixConfig,
+    rng: &mut impl Rng,
+) -> (Vec<f32>, f64) {
     let [n, c, h, w] = dims;
     let mut lam = 1.0;
     if config.enabled() && rng.random::<f64>() < config.prob {
-        let use_cutmix = if config.mixup_alpha > 0.0 && config.cutmix_alpha > 0.0 {
-            rng.random::<f64>() < config.switch_prob
-        } else {
-            config.cutmix_alpha > 0.0
-        };
+        let use_cutmix =
+            if config.mixup_alpha > 0.0 && config.cutmix_alpha > 0.0 { rng.random::<f64>() < config.switch_prob } else { config.cutmix_alpha > 0.0 };
         let alpha = if use_cutmix { config.cutmix_alpha } else { config.mixup_alpha };
         let sampled = Beta::new(alpha, alpha).map(|b| b.sample(rng)).unwrap_or(1.0);
         let plane = h * w;

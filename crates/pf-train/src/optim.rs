@@ -81,9 +81,8 @@ impl<B: FusedAutodiffBackend> Inner<B> {
         match spec {
             OptimizerSpec::Sgd { momentum, nesterov } => {
                 let momentum = MomentumConfig { momentum: *momentum, dampening: 0.0, nesterov: *nesterov };
-                let config = SgdConfig::new()
-                    .with_momentum(Some(momentum))
-                    .with_weight_decay((weight_decay > 0.0).then(|| WeightDecayConfig::new(weight_decay as f32)));
+                let config =
+                    SgdConfig::new().with_momentum(Some(momentum)).with_weight_decay((weight_decay > 0.0).then(|| WeightDecayConfig::new(weight_decay as f32)));
                 Self::Sgd(config.init())
             }
             OptimizerSpec::Adamw { betas, eps } => Self::AdamW(

@@ -223,13 +223,7 @@ impl<B: AutodiffBackend> ModuleVisitor<B> for GradsToDevice<'_, B> {
 }
 
 /// The mean loss and logits of one shard, and the gradient of `weight` times its mean loss.
-fn shard_grads<B: FusedAutodiffBackend>(
-    model: &Model<B>,
-    shard: HostBatch,
-    weight: f64,
-    groups: &ParamGroups,
-    device: &B::Device,
-) -> Result<StepGrads> {
+fn shard_grads<B: FusedAutodiffBackend>(model: &Model<B>, shard: HostBatch, weight: f64, groups: &ParamGroups, device: &B::Device) -> Result<StepGrads> {
     let HostBatch { images, targets, rows, size, classes } = shard;
     let logits = model.forward(Tensor::from_data(TensorData::new(images, [rows, 3, size, size]), device))?;
     let targets = Tensor::<B, 2>::from_data(TensorData::new(targets, [rows, classes]), device);

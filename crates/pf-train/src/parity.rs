@@ -97,7 +97,13 @@ impl fmt::Display for CaseReport {
             write!(
                 f,
                 "\n    {}: {} of {} elements outside the bound {:.3e}; worst error {:.3e} ({:.4} of the bound) at flat index {}",
-                check.name, check.outside, check.numel, check.bound, check.worst_error, check.ratio(), check.worst_index
+                check.name,
+                check.outside,
+                check.numel,
+                check.bound,
+                check.worst_error,
+                check.ratio(),
+                check.worst_index
             )?;
         }
         for error in &self.errors {
@@ -149,9 +155,7 @@ pub fn run_case<B: FusedAutodiffBackend>(dir: &Path, case: &Case, device: &B::De
 
     let logits_golden = golden(&expected, "logits", case)?;
     let input = golden(&expected, "input", case)?;
-    let logits_check = |logits: TensorData| {
-        TensorCheck::new("logits", &to_f32(logits), logits_golden, case.logits_tol, logits_golden.max_abs().max(1.0))
-    };
+    let logits_check = |logits: TensorData| TensorCheck::new("logits", &to_f32(logits), logits_golden, case.logits_tol, logits_golden.max_abs().max(1.0));
 
     match case.mode {
         Mode::Eval => {

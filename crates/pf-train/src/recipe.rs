@@ -153,9 +153,7 @@ impl Recipe {
         }
         match self.schedule {
             ScheduleSpec::Step { every, gamma } => base * gamma.powi((epoch / every) as i32),
-            ScheduleSpec::Cosine { min_lr } => {
-                min_lr + 0.5 * (base - min_lr) * (1.0 + (std::f64::consts::PI * epoch as f64 / self.epochs as f64).cos())
-            }
+            ScheduleSpec::Cosine { min_lr } => min_lr + 0.5 * (base - min_lr) * (1.0 + (std::f64::consts::PI * epoch as f64 / self.epochs as f64).cos()),
         }
     }
 

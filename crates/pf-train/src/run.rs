@@ -4,6 +4,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use anyhow::{bail, Context, Result};
+use pf_core::spatial::SpatialKind;
 use pf_kernels::FusedAutodiffBackend;
 use pf_models::weights::load_any;
 use pf_models::ModelName;
@@ -11,11 +12,10 @@ use pf_train::backend::{BackendKind, DevicesJob, Job};
 use pf_train::bench::{bench_kernels, bench_model, draw_chart, kernel_note, markdown_table, Budget, KernelCase, KernelRecord, ModelRecord};
 use pf_train::data::ImageFolder;
 use pf_train::eval::{evaluate, Verbosity};
+use pf_train::load::{eval_transform, model_config, training_summary, weights_config};
 use pf_train::recipe::{ModelSpec, Recipe};
 use pf_train::study::{draw_study_chart, study, study_table, StudyArgs};
 use pf_train::train::{train_on, TrainArgs};
-use pf_core::spatial::SpatialKind;
-use pf_train::load::{eval_transform, model_config, training_summary, weights_config};
 use pf_train::{checkpoint, resolve};
 
 #[derive(clap::Args)]
@@ -133,12 +133,7 @@ impl DevicesJob for TrainJob {
                 self.args.out.display()
             );
         } else {
-            println!(
-                "stopped after epoch {} of {}; continue with --resume --out {}",
-                summary.history.len(),
-                summary.recipe.epochs,
-                self.args.out.display()
-            );
+            println!("stopped after epoch {} of {}; continue with --resume --out {}", summary.history.len(), summary.recipe.epochs, self.args.out.display());
         }
         Ok(ExitCode::SUCCESS)
     }
@@ -271,16 +266,9 @@ impl Job for BenchCli {
         }
         let budget = self.budget();
         let json = if self.kernels {
-            println!(
-                "kernels on {} ({device:?}); {}; median of >= {} runs, device synchronised",
-                self.backend.name(),
-                kernel_note::<B>(),
-                budget.min_runs
-            );
+            println!("kernels on {} ({device:?}); {}; median of >= {} runs, device synchronised", self.backend.name(), kernel_note::<B>(), budget.min_runs);
             println!("| op | shape | pass | reference (ms) | fused (ms) | speedup |\n|---|---|---|---:|---:|---:|");
-            let row = |r: &KernelRecord| {
-                println!("| {} | {:?} | {} | {:.3} | {:.3} | {:.2}x |", r.op, r.shape, r.pass, r.reference_ms, r.fused_ms, r.speedup)
-            };
+            let row = |r: &KernelRecord| println!("| {} | {:?} | {} | {:.3} | {:.3} | {:.2}x |", r.op, r.shape, r.pass, r.reference_ms, r.fused_ms, r.speedup);
             let records = bench_kernels::<B>(&device, &KernelCase::all(self.cases, &device), budget, row)?;
             if self.chart.is_some() {
                 bail!("--chart draws the model table; the kernel bench writes --json only");
@@ -427,9 +415,8 @@ impl Job for StudyCli {
             args.recipe.epochs,
             args.out.display()
         );
-        let rows = study::<B>(&args, &device, |r| {
-            println!("{}: val top-1 {:.2}%, {} parameters, {:.2} ms at batch 1", r.op, r.val_top1, r.params, r.latency_ms)
-        })?;
+        let rows =
+            study::<B>(&args, &device, |r| println!("{}: val top-1 {:.2}%, {} parameters, {:.2} ms at batch 1", r.op, r.val_top1, r.params, r.latency_ms))?;
         print!("{}", study_table(&rows));
         if let Some(path) = &self.json {
             let json = serde_json::json!({ "recipe": args.recipe.name, "epochs": args.recipe.epochs, "backend": self.backend.name(), "rows": rows });

@@ -158,16 +158,11 @@ pub fn draw_study_chart(path: &Path, title: &str, rows: &[StudyRow]) -> Result<(
     let panels: [(_, &str, fn(&StudyRow) -> f64); 2] =
         [(left, "parameters (thousands)", |r| r.params as f64 / 1e3), (right, "latency, batch 1 (ms)", |r| r.latency_ms)];
     for (area, x_label, x_of) in panels {
-        let mut chart = ChartBuilder::on(&area)
-            .margin(16)
-            .x_label_area_size(40)
-            .y_label_area_size(60)
-            .build_cartesian_2d(span(rows.iter().map(x_of)), top1.clone())?;
+        let mut chart =
+            ChartBuilder::on(&area).margin(16).x_label_area_size(40).y_label_area_size(60).build_cartesian_2d(span(rows.iter().map(x_of)), top1.clone())?;
         chart.configure_mesh().x_desc(x_label).y_desc("val top-1 (%)").draw()?;
         chart.draw_series(rows.iter().map(|r| {
-            EmptyElement::at((x_of(r), r.val_top1))
-                + Circle::new((0, 0), 5, BLUE.filled())
-                + Text::new(r.op.to_string(), (8, -14), ("sans-serif", 14))
+            EmptyElement::at((x_of(r), r.val_top1)) + Circle::new((0, 0), 5, BLUE.filled()) + Text::new(r.op.to_string(), (8, -14), ("sans-serif", 14))
         }))?;
     }
     root.present()?;

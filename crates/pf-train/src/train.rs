@@ -144,11 +144,7 @@ pub fn train_watched<B: FusedAutodiffBackend>(args: &TrainArgs, devices: &[B::De
     );
     let parallel = DataParallel::<B>::new(devices, optim.groups().clone())?;
     if parallel.devices() > 1 {
-        println!(
-            "data-parallel over {} devices {devices:?}: {} images per device and step",
-            devices.len(),
-            recipe.batch_size.div_ceil(devices.len())
-        );
+        println!("data-parallel over {} devices {devices:?}: {} images per device and step", devices.len(), recipe.batch_size.div_ceil(devices.len()));
     }
 
     let mut dashboard = match dashboard {

@@ -15,9 +15,10 @@ use burn::tensor::ops::{FloatTensor, FloatTensorOps, IntTensor};
 use burn::tensor::{Shape, TensorData, TensorMetadata};
 
 use crate::ops::{
-    avg_pool_backward_by_reference, avg_pool_by_reference,
-    attention_backward_by_reference, attention_by_reference, batch_norm_backward_by_reference, batch_norm_by_reference, conv2d_backward_by_burn, conv2d_batch_norm_by_composition, conv2d_by_reference, layer_norm_backward_by_reference, layer_norm_by_reference, linear_backward_by_reference, linear_by_reference,
-    max_pool_backward_by_reference, softmax_backward_by_reference, softmax_by_reference, FusedOps,
+    attention_backward_by_reference, attention_by_reference, avg_pool_backward_by_reference, avg_pool_by_reference, batch_norm_backward_by_reference,
+    batch_norm_by_reference, conv2d_backward_by_burn, conv2d_batch_norm_by_composition, conv2d_by_reference, layer_norm_backward_by_reference,
+    layer_norm_by_reference, linear_backward_by_reference, linear_by_reference, max_pool_backward_by_reference, softmax_backward_by_reference,
+    softmax_by_reference, FusedOps,
 };
 use crate::reference::Pool2d;
 
@@ -155,7 +156,17 @@ impl FusedOps for NdArray {
     ) -> [FloatTensor<Self>; 4] {
         let all = [&x, &y, &grad, &mean, &var, &weight].map(values);
         let [Some(xs), Some(ys), Some(gs), Some(ms), Some(vs), Some(ws)] = all else {
-            return batch_norm_backward_by_reference::<Self>(x.clone(), y.clone(), grad.clone(), mean.clone(), var.clone(), weight.clone(), epsilon, relu, batch_stats);
+            return batch_norm_backward_by_reference::<Self>(
+                x.clone(),
+                y.clone(),
+                grad.clone(),
+                mean.clone(),
+                var.clone(),
+                weight.clone(),
+                epsilon,
+                relu,
+                batch_stats,
+            );
         };
         let [n, c, h, w] = dims::<4>(&x);
         let inv_std: Vec<f32> = vs.iter().map(|v| 1.0 / (v + epsilon as f32).sqrt()).collect();
@@ -188,7 +199,12 @@ impl FusedOps for NdArray {
         }
     }
 
-    fn linear_act(x: FloatTensor<Self>, weight: FloatTensor<Self>, bias: Option<FloatTensor<Self>>, gelu: bool) -> (FloatTensor<Self>, Option<FloatTensor<Self>>) {
+    fn linear_act(
+        x: FloatTensor<Self>,
+        weight: FloatTensor<Self>,
+        bias: Option<FloatTensor<Self>>,
+        gelu: bool,
+    ) -> (FloatTensor<Self>, Option<FloatTensor<Self>>) {
         linear(x, weight, bias, gelu, true)
     }
 
@@ -216,7 +232,13 @@ impl FusedOps for NdArray {
         [tensor(y, [rows, d]), tensor(mean, [rows]), tensor(rstd, [rows])]
     }
 
-    fn layer_norm_stats_backward(x: FloatTensor<Self>, grad: FloatTensor<Self>, mean: FloatTensor<Self>, rstd: FloatTensor<Self>, gamma: FloatTensor<Self>) -> [FloatTensor<Self>; 3] {
+    fn layer_norm_stats_backward(
+        x: FloatTensor<Self>,
+        grad: FloatTensor<Self>,
+        mean: FloatTensor<Self>,
+        rstd: FloatTensor<Self>,
+        gamma: FloatTensor<Self>,
+    ) -> [FloatTensor<Self>; 3] {
         let all = [&x, &grad, &mean, &rstd, &gamma].map(values);
         let [Some(xs), Some(gs), Some(ms), Some(rs), Some(gm)] = all else {
             return layer_norm_backward_by_reference::<Self>(x, grad, mean, rstd, gamma);
@@ -366,10 +388,13 @@ mod tests {
     use burn::backend::{Autodiff, NdArray};
     use burn::prelude::*;
 
-    use crate::reference::{conv2d_as_matmul, gelu, reference_batch_norm, reference_gelu_max_pool_gelu, Pool2d};
     use crate::ops::attention_by_reference;
+    use crate::reference::{conv2d_as_matmul, gelu, reference_batch_norm, reference_gelu_max_pool_gelu, Pool2d};
     use crate::testing::Lcg;
-    use crate::{fused_attention, fused_avg_pool2d, fused_batch_norm, fused_conv2d, fused_conv2d_batch_norm_eval, fused_gelu_max_pool_gelu, fused_layer_norm, fused_linear, fused_max_pool2d, fused_softmax};
+    use crate::{
+        fused_attention, fused_avg_pool2d, fused_batch_norm, fused_conv2d, fused_conv2d_batch_norm_eval, fused_gelu_max_pool_gelu, fused_layer_norm,
+        fused_linear, fused_max_pool2d, fused_softmax,
+    };
 
     type Ad = Autodiff<NdArray>;
 
@@ -428,7 +453,12 @@ mod tests {
         cases.extend([([2, 3, 10, 9], 3, 1, 0), ([2, 2, 9, 8], 3, 1, 2), ([1, 2, 11, 10], 5, 1, 2), ([3, 2, 9, 9], 2, 1, 1), ([2, 3, 12, 9], 5, 1, 4)]);
         for batch in [1, 3] {
             for hw in [1, 2, 3, 7, 9] {
-                cases.extend([([batch, 5, hw, hw], 1, 1, 0), ([batch, 5, hw, hw + 1], 1, 2, 0), ([batch, 3, hw, hw], 3, 1, 1), ([batch, 3, hw + 2, hw], 3, 2, 1)]);
+                cases.extend([
+                    ([batch, 5, hw, hw], 1, 1, 0),
+                    ([batch, 5, hw, hw + 1], 1, 2, 0),
+                    ([batch, 3, hw, hw], 3, 1, 1),
+                    ([batch, 3, hw + 2, hw], 3, 2, 1),
+                ]);
             }
         }
         for (shape, kernel, stride, padding) in cases {
@@ -499,7 +529,12 @@ mod tests {
             let inner = |t: Tensor<Ad, 4>| t.inner();
             let x = inner(random(&mut rng, shape, 1.0, 0.0));
             let w = inner(random(&mut rng, [out, shape[1] / groups, kernel, kernel], 0.5, 0.0));
-            let norm = [random(&mut rng, [out], 0.5, 1.0).inner(), random(&mut rng, [out], 0.5, 0.0).inner(), random(&mut rng, [out], 1.0, 0.0).inner(), random(&mut rng, [out], 0.3, 1.0).abs().inner()];
+            let norm = [
+                random(&mut rng, [out], 0.5, 1.0).inner(),
+                random(&mut rng, [out], 0.5, 0.0).inner(),
+                random(&mut rng, [out], 1.0, 0.0).inner(),
+                random(&mut rng, [out], 0.3, 1.0).abs().inner(),
+            ];
             let y = fused_conv2d(x.clone(), w.clone(), [stride; 2], [padding; 2]);
             for (residual, relu) in [(false, false), (false, true), (true, true)] {
                 let case = format!("{shape:?} out {out} groups {groups} k{kernel} s{stride} p{padding} residual {residual} relu {relu}");
@@ -587,7 +622,13 @@ mod tests {
     }
 
     /// Forward and gradients of `op` against `reference` under a random output weighting.
-    fn compare<const D: usize, const P: usize>(what: &str, inputs: [Tensor<Ad, D>; P], op: impl Fn(&[Tensor<Ad, D>]) -> Tensor<Ad, 3>, reference: impl Fn(&[Tensor<Ad, D>]) -> Tensor<Ad, 3>, rng: &mut Lcg) {
+    fn compare<const D: usize, const P: usize>(
+        what: &str,
+        inputs: [Tensor<Ad, D>; P],
+        op: impl Fn(&[Tensor<Ad, D>]) -> Tensor<Ad, 3>,
+        reference: impl Fn(&[Tensor<Ad, D>]) -> Tensor<Ad, 3>,
+        rng: &mut Lcg,
+    ) {
         let inputs = inputs.map(|t| t.require_grad());
         let (ours, theirs) = (op(&inputs), reference(&inputs));
         assert_close(&format!("{what} output"), ours.clone().inner(), theirs.clone().inner(), 1e-5);
@@ -646,7 +687,11 @@ mod tests {
                     |t| {
                         let y = t[0].clone().matmul(t[1].clone());
                         let y = if bias { y + t[2].clone() } else { y };
-                        if act { gelu(y) } else { y }
+                        if act {
+                            gelu(y)
+                        } else {
+                            y
+                        }
                     },
                     &mut rng,
                 );
@@ -682,15 +727,27 @@ mod tests {
             for heads in [1, 2] {
                 let qkv = random(&mut rng, [b, n, 3 * heads * d], 1.0, 0.1);
                 let scale = (d as f64).powf(-0.5);
-                compare(&format!("{case} attention, {heads} heads"), [qkv.clone()], |t| fused_attention(t[0].clone(), heads, scale), |t| {
-                    let [out, _] = attention_by_reference::<Ad>(t[0].clone().into_primitive().tensor(), heads, scale);
-                    Tensor::from_primitive(burn::tensor::TensorPrimitive::Float(out))
-                }, &mut rng);
+                compare(
+                    &format!("{case} attention, {heads} heads"),
+                    [qkv.clone()],
+                    |t| fused_attention(t[0].clone(), heads, scale),
+                    |t| {
+                        let [out, _] = attention_by_reference::<Ad>(t[0].clone().into_primitive().tensor(), heads, scale);
+                        Tensor::from_primitive(burn::tensor::TensorPrimitive::Float(out))
+                    },
+                    &mut rng,
+                );
                 // Evaluation (no attention kept) gives the same values.
                 let training = fused_attention(qkv.clone(), heads, scale).inner();
                 fused_attention(qkv.inner(), heads, scale).into_data().assert_eq(&training.into_data(), true);
             }
-            compare(&format!("{case} gelu-max-pool-gelu"), [x.clone()], |t| fused_gelu_max_pool_gelu(t[0].clone(), [h, w]), |t| reference_gelu_max_pool_gelu(t[0].clone(), [h, w]), &mut rng);
+            compare(
+                &format!("{case} gelu-max-pool-gelu"),
+                [x.clone()],
+                |t| fused_gelu_max_pool_gelu(t[0].clone(), [h, w]),
+                |t| reference_gelu_max_pool_gelu(t[0].clone(), [h, w]),
+                &mut rng,
+            );
             // Evaluation (no autodiff: the kernel without winners) gives the same values.
             fused_gelu_max_pool_gelu(x.clone().inner(), [h, w]).into_data().assert_eq(&fused_gelu_max_pool_gelu(x, [h, w]).inner().into_data(), true);
         }

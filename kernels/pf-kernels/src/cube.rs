@@ -87,8 +87,7 @@ pub(crate) mod tests {
             case += 1;
             // Strided on purpose: conv outputs are NHWC data viewed as NCHW.
             // Drawn from the test's own generator: the cases are the same on every run.
-            let mut draw =
-                |count: usize, f: &dyn Fn(&mut Lcg) -> f64| TensorData::new((0..count).map(|_| f(&mut rng) as f32).collect::<Vec<f32>>(), [count]);
+            let mut draw = |count: usize, f: &dyn Fn(&mut Lcg) -> f64| TensorData::new((0..count).map(|_| f(&mut rng) as f32).collect::<Vec<f32>>(), [count]);
             let normal = |r: &mut Lcg| r.normal();
             let x = Tensor::<Autodiff<I>, 1>::from_data(draw(n * c * w * h, &normal), &device).reshape([n, c, w, h]).swap_dims(2, 3);
             let x = if case % 7 == 0 { -x.abs() - 0.1 } else { x };
@@ -169,8 +168,8 @@ pub(crate) mod tests {
             let x = TensorData::new(xs, [n, c, h, w]);
             let half = run_case::<Half>(&x, &scale, &shift, &weights, pool, true);
             let single = run_case::<Single>(&x, &scale, &shift, &weights, pool, false);
-            for (name, (a, b), tolerance) in [("output", 0, 0.0), ("grad x", 1, 1e-2), ("grad scale", 2, 1e-2), ("grad shift", 3, 1e-2)]
-                .map(|(n, i, t)| (n, (&half[i], &single[i]), t))
+            for (name, (a, b), tolerance) in
+                [("output", 0, 0.0), ("grad x", 1, 1e-2), ("grad scale", 2, 1e-2), ("grad shift", 3, 1e-2)].map(|(n, i, t)| (n, (&half[i], &single[i]), t))
             {
                 assert_eq!(a.len(), b.len(), "case {case}: {name} sizes");
                 for (i, (p, q)) in a.iter().zip(b).enumerate() {

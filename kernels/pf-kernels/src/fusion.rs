@@ -25,8 +25,8 @@ impl<B: FusionBackend + FusedOps> Operation<B::FusionRuntime> for BnReluMaxPoolO
         let [x, scale, shift] = self.desc.inputs.as_slice() else { unreachable!("registered with three inputs") };
         let (x, scale, shift) = (handles.get_float_tensor::<B>(x), handles.get_float_tensor::<B>(scale), handles.get_float_tensor::<B>(shift));
         if self.with_indices {
-            let (y, idx) = B::bn_relu_max_pool_with_indices(x, scale, shift, self.pool)
-                .expect("registered only for backends with the kernel (FusedOps::HAS_KERNELS)");
+            let (y, idx) =
+                B::bn_relu_max_pool_with_indices(x, scale, shift, self.pool).expect("registered only for backends with the kernel (FusedOps::HAS_KERNELS)");
             handles.register_float_tensor::<B>(&self.desc.outputs[0].id, y);
             handles.register_int_tensor::<B>(&self.desc.outputs[1].id, idx);
         } else {
@@ -48,8 +48,7 @@ impl<B: FusionBackend + FusedOps> Operation<B::FusionRuntime> for GeluMaxPoolGel
     fn execute(&self, handles: &mut HandleContainer<<B::FusionRuntime as FusionRuntime>::FusionHandle>) {
         let tokens = handles.get_float_tensor::<B>(&self.desc.inputs[0]);
         if self.with_indices {
-            let (y, idx) =
-                B::gelu_max_pool_gelu_with_indices(tokens, self.grid).expect("registered only for backends with the kernel (FusedOps::HAS_KERNELS)");
+            let (y, idx) = B::gelu_max_pool_gelu_with_indices(tokens, self.grid).expect("registered only for backends with the kernel (FusedOps::HAS_KERNELS)");
             handles.register_float_tensor::<B>(&self.desc.outputs[0].id, y);
             handles.register_int_tensor::<B>(&self.desc.outputs[1].id, idx);
         } else {

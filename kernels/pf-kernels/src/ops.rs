@@ -11,8 +11,8 @@ use burn::backend::autodiff::grads::Gradients;
 use burn::backend::autodiff::ops::{Backward, Ops, OpsKind};
 use burn::backend::Autodiff;
 use burn::prelude::*;
-use burn::tensor::ops::{FloatTensor, IntTensor};
 use burn::tensor::backend::AutodiffBackend;
+use burn::tensor::ops::{FloatTensor, IntTensor};
 use burn::tensor::{IndexingUpdateOp, TensorPrimitive};
 
 use crate::reference::{gelu, gelu_derivative, reference_bn_relu_max_pool, reference_gelu_max_pool_gelu, reshape, Pool2d};
@@ -192,7 +192,12 @@ pub trait FusedOps: Backend {
     /// # Shapes
     /// - `x`: `[rows, in]`, `weight`: `[in, out]`, `bias`: `[out]`
     /// - output: `[rows, out]` (twice with GELU)
-    fn linear_act(x: FloatTensor<Self>, weight: FloatTensor<Self>, bias: Option<FloatTensor<Self>>, gelu: bool) -> (FloatTensor<Self>, Option<FloatTensor<Self>>) {
+    fn linear_act(
+        x: FloatTensor<Self>,
+        weight: FloatTensor<Self>,
+        bias: Option<FloatTensor<Self>>,
+        gelu: bool,
+    ) -> (FloatTensor<Self>, Option<FloatTensor<Self>>) {
         linear_by_reference::<Self>(x, weight, bias, gelu)
     }
 
@@ -203,12 +208,7 @@ pub trait FusedOps: Backend {
     }
 
     /// Gradients of [`FusedOps::linear_act`] with respect to `x`, `weight` and `bias`.
-    fn linear_act_backward(
-        x: FloatTensor<Self>,
-        weight: FloatTensor<Self>,
-        grad: FloatTensor<Self>,
-        pre: Option<FloatTensor<Self>>,
-    ) -> [FloatTensor<Self>; 3] {
+    fn linear_act_backward(x: FloatTensor<Self>, weight: FloatTensor<Self>, grad: FloatTensor<Self>, pre: Option<FloatTensor<Self>>) -> [FloatTensor<Self>; 3] {
         linear_backward_by_reference::<Self>(x, weight, grad, pre)
     }
 
@@ -308,7 +308,12 @@ pub(crate) fn max_pool_backward_by_reference<B: Backend>(x_shape: [usize; 4], in
 }
 
 /// [`FusedOps::linear_act`] in plain ops.
-pub(crate) fn linear_by_reference<B: Backend>(x: FloatTensor<B>, weight: FloatTensor<B>, bias: Option<FloatTensor<B>>, gelu: bool) -> (FloatTensor<B>, Option<FloatTensor<B>>) {
+pub(crate) fn linear_by_reference<B: Backend>(
+    x: FloatTensor<B>,
+    weight: FloatTensor<B>,
+    bias: Option<FloatTensor<B>>,
+    gelu: bool,
+) -> (FloatTensor<B>, Option<FloatTensor<B>>) {
     let z = float::<B, 2>(x).matmul(float(weight));
     let z = match bias {
         Some(b) => z + float::<B, 1>(b).unsqueeze(),
@@ -346,7 +351,12 @@ pub(crate) fn softmax_by_reference<B: Backend>(x: FloatTensor<B>) -> FloatTensor
 }
 
 /// [`FusedOps::linear_act_backward`] in plain ops.
-pub(crate) fn linear_backward_by_reference<B: Backend>(x: FloatTensor<B>, weight: FloatTensor<B>, grad: FloatTensor<B>, pre: Option<FloatTensor<B>>) -> [FloatTensor<B>; 3] {
+pub(crate) fn linear_backward_by_reference<B: Backend>(
+    x: FloatTensor<B>,
+    weight: FloatTensor<B>,
+    grad: FloatTensor<B>,
+    pre: Option<FloatTensor<B>>,
+) -> [FloatTensor<B>; 3] {
     let g = float::<B, 2>(grad);
     let g = match pre {
         Some(z) => g * crate::reference::gelu_derivative(float::<B, 2>(z)),
@@ -414,7 +424,13 @@ pub(crate) fn attention_by_reference<B: Backend>(qkv: FloatTensor<B>, heads: usi
 }
 
 /// [`FusedOps::attention_backward`] in plain ops.
-pub(crate) fn attention_backward_by_reference<B: Backend>(qkv: FloatTensor<B>, attention: FloatTensor<B>, grad: FloatTensor<B>, heads: usize, scale: f64) -> FloatTensor<B> {
+pub(crate) fn attention_backward_by_reference<B: Backend>(
+    qkv: FloatTensor<B>,
+    attention: FloatTensor<B>,
+    grad: FloatTensor<B>,
+    heads: usize,
+    scale: f64,
+) -> FloatTensor<B> {
     let [q, k, v] = split_heads(float::<B, 3>(qkv), heads);
     let p = float::<B, 4>(attention);
     let go = float::<B, 3>(grad);
@@ -528,12 +544,7 @@ fn float<B: Backend, const D: usize>(t: FloatTensor<B>) -> Tensor<B, D> {
 }
 
 /// [`reference_bn_relu_max_pool`] on primitives: what a backend without the kernel runs.
-pub(crate) fn bn_relu_max_pool_by_reference<B: FusedOps>(
-    x: FloatTensor<B>,
-    scale: FloatTensor<B>,
-    shift: FloatTensor<B>,
-    pool: Pool2d,
-) -> FloatTensor<B> {
+pub(crate) fn bn_relu_max_pool_by_reference<B: FusedOps>(x: FloatTensor<B>, scale: FloatTensor<B>, shift: FloatTensor<B>, pool: Pool2d) -> FloatTensor<B> {
     reference_bn_relu_max_pool::<B>(float(x), float(scale), float(shift), pool).into_primitive().tensor()
 }
 
@@ -665,7 +676,12 @@ pub fn fused_layer_norm<B: FusedOps, const D: usize>(x: Tensor<B, D>, gamma: Ten
     let shape = x.dims();
     let d = shape[D - 1];
     let rows = shape.iter().product::<usize>() / d.max(1);
-    let [y, _, _] = B::layer_norm_stats(reshape_values(x, [rows, d]).into_primitive().tensor(), gamma.into_primitive().tensor(), beta.map(|b| b.into_primitive().tensor()), epsilon);
+    let [y, _, _] = B::layer_norm_stats(
+        reshape_values(x, [rows, d]).into_primitive().tensor(),
+        gamma.into_primitive().tensor(),
+        beta.map(|b| b.into_primitive().tensor()),
+        epsilon,
+    );
     reshape_values(float::<B, 2>(y), shape)
 }
 
@@ -730,7 +746,6 @@ pub fn gelu_max_pool_gelu_backward<B: Backend>(tokens: Tensor<B, 3>, indices: Te
     tokens.zeros_like().scatter(1, indices, g, IndexingUpdateOp::Add)
 }
 
-
 #[derive(Debug)]
 struct BnReluMaxPoolBackward;
 
@@ -781,8 +796,8 @@ impl<B: FusedOps, C: CheckpointStrategy> FusedOps for Autodiff<B, C> {
         }
         match GeluMaxPoolGeluBackward.prepare::<C>([tokens.node.clone()]).compute_bound().stateful() {
             OpsKind::Tracked(prep) => {
-                let (out, indices) = B::gelu_max_pool_gelu_with_indices(tokens.primitive.clone(), grid)
-                    .expect("the backend has the kernel (HAS_KERNELS or CPU_KERNELS)");
+                let (out, indices) =
+                    B::gelu_max_pool_gelu_with_indices(tokens.primitive.clone(), grid).expect("the backend has the kernel (HAS_KERNELS or CPU_KERNELS)");
                 prep.finish((tokens.primitive, indices), out)
             }
             OpsKind::UnTracked(prep) => prep.finish(B::gelu_max_pool_gelu(tokens.primitive, grid)),
@@ -826,7 +841,12 @@ impl<B: FusedOps, C: CheckpointStrategy> FusedOps for Autodiff<B, C> {
         [y, <Self as AutodiffBackend>::from_inner(mean), <Self as AutodiffBackend>::from_inner(var)]
     }
 
-    fn linear_act(x: FloatTensor<Self>, weight: FloatTensor<Self>, bias: Option<FloatTensor<Self>>, gelu: bool) -> (FloatTensor<Self>, Option<FloatTensor<Self>>) {
+    fn linear_act(
+        x: FloatTensor<Self>,
+        weight: FloatTensor<Self>,
+        bias: Option<FloatTensor<Self>>,
+        gelu: bool,
+    ) -> (FloatTensor<Self>, Option<FloatTensor<Self>>) {
         if !B::CPU_KERNELS {
             return linear_by_reference::<Self>(x, weight, bias, gelu);
         }

@@ -54,9 +54,9 @@ impl Pool2d {
         let (k, s, p) = (self.kernel, self.stride, self.padding);
         let (oh, ow) = (self.output_len(h), self.output_len(w));
         let x = if p > 0 { x.pad((p, p, p, p), PadMode::Constant(f32::NEG_INFINITY)) } else { x };
-        let mut windows = (0..k).flat_map(|ky| (0..k).map(move |kx| (ky, kx))).map(|(ky, kx)| {
-            x.clone().slice(s![.., .., ky..ky + s * (oh - 1) + 1;s as isize, kx..kx + s * (ow - 1) + 1;s as isize])
-        });
+        let mut windows = (0..k)
+            .flat_map(|ky| (0..k).map(move |kx| (ky, kx)))
+            .map(|(ky, kx)| x.clone().slice(s![.., .., ky..ky + s * (oh - 1) + 1;s as isize, kx..kx + s * (ow - 1) + 1;s as isize]));
         let first = windows.next().expect("a pooling window holds at least one element");
         windows.fold(first, |acc, next| acc.max_pair(next))
     }
@@ -85,12 +85,7 @@ pub fn gelu_derivative<B: Backend, const D: usize>(x: Tensor<B, D>) -> Tensor<B,
 /// # Shapes
 /// - `x`: `[batch, channels, height, width]`; `scale`, `shift`: `[channels]`
 /// - output: `[batch, channels, pool.output_len(height), pool.output_len(width)]`
-pub fn reference_bn_relu_max_pool<B: FusedOps>(
-    x: Tensor<B, 4>,
-    scale: Tensor<B, 1>,
-    shift: Tensor<B, 1>,
-    pool: Pool2d,
-) -> Tensor<B, 4> {
+pub fn reference_bn_relu_max_pool<B: FusedOps>(x: Tensor<B, 4>, scale: Tensor<B, 1>, shift: Tensor<B, 1>, pool: Pool2d) -> Tensor<B, 4> {
     let channels = scale.dims()[0];
     let y = x * scale.reshape([1, channels, 1, 1]) + shift.reshape([1, channels, 1, 1]);
     pool.max_pool(burn::tensor::activation::relu(y))
@@ -262,7 +257,12 @@ mod tests {
     #[test]
     fn shifted_max_pool_equals_burns_max_pool_with_its_gradient() {
         let device = Default::default();
-        for (shape, pool) in [([2, 3, 13, 9], Pool2d::new(3, 1, 1)), ([1, 2, 8, 8], Pool2d::new(3, 2, 1)), ([2, 1, 7, 5], Pool2d::new(2, 2, 0)), ([1, 1, 1, 1], Pool2d::new(3, 1, 1))] {
+        for (shape, pool) in [
+            ([2, 3, 13, 9], Pool2d::new(3, 1, 1)),
+            ([1, 2, 8, 8], Pool2d::new(3, 2, 1)),
+            ([2, 1, 7, 5], Pool2d::new(2, 2, 0)),
+            ([1, 1, 1, 1], Pool2d::new(3, 1, 1)),
+        ] {
             // Rounded values make ties frequent: the first maximum must take the gradient.
             let x = Tensor::<B, 4>::random(shape, Distribution::Normal(0.0, 2.0), &device).round().require_grad();
             let weights = Tensor::<B, 4>::random([shape[0], shape[1], pool.output_len(shape[2]), pool.output_len(shape[3])], Distribution::Default, &device);

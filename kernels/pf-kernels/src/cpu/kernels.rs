@@ -114,7 +114,19 @@ impl ConvGeometry {
 
 /// `dst (+)= a · b` for row-major-like operands given by their row and column strides.
 #[allow(clippy::too_many_arguments)]
-fn matmul(m: usize, n: usize, k: usize, dst: &mut [f32], dst_rs: usize, accumulate: bool, a: &[f32], a_strides: [usize; 2], b: &[f32], b_strides: [usize; 2], parallel: bool) {
+fn matmul(
+    m: usize,
+    n: usize,
+    k: usize,
+    dst: &mut [f32],
+    dst_rs: usize,
+    accumulate: bool,
+    a: &[f32],
+    a_strides: [usize; 2],
+    b: &[f32],
+    b_strides: [usize; 2],
+    parallel: bool,
+) {
     product(m, n, k, as_uninit(dst), dst_rs, accumulate, a, a_strides, b, b_strides, parallel);
 }
 
@@ -130,7 +142,18 @@ fn as_uninit(values: &mut [f32]) -> &mut [MaybeUninit<f32>] {
 /// written (a product with `read_dst = false` never reads its destination), so a fresh buffer
 /// needs no zeroing first (a pass over every layer's output, 2–4% of a model's time).
 #[allow(clippy::too_many_arguments)]
-fn matmul_into(m: usize, n: usize, k: usize, dst: &mut [MaybeUninit<f32>], dst_rs: usize, a: &[f32], a_strides: [usize; 2], b: &[f32], b_strides: [usize; 2], parallel: bool) {
+fn matmul_into(
+    m: usize,
+    n: usize,
+    k: usize,
+    dst: &mut [MaybeUninit<f32>],
+    dst_rs: usize,
+    a: &[f32],
+    a_strides: [usize; 2],
+    b: &[f32],
+    b_strides: [usize; 2],
+    parallel: bool,
+) {
     product(m, n, k, dst, dst_rs, false, a, a_strides, b, b_strides, parallel);
 }
 
@@ -146,7 +169,19 @@ fn written_by(len: usize, write: impl FnOnce(&mut [MaybeUninit<f32>])) -> Vec<f3
 }
 
 #[allow(clippy::too_many_arguments)]
-fn product(m: usize, n: usize, k: usize, dst: &mut [MaybeUninit<f32>], dst_rs: usize, accumulate: bool, a: &[f32], a_strides: [usize; 2], b: &[f32], b_strides: [usize; 2], parallel: bool) {
+fn product(
+    m: usize,
+    n: usize,
+    k: usize,
+    dst: &mut [MaybeUninit<f32>],
+    dst_rs: usize,
+    accumulate: bool,
+    a: &[f32],
+    a_strides: [usize; 2],
+    b: &[f32],
+    b_strides: [usize; 2],
+    parallel: bool,
+) {
     if m == 0 || n == 0 {
         return;
     }
@@ -248,31 +283,39 @@ fn im2col_channels(x: &[f32], g: &ConvGeometry, channels: std::ops::Range<usize>
     let sw = g.stride[1];
     let (wo, l) = (g.out_hw()[1], g.l());
     let zero = MaybeUninit::new(0.0);
-    wide(#[inline(always)] || {
-        gathered_rows(g, channels, #[inline(always)] |row, start, (oy0, oy1), (ox0, ox1)| {
-            for (oy, dst) in cols[row * ld..row * ld + l].chunks_mut(wo.max(1)).enumerate() {
-                if oy < oy0 || oy >= oy1 || ox0 == ox1 {
-                    dst.fill(zero);
-                    continue;
-                }
-                dst[..ox0].fill(zero);
-                dst[ox1..].fill(zero);
-                let (dst, from) = (&mut dst[ox0..ox1], start(oy));
-                if sw == 1 {
-                    copy_into(dst, &x[from..from + dst.len()]);
-                } else {
-                    // Whole steps for all but the last element: a loop without index checks,
-                    // which vectorizes (a deinterleave for stride 2).
-                    let (steps, last) = x[from..from + (dst.len() - 1) * sw + 1].split_at((dst.len() - 1) * sw);
-                    let (last_dst, dst) = dst.split_last_mut().expect("a run inside the image is not empty");
-                    for (d, step) in dst.iter_mut().zip(steps.chunks_exact(sw)) {
-                        d.write(step[0]);
+    wide(
+        #[inline(always)]
+        || {
+            gathered_rows(
+                g,
+                channels,
+                #[inline(always)]
+                |row, start, (oy0, oy1), (ox0, ox1)| {
+                    for (oy, dst) in cols[row * ld..row * ld + l].chunks_mut(wo.max(1)).enumerate() {
+                        if oy < oy0 || oy >= oy1 || ox0 == ox1 {
+                            dst.fill(zero);
+                            continue;
+                        }
+                        dst[..ox0].fill(zero);
+                        dst[ox1..].fill(zero);
+                        let (dst, from) = (&mut dst[ox0..ox1], start(oy));
+                        if sw == 1 {
+                            copy_into(dst, &x[from..from + dst.len()]);
+                        } else {
+                            // Whole steps for all but the last element: a loop without index checks,
+                            // which vectorizes (a deinterleave for stride 2).
+                            let (steps, last) = x[from..from + (dst.len() - 1) * sw + 1].split_at((dst.len() - 1) * sw);
+                            let (last_dst, dst) = dst.split_last_mut().expect("a run inside the image is not empty");
+                            for (d, step) in dst.iter_mut().zip(steps.chunks_exact(sw)) {
+                                d.write(step[0]);
+                            }
+                            last_dst.write(last[0]);
+                        }
                     }
-                    last_dst.write(last[0]);
-                }
-            }
-        })
-    });
+                },
+            )
+        },
+    );
 }
 
 /// The adjoint of [`im2col`]: adds every gathered element back onto its input position.
@@ -553,11 +596,14 @@ fn for_rows<T: Send>(dst: &mut [T], len: usize, f: impl Fn(usize, &mut [T]) + Sy
     let len = len.max(1);
     let per_task = (ELEMENT_RUN / len).max(1);
     dst.par_chunks_mut(per_task * len).enumerate().for_each(|(task, rows)| {
-        wide(#[inline(always)] || {
-            for (r, row) in rows.chunks_mut(len).enumerate() {
-                f(task * per_task + r, row);
-            }
-        })
+        wide(
+            #[inline(always)]
+            || {
+                for (r, row) in rows.chunks_mut(len).enumerate() {
+                    f(task * per_task + r, row);
+                }
+            },
+        )
     });
 }
 
@@ -568,14 +614,22 @@ fn channel_sums(a: &[f32], b: &[f32], n: usize, c: usize, hw: usize, f: impl Fn(
     (0..c)
         .into_par_iter()
         .map(|ch| {
-            wide(#[inline(always)] || {
-                let mut sums = LaneSums::default();
-                for i in 0..n {
-                    let run = (i * c + ch) * hw..(i * c + ch + 1) * hw;
-                    sums.add(&a[run.clone()], &b[run], #[inline(always)] |a, b| f(a, b, ch));
-                }
-                sums.total()
-            })
+            wide(
+                #[inline(always)]
+                || {
+                    let mut sums = LaneSums::default();
+                    for i in 0..n {
+                        let run = (i * c + ch) * hw..(i * c + ch + 1) * hw;
+                        sums.add(
+                            &a[run.clone()],
+                            &b[run],
+                            #[inline(always)]
+                            |a, b| f(a, b, ch),
+                        );
+                    }
+                    sums.total()
+                },
+            )
         })
         .collect()
 }
@@ -587,10 +641,18 @@ fn channel_sums(a: &[f32], b: &[f32], n: usize, c: usize, hw: usize, f: impl Fn(
 pub fn batch_moments(x: &[f32], n: usize, c: usize, hw: usize) -> (Vec<f32>, Vec<f32>) {
     let count = (n * hw) as f64;
     let shift: Vec<f64> = (0..c).map(|ch| x.get(ch * hw).map_or(0.0, |&v| v as f64)).collect();
-    let sums = channel_sums(x, x, n, c, hw, #[inline(always)] |v, _, ch| {
-        let d = v as f64 - shift[ch];
-        (d, d * d)
-    });
+    let sums = channel_sums(
+        x,
+        x,
+        n,
+        c,
+        hw,
+        #[inline(always)]
+        |v, _, ch| {
+            let d = v as f64 - shift[ch];
+            (d, d * d)
+        },
+    );
     sums.iter()
         .zip(&shift)
         .map(|(&(sum, squares), &shift)| {
@@ -604,15 +666,31 @@ pub fn batch_moments(x: &[f32], n: usize, c: usize, hw: usize) -> (Vec<f32>, Vec
 pub fn normalize(x: &[f32], mean: &[f32], scale: &[f32], shift: &[f32], residual: Option<&[f32]>, relu: bool, hw: usize) -> Vec<f32> {
     let c = mean.len();
     written_by(x.len(), |y| {
-        for_rows(y, hw, #[inline(always)] |row, y| {
-            let ch = row % c;
-            let (m, s, b) = (mean[ch], scale[ch], shift[ch]);
-            let x = &x[row * hw..(row + 1) * hw];
-            match residual {
-                Some(r) => zip_run(y, x, &r[row * hw..(row + 1) * hw], #[inline(always)] |x, r| relu_if(relu, (x - m) * s + b + r)),
-                None => map_run(y, x, #[inline(always)] |x| relu_if(relu, (x - m) * s + b)),
-            }
-        })
+        for_rows(
+            y,
+            hw,
+            #[inline(always)]
+            |row, y| {
+                let ch = row % c;
+                let (m, s, b) = (mean[ch], scale[ch], shift[ch]);
+                let x = &x[row * hw..(row + 1) * hw];
+                match residual {
+                    Some(r) => zip_run(
+                        y,
+                        x,
+                        &r[row * hw..(row + 1) * hw],
+                        #[inline(always)]
+                        |x, r| relu_if(relu, (x - m) * s + b + r),
+                    ),
+                    None => map_run(
+                        y,
+                        x,
+                        #[inline(always)]
+                        |x| relu_if(relu, (x - m) * s + b),
+                    ),
+                }
+            },
+        )
     })
 }
 
@@ -622,16 +700,22 @@ pub fn normalize(x: &[f32], mean: &[f32], scale: &[f32], shift: &[f32], residual
 pub fn normalize_plane(plane: &mut [f32], ch: usize, mean: &[f32], scale: &[f32], shift: &[f32], residual: Option<&[f32]>, relu: bool) {
     let (m, s, b) = (mean[ch], scale[ch], shift[ch]);
     match residual {
-        Some(r) => wide(#[inline(always)] || {
-            for (y, &r) in plane.iter_mut().zip(r) {
-                *y = relu_if(relu, (*y - m) * s + b + r);
-            }
-        }),
-        None => wide(#[inline(always)] || {
-            for y in plane.iter_mut() {
-                *y = relu_if(relu, (*y - m) * s + b);
-            }
-        }),
+        Some(r) => wide(
+            #[inline(always)]
+            || {
+                for (y, &r) in plane.iter_mut().zip(r) {
+                    *y = relu_if(relu, (*y - m) * s + b + r);
+                }
+            },
+        ),
+        None => wide(
+            #[inline(always)]
+            || {
+                for y in plane.iter_mut() {
+                    *y = relu_if(relu, (*y - m) * s + b);
+                }
+            },
+        ),
     }
 }
 
@@ -659,33 +743,52 @@ pub struct NormGrads {
 /// deviation are the batch's own (training), so the input gradient flows through them too;
 /// otherwise they are constants (evaluation).
 #[allow(clippy::too_many_arguments)]
-pub fn normalize_backward(x: &[f32], y: &[f32], grad: &[f32], mean: &[f32], inv_std: &[f32], weight: &[f32], relu: bool, batch_stats: bool, n: usize, hw: usize) -> NormGrads {
+pub fn normalize_backward(
+    x: &[f32],
+    y: &[f32],
+    grad: &[f32],
+    mean: &[f32],
+    inv_std: &[f32],
+    weight: &[f32],
+    relu: bool,
+    batch_stats: bool,
+    n: usize,
+    hw: usize,
+) -> NormGrads {
     let c = mean.len();
     let (g, sums) = masked_gradient_sums(x, y, grad, mean, inv_std, relu, n, hw);
     let (sum_g, sum_gxhat): (Vec<f64>, Vec<f64>) = sums.into_iter().unzip();
     let count = (n * hw) as f64;
-    let gx = written_by(x.len(), |gx| for_rows(gx, hw, #[inline(always)] |row, gx| {
-        let ch = row % c;
-        let (m, is, w) = (mean[ch], inv_std[ch], weight[ch]);
-        let g = &g[row * hw..(row + 1) * hw];
-        let x = &x[row * hw..(row + 1) * hw];
-        if batch_stats {
-            let (mg, mgx) = ((sum_g[ch] / count) as f32, (sum_gxhat[ch] / count) as f32);
-            let k = w * is;
-            zip_run(gx, g, x, #[inline(always)] |g, x| k * (g - mg - (x - m) * is * mgx));
-        } else {
-            let k = w * is;
-            for (gx, &g) in gx.iter_mut().zip(g) {
-                gx.write(k * g);
-            }
-        }
-    }));
-    NormGrads {
-        x: gx,
-        weight: sum_gxhat.iter().map(|&v| v as f32).collect(),
-        bias: sum_g.iter().map(|&v| v as f32).collect(),
-        residual: g,
-    }
+    let gx = written_by(x.len(), |gx| {
+        for_rows(
+            gx,
+            hw,
+            #[inline(always)]
+            |row, gx| {
+                let ch = row % c;
+                let (m, is, w) = (mean[ch], inv_std[ch], weight[ch]);
+                let g = &g[row * hw..(row + 1) * hw];
+                let x = &x[row * hw..(row + 1) * hw];
+                if batch_stats {
+                    let (mg, mgx) = ((sum_g[ch] / count) as f32, (sum_gxhat[ch] / count) as f32);
+                    let k = w * is;
+                    zip_run(
+                        gx,
+                        g,
+                        x,
+                        #[inline(always)]
+                        |g, x| k * (g - mg - (x - m) * is * mgx),
+                    );
+                } else {
+                    let k = w * is;
+                    for (gx, &g) in gx.iter_mut().zip(g) {
+                        gx.write(k * g);
+                    }
+                }
+            },
+        )
+    });
+    NormGrads { x: gx, weight: sum_gxhat.iter().map(|&v| v as f32).collect(), bias: sum_g.iter().map(|&v| v as f32).collect(), residual: g }
 }
 
 /// The gradient `g` after the ReLU's mask (`grad` itself without `relu`), and per channel
@@ -705,17 +808,31 @@ fn masked_gradient_sums(x: &[f32], y: &[f32], grad: &[f32], mean: &[f32], inv_st
             .enumerate()
             .map(|(ch, planes)| {
                 let (m, is) = (mean[ch], inv_std[ch]);
-                wide(#[inline(always)] || {
-                    let mut sums = LaneSums::default();
-                    for (i, plane) in planes.into_iter().enumerate() {
-                        let run = (i * c + ch) * hw..(i * c + ch + 1) * hw;
-                        zip_run(plane, &grad[run.clone()], &y[run.clone()], #[inline(always)] |g, y| if !relu || y > 0.0 { g } else { 0.0 });
-                        // Safety: `zip_run` just wrote every element of the plane.
-                        let plane = unsafe { assume_written(plane) };
-                        sums.add(plane, &x[run], #[inline(always)] |g, x| (g as f64, g as f64 * ((x - m) * is) as f64));
-                    }
-                    sums.total()
-                })
+                wide(
+                    #[inline(always)]
+                    || {
+                        let mut sums = LaneSums::default();
+                        for (i, plane) in planes.into_iter().enumerate() {
+                            let run = (i * c + ch) * hw..(i * c + ch + 1) * hw;
+                            zip_run(
+                                plane,
+                                &grad[run.clone()],
+                                &y[run.clone()],
+                                #[inline(always)]
+                                |g, y| if !relu || y > 0.0 { g } else { 0.0 },
+                            );
+                            // Safety: `zip_run` just wrote every element of the plane.
+                            let plane = unsafe { assume_written(plane) };
+                            sums.add(
+                                plane,
+                                &x[run],
+                                #[inline(always)]
+                                |g, x| (g as f64, g as f64 * ((x - m) * is) as f64),
+                            );
+                        }
+                        sums.total()
+                    },
+                )
             })
             .collect();
     });
@@ -726,7 +843,15 @@ fn masked_gradient_sums(x: &[f32], y: &[f32], grad: &[f32], mean: &[f32], inv_st
 /// `act(x · scale[c] + shift[c])` (`affine`: `None` pools `x` itself), with the flat index
 /// `iy · w + ix` of every window's winner when `with_indices` (a training forward; evaluation
 /// needs none).
-pub fn max_pool(x: &[f32], planes: usize, channels: usize, hw: [usize; 2], pool: Pool2d, affine: Option<(&[f32], &[f32])>, with_indices: bool) -> (Vec<f32>, Option<Vec<i64>>) {
+pub fn max_pool(
+    x: &[f32],
+    planes: usize,
+    channels: usize,
+    hw: [usize; 2],
+    pool: Pool2d,
+    affine: Option<(&[f32], &[f32])>,
+    with_indices: bool,
+) -> (Vec<f32>, Option<Vec<i64>>) {
     let [h, w] = hw;
     let window = PoolWindow::new(hw, pool);
     let plane_out = window.out[0] * window.out[1];
@@ -737,7 +862,17 @@ pub fn max_pool(x: &[f32], planes: usize, channels: usize, hw: [usize; 2], pool:
         let plane = match affine {
             Some((scale, shift)) => {
                 let (s, b) = (scale[p % channels], shift[p % channels]);
-                wide(#[inline(always)] || map_run(as_uninit(activated), plane, #[inline(always)] |v| (v * s + b).max(0.0)));
+                wide(
+                    #[inline(always)]
+                    || {
+                        map_run(
+                            as_uninit(activated),
+                            plane,
+                            #[inline(always)]
+                            |v| (v * s + b).max(0.0),
+                        )
+                    },
+                );
                 &activated[..]
             }
             None => plane,
@@ -796,14 +931,17 @@ impl PoolWindow {
     fn mean(&self, plane: &[f32], out: &mut [f32]) {
         let (w, wo, s) = (self.hw[1], self.out[1], self.stride);
         out.fill(0.0);
-        self.runs(#[inline(always)] |oy, iy, cols, start| {
-            let (out, row) = (&mut out[oy * wo + cols.start..oy * wo + cols.end], &plane[iy * w + start..(iy + 1) * w]);
-            if s == 1 {
-                out.iter_mut().zip(row).for_each(|(o, v)| *o += v);
-            } else {
-                out.iter_mut().zip(row.iter().step_by(s)).for_each(|(o, v)| *o += v);
-            }
-        });
+        self.runs(
+            #[inline(always)]
+            |oy, iy, cols, start| {
+                let (out, row) = (&mut out[oy * wo + cols.start..oy * wo + cols.end], &plane[iy * w + start..(iy + 1) * w]);
+                if s == 1 {
+                    out.iter_mut().zip(row).for_each(|(o, v)| *o += v);
+                } else {
+                    out.iter_mut().zip(row.iter().step_by(s)).for_each(|(o, v)| *o += v);
+                }
+            },
+        );
         let count = (self.kernel * self.kernel) as f32;
         out.iter_mut().for_each(|o| *o /= count);
     }
@@ -813,12 +951,15 @@ impl PoolWindow {
     fn mean_backward(&self, grad: &[f32], gx: &mut [f32]) {
         let (w, wo, s) = (self.hw[1], self.out[1], self.stride);
         let count = (self.kernel * self.kernel) as f32;
-        self.runs(#[inline(always)] |oy, iy, cols, start| {
-            let (grad, row) = (&grad[oy * wo + cols.start..oy * wo + cols.end], &mut gx[iy * w..(iy + 1) * w]);
-            for (g, v) in row[start..].iter_mut().step_by(s).zip(grad) {
-                *g += v / count;
-            }
-        });
+        self.runs(
+            #[inline(always)]
+            |oy, iy, cols, start| {
+                let (grad, row) = (&grad[oy * wo + cols.start..oy * wo + cols.end], &mut gx[iy * w..(iy + 1) * w]);
+                for (g, v) in row[start..].iter_mut().step_by(s).zip(grad) {
+                    *g += v / count;
+                }
+            },
+        );
     }
 
     /// Scratch for [`PoolWindow::max`]: the plane's rows with `−∞` around them, each
@@ -864,7 +1005,10 @@ impl PoolWindow {
             unsafe { avx2::plane_max(self, plane, padded, out, winners) };
             return;
         }
-        wide(#[inline(always)] || self.max_by_rows(plane, out, winners));
+        wide(
+            #[inline(always)]
+            || self.max_by_rows(plane, out, winners),
+        );
     }
 
     /// [`PoolWindow::max`] without AVX2, row by row: the window's
@@ -879,15 +1023,18 @@ impl PoolWindow {
             let (iy, ix) = ((o / wo * s).saturating_sub(p).min(h.saturating_sub(1)), (o % wo * s).saturating_sub(p).min(w.saturating_sub(1)));
             *at = (iy * w + ix) as i32;
         }
-        self.runs(#[inline(always)] |oy, iy, cols, start| {
-            let (out, winners) = (&mut out[oy * wo + cols.start..oy * wo + cols.end], &mut winners[oy * wo + cols.start..oy * wo + cols.end]);
-            let (row, at) = (&plane[iy * w + start..(iy + 1) * w], (iy * w + start) as i32);
-            if s == 1 {
-                blend_maxima(out, winners, row.iter().copied(), at, 1);
-            } else {
-                blend_maxima(out, winners, row.iter().step_by(s).copied(), at, s as i32);
-            }
-        });
+        self.runs(
+            #[inline(always)]
+            |oy, iy, cols, start| {
+                let (out, winners) = (&mut out[oy * wo + cols.start..oy * wo + cols.end], &mut winners[oy * wo + cols.start..oy * wo + cols.end]);
+                let (row, at) = (&plane[iy * w + start..(iy + 1) * w], (iy * w + start) as i32);
+                if s == 1 {
+                    blend_maxima(out, winners, row.iter().copied(), at, 1);
+                } else {
+                    blend_maxima(out, winners, row.iter().step_by(s).copied(), at, s as i32);
+                }
+            },
+        );
     }
 }
 
@@ -899,7 +1046,10 @@ pub fn avg_pool(x: &[f32], planes: usize, hw: [usize; 2], pool: Pool2d) -> Vec<f
     let mut out = vec![0.0; planes * window.out[0] * window.out[1]];
     for_rows(&mut out, window.out[0] * window.out[1], |p, out| {
         let plane = &x[p * h * w..(p + 1) * h * w];
-        wide(#[inline(always)] || window.mean(plane, out));
+        wide(
+            #[inline(always)]
+            || window.mean(plane, out),
+        );
     });
     out
 }
@@ -912,7 +1062,10 @@ pub fn avg_pool_backward(grad: &[f32], planes: usize, hw: [usize; 2], pool: Pool
     let mut gx = vec![0.0; planes * hw[0] * hw[1]];
     for_rows(&mut gx, hw[0] * hw[1], |p, gx| {
         let grad = &grad[p * out_len..(p + 1) * out_len];
-        wide(#[inline(always)] || window.mean_backward(grad, gx));
+        wide(
+            #[inline(always)]
+            || window.mean_backward(grad, gx),
+        );
     });
     gx
 }
@@ -968,7 +1121,8 @@ fn exp_nonpositive(x: f32) -> f32 {
 /// tiny (large negative `x`), unlike `1 + erf(x)`.
 #[inline(always)]
 fn erfc_nonnegative(z: f32) -> f32 {
-    const C: [f32; 10] = [0.170_872_77, -0.822_152_23, 1.488_515_87, -1.135_203_98, 0.278_868_07, -0.186_288_06, 0.096_784_18, 0.374_091_96, 1.000_023_68, -1.265_512_23];
+    const C: [f32; 10] =
+        [0.170_872_77, -0.822_152_23, 1.488_515_87, -1.135_203_98, 0.278_868_07, -0.186_288_06, 0.096_784_18, 0.374_091_96, 1.000_023_68, -1.265_512_23];
     let t = 1.0 / (1.0 + 0.5 * z);
     // Σ C[9 − j] · tʲ in Estrin's order (see `exp_nonpositive`).
     let pair = |j: usize| C[9 - j] + C[8 - j] * t;
@@ -1045,7 +1199,19 @@ fn wide<R>(f: impl FnOnce() -> R) -> R {
 #[allow(clippy::redundant_closure)]
 fn map_elements(src: &[f32], f: impl Fn(f32) -> f32 + Sync) -> Vec<f32> {
     written_by(src.len(), |dst| {
-        dst.par_chunks_mut(ELEMENT_RUN).zip(src.par_chunks(ELEMENT_RUN)).for_each(|(d, s)| wide(#[inline(always)] || map_run(d, s, #[inline(always)] |v| f(v))))
+        dst.par_chunks_mut(ELEMENT_RUN).zip(src.par_chunks(ELEMENT_RUN)).for_each(|(d, s)| {
+            wide(
+                #[inline(always)]
+                || {
+                    map_run(
+                        d,
+                        s,
+                        #[inline(always)]
+                        |v| f(v),
+                    )
+                },
+            )
+        })
     })
 }
 
@@ -1054,7 +1220,18 @@ fn map_elements(src: &[f32], f: impl Fn(f32) -> f32 + Sync) -> Vec<f32> {
 fn zip_elements(a: &[f32], b: &[f32], f: impl Fn(f32, f32) -> f32 + Sync) -> Vec<f32> {
     written_by(a.len(), |dst| {
         dst.par_chunks_mut(ELEMENT_RUN).zip(a.par_chunks(ELEMENT_RUN).zip(b.par_chunks(ELEMENT_RUN))).for_each(|(d, (a, b))| {
-            wide(#[inline(always)] || zip_run(d, a, b, #[inline(always)] |a, b| f(a, b)));
+            wide(
+                #[inline(always)]
+                || {
+                    zip_run(
+                        d,
+                        a,
+                        b,
+                        #[inline(always)]
+                        |a, b| f(a, b),
+                    )
+                },
+            );
         })
     })
 }
@@ -1082,7 +1259,15 @@ fn column_sums(rows: usize, d: usize, f: impl Fn(usize, usize) -> f64 + Sync) ->
         .map(|part| {
             let mut sums = vec![0.0; d];
             for row in part * PART..((part + 1) * PART).min(rows) {
-                wide(#[inline(always)] || sums.iter_mut().enumerate().for_each(#[inline(always)] |(j, s)| *s += f(row, j)));
+                wide(
+                    #[inline(always)]
+                    || {
+                        sums.iter_mut().enumerate().for_each(
+                            #[inline(always)]
+                            |(j, s)| *s += f(row, j),
+                        )
+                    },
+                );
             }
             sums
         })
@@ -1106,7 +1291,16 @@ const LINEAR_ROWS: usize = 128;
 /// fewer rows are one multithreaded product. Either way by the shape alone, so the sums do not
 /// depend on the number of threads.
 #[allow(clippy::too_many_arguments)]
-pub fn linear(x: &[f32], weight: &[f32], bias: Option<&[f32]>, rows: usize, inputs: usize, outputs: usize, gelu_after: bool, keep_pre: bool) -> (Vec<f32>, Option<Vec<f32>>) {
+pub fn linear(
+    x: &[f32],
+    weight: &[f32],
+    bias: Option<&[f32]>,
+    rows: usize,
+    inputs: usize,
+    outputs: usize,
+    gelu_after: bool,
+    keep_pre: bool,
+) -> (Vec<f32>, Option<Vec<f32>>) {
     let mut z = vec![0.0; rows * outputs];
     let keep_pre = gelu_after && keep_pre;
     let mut y = if keep_pre { vec![0.0; rows * outputs] } else { Vec::new() };
@@ -1115,16 +1309,35 @@ pub fn linear(x: &[f32], weight: &[f32], bias: Option<&[f32]>, rows: usize, inpu
     }
     // Bias and GELU of whole rows `z` (into `y` when the pre-activation is kept).
     let finish = |z: &mut [f32], y: Option<&mut [f32]>| {
-        wide(#[inline(always)] || {
-            if let Some(bias) = bias {
-                z.chunks_mut(outputs).for_each(#[inline(always)] |z| z.iter_mut().zip(bias).for_each(#[inline(always)] |(z, b)| *z += b));
-            }
-            match (gelu_after, y) {
-                (true, Some(y)) => map_run(as_uninit(y), z, #[inline(always)] |v| gelu(v)),
-                (true, None) => z.iter_mut().for_each(#[inline(always)] |v| *v = gelu(*v)),
-                (false, _) => {}
-            }
-        })
+        wide(
+            #[inline(always)]
+            || {
+                if let Some(bias) = bias {
+                    z.chunks_mut(outputs).for_each(
+                        #[inline(always)]
+                        |z| {
+                            z.iter_mut().zip(bias).for_each(
+                                #[inline(always)]
+                                |(z, b)| *z += b,
+                            )
+                        },
+                    );
+                }
+                match (gelu_after, y) {
+                    (true, Some(y)) => map_run(
+                        as_uninit(y),
+                        z,
+                        #[inline(always)]
+                        |v| gelu(v),
+                    ),
+                    (true, None) => z.iter_mut().for_each(
+                        #[inline(always)]
+                        |v| *v = gelu(*v),
+                    ),
+                    (false, _) => {}
+                }
+            },
+        )
     };
     let blocked = rows >= 2 * LINEAR_ROWS;
     if !blocked {
@@ -1150,16 +1363,34 @@ pub fn linear(x: &[f32], weight: &[f32], bias: Option<&[f32]>, rows: usize, inpu
 /// Gradients of [`linear`] with respect to `x`, `weight` and `bias`, given the pre-activation
 /// when GELU followed.
 #[allow(clippy::too_many_arguments)]
-pub fn linear_backward(x: &[f32], weight: &[f32], grad: &[f32], pre: Option<&[f32]>, rows: usize, inputs: usize, outputs: usize) -> (Vec<f32>, Vec<f32>, Vec<f32>) {
+pub fn linear_backward(
+    x: &[f32],
+    weight: &[f32],
+    grad: &[f32],
+    pre: Option<&[f32]>,
+    rows: usize,
+    inputs: usize,
+    outputs: usize,
+) -> (Vec<f32>, Vec<f32>, Vec<f32>) {
     let g: Cow<[f32]> = match pre {
-        Some(z) => Cow::Owned(zip_elements(grad, z, #[inline(always)] |g, z| g * gelu_derivative(z))),
+        Some(z) => Cow::Owned(zip_elements(
+            grad,
+            z,
+            #[inline(always)]
+            |g, z| g * gelu_derivative(z),
+        )),
         None => Cow::Borrowed(grad),
     };
     let mut gx = vec![0.0; rows * inputs];
     matmul(rows, inputs, outputs, &mut gx, inputs, false, &g, [outputs, 1], weight, [1, outputs], true);
     let mut gw = vec![0.0; inputs * outputs];
     matmul(inputs, outputs, rows, &mut gw, outputs, false, x, [1, inputs], &g, [outputs, 1], true);
-    let gb = column_sums(rows, outputs, #[inline(always)] |r, j| g[r * outputs + j] as f64);
+    let gb = column_sums(
+        rows,
+        outputs,
+        #[inline(always)]
+        |r, j| g[r * outputs + j] as f64,
+    );
     (gx, gw, gb)
 }
 
@@ -1171,7 +1402,10 @@ pub fn layer_norm(x: &[f32], gamma: &[f32], beta: Option<&[f32]>, d: usize, epsi
     let mut stats = vec![(0.0f32, 0.0f32); rows];
     y.par_chunks_mut(d).zip(stats.par_iter_mut()).enumerate().for_each(|(r, (y, stat))| {
         let x = &x[r * d..(r + 1) * d];
-        *stat = wide(#[inline(always)] || layer_norm_row(x, gamma, beta, y, epsilon));
+        *stat = wide(
+            #[inline(always)]
+            || layer_norm_row(x, gamma, beta, y, epsilon),
+        );
     });
     let (mean, rstd) = stats.into_iter().unzip();
     (y, mean, rstd)
@@ -1181,13 +1415,29 @@ pub fn layer_norm(x: &[f32], gamma: &[f32], beta: Option<&[f32]>, d: usize, epsi
 #[inline(always)]
 fn layer_norm_row(x: &[f32], gamma: &[f32], beta: Option<&[f32]>, y: &mut [f32], epsilon: f64) -> (f32, f32) {
     let d = x.len() as f64;
-    let mean = sum_lanes(x, x, #[inline(always)] |v, _| v as f64) / d;
-    let var = sum_lanes(x, x, #[inline(always)] |v, _| (v as f64 - mean) * (v as f64 - mean)) / d;
+    let mean = sum_lanes(
+        x,
+        x,
+        #[inline(always)]
+        |v, _| v as f64,
+    ) / d;
+    let var = sum_lanes(
+        x,
+        x,
+        #[inline(always)]
+        |v, _| (v as f64 - mean) * (v as f64 - mean),
+    ) / d;
     let rstd = 1.0 / (var + epsilon).sqrt();
     let (mean, rstd) = (mean as f32, rstd as f32);
     match beta {
-        Some(beta) => y.iter_mut().zip(x).zip(gamma.iter().zip(beta)).for_each(#[inline(always)] |((y, &v), (&g, &b))| *y = (v - mean) * rstd * g + b),
-        None => y.iter_mut().zip(x).zip(gamma).for_each(#[inline(always)] |((y, &v), &g)| *y = (v - mean) * rstd * g + 0.0),
+        Some(beta) => y.iter_mut().zip(x).zip(gamma.iter().zip(beta)).for_each(
+            #[inline(always)]
+            |((y, &v), (&g, &b))| *y = (v - mean) * rstd * g + b,
+        ),
+        None => y.iter_mut().zip(x).zip(gamma).for_each(
+            #[inline(always)]
+            |((y, &v), &g)| *y = (v - mean) * rstd * g + 0.0,
+        ),
     }
     (mean, rstd)
 }
@@ -1200,11 +1450,24 @@ pub fn layer_norm_backward(x: &[f32], grad: &[f32], mean: &[f32], rstd: &[f32], 
         || vec![0.0f32; d],
         |gh, (r, gx)| {
             let (x, g) = (&x[r * d..(r + 1) * d], &grad[r * d..(r + 1) * d]);
-            wide(#[inline(always)] || layer_norm_backward_row(x, g, gamma, mean[r], rstd[r], gh, gx));
+            wide(
+                #[inline(always)]
+                || layer_norm_backward_row(x, g, gamma, mean[r], rstd[r], gh, gx),
+            );
         },
     );
-    let ggamma = column_sums(rows, d, #[inline(always)] |r, j| (grad[r * d + j] * ((x[r * d + j] - mean[r]) * rstd[r])) as f64);
-    let gbeta = column_sums(rows, d, #[inline(always)] |r, j| grad[r * d + j] as f64);
+    let ggamma = column_sums(
+        rows,
+        d,
+        #[inline(always)]
+        |r, j| (grad[r * d + j] * ((x[r * d + j] - mean[r]) * rstd[r])) as f64,
+    );
+    let gbeta = column_sums(
+        rows,
+        d,
+        #[inline(always)]
+        |r, j| grad[r * d + j] as f64,
+    );
     (gx, ggamma, gbeta)
 }
 
@@ -1212,23 +1475,47 @@ pub fn layer_norm_backward(x: &[f32], grad: &[f32], mean: &[f32], rstd: &[f32], 
 #[inline(always)]
 fn layer_norm_backward_row(x: &[f32], g: &[f32], gamma: &[f32], m: f32, s: f32, gh: &mut [f32], gx: &mut [f32]) {
     let d = x.len() as f64;
-    gh.iter_mut().zip(g.iter().zip(gamma)).for_each(#[inline(always)] |(h, (&g, &w))| *h = g * w);
-    let sum_g = sum_lanes(gh, gh, #[inline(always)] |h, _| h as f64);
-    let sum_gx = sum_lanes(gh, x, #[inline(always)] |h, x| h as f64 * ((x - m) * s) as f64);
+    gh.iter_mut().zip(g.iter().zip(gamma)).for_each(
+        #[inline(always)]
+        |(h, (&g, &w))| *h = g * w,
+    );
+    let sum_g = sum_lanes(
+        gh,
+        gh,
+        #[inline(always)]
+        |h, _| h as f64,
+    );
+    let sum_gx = sum_lanes(
+        gh,
+        x,
+        #[inline(always)]
+        |h, x| h as f64 * ((x - m) * s) as f64,
+    );
     let (mg, mgx) = ((sum_g / d) as f32, (sum_gx / d) as f32);
-    gx.iter_mut().zip(gh.iter().zip(x)).for_each(#[inline(always)] |(gx, (&h, &x))| *gx = s * (h - mg - (x - m) * s * mgx));
+    gx.iter_mut().zip(gh.iter().zip(x)).for_each(
+        #[inline(always)]
+        |(gx, (&h, &x))| *gx = s * (h - mg - (x - m) * s * mgx),
+    );
 }
 
 /// Softmax of one row in place, shifted by the row's maximum (the sum in f64).
 fn softmax_row(row: &mut [f32]) {
-    wide(#[inline(always)] || softmax_in_place(row))
+    wide(
+        #[inline(always)]
+        || softmax_in_place(row),
+    )
 }
 
 #[inline(always)]
 fn softmax_in_place(row: &mut [f32]) {
     let max = row.iter().fold(f32::NEG_INFINITY, |m, &v| m.max(v));
     row.iter_mut().for_each(|v| *v = exp_shifted(*v - max));
-    let sum = sum_lanes(row, row, #[inline(always)] |v, _| v as f64) as f32;
+    let sum = sum_lanes(
+        row,
+        row,
+        #[inline(always)]
+        |v, _| v as f64,
+    ) as f32;
     row.iter_mut().for_each(|v| *v /= sum);
 }
 
@@ -1248,7 +1535,13 @@ fn exp_shifted(x: f32) -> f32 {
 /// remainder: the loop vectorizes, and the sum does not depend on the thread count.
 #[inline(always)]
 fn sum_lanes(a: &[f32], b: &[f32], f: impl Fn(f32, f32) -> f64) -> f64 {
-    sum_lane_pairs(a, b, #[inline(always)] |a, b| (f(a, b), 0.0)).0
+    sum_lane_pairs(
+        a,
+        b,
+        #[inline(always)]
+        |a, b| (f(a, b), 0.0),
+    )
+    .0
 }
 
 /// Two sums at once, each as [`sum_lanes`] takes it.
@@ -1308,12 +1601,20 @@ pub fn softmax(x: &[f32], d: usize) -> Vec<f32> {
 /// The gradient of a softmax row given its output `y` and the gradient `g` at it, in place of
 /// `g`: `y · (g − Σ g·y)`.
 fn softmax_row_backward(y: &[f32], g: &mut [f32]) {
-    wide(#[inline(always)] || softmax_backward_in_place(y, g))
+    wide(
+        #[inline(always)]
+        || softmax_backward_in_place(y, g),
+    )
 }
 
 #[inline(always)]
 fn softmax_backward_in_place(y: &[f32], g: &mut [f32]) {
-    let dot = sum_lanes(y, g, #[inline(always)] |y, g| (y * g) as f64) as f32;
+    let dot = sum_lanes(
+        y,
+        g,
+        #[inline(always)]
+        |y, g| (y * g) as f64,
+    ) as f32;
     g.iter_mut().zip(y).for_each(|(g, &y)| *g = y * (*g - dot));
 }
 
@@ -1404,9 +1705,9 @@ pub fn attention(qkv: &[f32], g: &AttentionGeometry, scale: f32, keep_attention:
     };
     if !keep_attention {
         let heads_out = written_by(len, |out| {
-            out.par_chunks_mut(n * d).enumerate().for_each_init(|| Vec::with_capacity(n * n), |p: &mut Vec<f32>, (bh, o)| {
-                head(bh, &mut p.spare_capacity_mut()[..n * n], o)
-            })
+            out.par_chunks_mut(n * d)
+                .enumerate()
+                .for_each_init(|| Vec::with_capacity(n * n), |p: &mut Vec<f32>, (bh, o)| head(bh, &mut p.spare_capacity_mut()[..n * n], o))
         });
         return (g.gather_heads(&heads_out, 1), None);
     }
@@ -1474,7 +1775,10 @@ pub fn gelu_max_pool_gelu(tokens: &[f32], grid: [usize; 2], c: usize, with_indic
             }
         }
         let batch = &activated[b * n * c..(b + 1) * n * c];
-        wide(#[inline(always)] || window_max_gelu(batch, c, &window[..len], out, idx));
+        wide(
+            #[inline(always)]
+            || window_max_gelu(batch, c, &window[..len], out, idx),
+        );
     };
     if !with_indices {
         out.par_chunks_mut(c.max(1)).enumerate().for_each_init(|| vec![0i64; c], |idx, (row, out)| token_row(row, out, idx));
@@ -1628,7 +1932,11 @@ fn widen(winners: &[i32], idx: &mut [i64]) {
 pub fn gelu_max_pool_gelu_backward(tokens: &[f32], indices: &[i64], grad: &[f32], n: usize, c: usize) -> Vec<f32> {
     // `gelu'(gelu(x)) · gelu'(x)` of every token in one vectorized pass, then each output's
     // gradient times its winner's factor, added onto the winner.
-    let factor = map_elements(tokens, #[inline(always)] |x| gelu_derivative(gelu(x)) * gelu_derivative(x));
+    let factor = map_elements(
+        tokens,
+        #[inline(always)]
+        |x| gelu_derivative(gelu(x)) * gelu_derivative(x),
+    );
     let mut gx = vec![0.0; tokens.len()];
     gx.par_chunks_mut(n * c).enumerate().for_each(|(b, gx)| {
         let base = b * n * c;
