@@ -114,7 +114,7 @@ impl PitConfig {
                     .map(|i| {
                         // pit_pf.py: rate · (global block index) / (total blocks)
                         let drop_path = self.drop_path_rate * (index + i) as f64 / total as f64;
-                        BlockConfig::new(self.dim(s), self.heads[s], self.mlp_ratio, mixer_kind(i, self.attn_type).into())
+                        BlockConfig::new(self.dim(s), self.heads[s], self.mlp_ratio, mixer_kind(i, self.attn_type))
                             .with_drop(self.drop_rate)
                             .with_attn_drop(self.attn_drop_rate)
                             .with_drop_path(drop_path)

@@ -136,10 +136,10 @@ impl ResNetConfig {
 
     pub fn validate(&self) -> Result<(), ModelError> {
         let bad = |reason: String| Err(ModelError::Config { family: "resnet", reason });
-        if self.layers.iter().any(|&n| n == 0) {
+        if self.layers.contains(&0) {
             return bad(format!("every stage needs at least one block, got layers {:?}", self.layers));
         }
-        if !(self.width_mult > 0.0) || (16.0 * self.width_mult) < 1.0 {
+        if self.width_mult.is_nan() || 16.0 * self.width_mult < 1.0 {
             return bad(format!("width_mult {} leaves a stage without channels", self.width_mult));
         }
         if self.num_classes == 0 {
@@ -153,7 +153,7 @@ impl ResNetConfig {
         let mut stage = |index: usize, base: usize, blocks: usize, stride: usize| {
             let planes = (base as f64 * self.width_mult) as usize;
             let out = planes * EXPANSION;
-            let layer = (0..blocks)
+            (0..blocks)
                 .map(|i| {
                     let stride = if i == 0 { stride } else { 1 };
                     let downsample = (i == 0 && (stride != 1 || inplanes != out)).then(|| conv_bn([inplanes, out], 1, stride, false, device));
@@ -167,8 +167,7 @@ impl ResNetConfig {
                     inplanes = out;
                     block
                 })
-                .collect();
-            layer
+                .collect()
         };
         let layer1 = stage(0, 64, self.layers[0], 1);
         let layer2 = stage(1, 128, self.layers[1], 2);

@@ -64,7 +64,7 @@ impl VitConfig {
         if self.patch_size == 0 || self.img_size < self.patch_size {
             return bad(format!("img_size {} must be at least patch_size {}", self.img_size, self.patch_size));
         }
-        if self.num_heads == 0 || self.embed_dim % self.num_heads != 0 {
+        if self.num_heads == 0 || !self.embed_dim.is_multiple_of(self.num_heads) {
             return bad(format!("embed_dim {} is not divisible by num_heads {}", self.embed_dim, self.num_heads));
         }
         if self.depth == 0 || self.num_classes == 0 {
@@ -91,7 +91,7 @@ impl VitConfig {
         let n = self.grid() * self.grid();
         let blocks = (0..self.depth)
             .map(|i| {
-                BlockConfig::new(d, self.num_heads, self.mlp_ratio, mixer_kind(i, self.attn_type).into())
+                BlockConfig::new(d, self.num_heads, self.mlp_ratio, mixer_kind(i, self.attn_type))
                     .with_qkv_bias(self.qkv_bias)
                     .with_drop(self.drop_rate)
                     .with_attn_drop(self.attn_drop_rate)

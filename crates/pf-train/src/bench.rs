@@ -296,6 +296,7 @@ pub fn draw_chart(path: &std::path::Path, title: &str, records: &[ModelRecord]) 
     root.fill(&WHITE)?;
     let root = root.titled(title, ("sans-serif", 20))?;
     let (left, right) = root.split_horizontally(550);
+    #[allow(clippy::type_complexity)] // a table of panels, read where it is written
     let panels: [(_, &str, fn(&ModelRecord) -> f64, RGBColor); 2] =
         [(left, "latency, batch 1 (ms, lower is better)", |r| r.latency_ms, RED), (right, "throughput (img/s, higher is better)", |r| r.throughput, BLUE)];
     let names = records.iter().map(|r| r.name.clone()).collect::<Vec<_>>();

@@ -380,7 +380,7 @@ impl Loader<'_> {
         mut consume: impl FnMut(Batch) -> Result<(), E>,
     ) -> Result<(), E> {
         let full = order.len() / batch_size;
-        let count = if drop_last || order.len() % batch_size == 0 { full } else { full + 1 };
+        let count = if drop_last || order.len().is_multiple_of(batch_size) { full } else { full + 1 };
         let next = AtomicUsize::new(0);
         let stop = AtomicBool::new(false);
         std::thread::scope(|scope| {

@@ -141,7 +141,7 @@ fn apply_op(op: Op, image: RgbImage, level: f64, sign: f64) -> RgbImage {
             let add = (level * 110.0) as i32;
             map_pixels(image, |v| if v < 128 { (v as i32 + add).min(255) as u8 } else { v })
         }
-        Op::Color => enhance(image, 1.0 + sign * level * 0.9, |img| gray_image(img)),
+        Op::Color => enhance(image, 1.0 + sign * level * 0.9, gray_image),
         Op::Contrast => enhance(image, 1.0 + sign * level * 0.9, |img| {
             let mean = gray_image(img).pixels().map(|p| p[0] as f64).sum::<f64>() / (img.width() * img.height()) as f64;
             let m = (mean + 0.5) as u8;

@@ -28,6 +28,7 @@ pub fn draw_curves(path: &Path, history: &[EpochRecord]) -> Result<(), Box<dyn s
     let (left, right) = root.split_horizontally(500);
     let last = history.len().max(2) as f64;
     let epochs = |f: fn(&EpochRecord) -> f64| history.iter().map(move |r| (r.epoch as f64, f(r))).collect::<Vec<_>>();
+    #[allow(clippy::type_complexity)] // a table of panels, read where it is written
     let panels: [(_, &str, [(fn(&EpochRecord) -> f64, &str, RGBColor); 2]); 2] = [
         (left, "loss", [(|r| r.train_loss, "train", BLUE), (|r| r.val_loss, "val", RED)]),
         (right, "top-1 (%)", [(|r| r.train_top1, "train", BLUE), (|r| r.val_top1, "val", RED)]),

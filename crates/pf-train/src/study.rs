@@ -155,6 +155,7 @@ pub fn draw_study_chart(path: &Path, title: &str, rows: &[StudyRow]) -> Result<(
     let root = root.titled(title, ("sans-serif", 20))?;
     let (left, right) = root.split_horizontally(550);
     let top1 = span(rows.iter().map(|r| r.val_top1));
+    #[allow(clippy::type_complexity)] // a table of panels, read where it is written
     let panels: [(_, &str, fn(&StudyRow) -> f64); 2] =
         [(left, "parameters (thousands)", |r| r.params as f64 / 1e3), (right, "latency, batch 1 (ms)", |r| r.latency_ms)];
     for (area, x_label, x_of) in panels {

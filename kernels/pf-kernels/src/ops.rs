@@ -450,8 +450,6 @@ pub(crate) fn conv2d_by_reference<B: Backend>(x: FloatTensor<B>, weight: FloatTe
     crate::reference::conv2d_as_matmul::<B>(float(x), float(weight), stride, padding).into_primitive().tensor()
 }
 
-/// [`reference_batch_norm`](crate::reference::reference_batch_norm) on primitives.
-#[allow(clippy::too_many_arguments)]
 /// [`FusedOps::conv2d_batch_norm_eval`] as its two layers: [`FusedOps::conv2d_plain`], then
 /// [`FusedOps::batch_norm_act`] with the running statistics.
 #[allow(clippy::too_many_arguments)]
@@ -639,7 +637,7 @@ pub fn fused_batch_norm<B: FusedOps>(
     residual: Option<Tensor<B, 4>>,
     relu: bool,
     epsilon: f64,
-) -> (Tensor<B, 4>, Option<(Tensor<B, 1>, Tensor<B, 1>)>) {
+) -> crate::reference::NormOutput<B> {
     let training = running.is_none();
     let prim = |t: Tensor<B, 1>| t.into_primitive().tensor();
     let [y, mean, var] = B::batch_norm_act(

@@ -112,7 +112,7 @@ pub fn reference_gelu_max_pool_gelu<B: FusedOps>(tokens: Tensor<B, 3>, grid: [us
 pub(crate) fn conv_groups(channels: usize, out_channels: usize, weight_in: usize) -> usize {
     let groups = channels / weight_in.max(1);
     assert!(
-        groups > 0 && channels == groups * weight_in && out_channels % groups == 0,
+        groups > 0 && channels == groups * weight_in && out_channels.is_multiple_of(groups),
         "convolution of {channels} channels with a weight of {out_channels} outputs for {weight_in} inputs: not a whole number of groups"
     );
     groups
@@ -201,6 +201,9 @@ pub fn reshape<B: Backend, const D1: usize, const D2: usize>(t: Tensor<B, D1>, s
     t.reshape([len]).reshape(shape)
 }
 
+/// A batch norm's output and, in training, the batch's mean and biased variance.
+pub type NormOutput<B> = (Tensor<B, 4>, Option<(Tensor<B, 1>, Tensor<B, 1>)>);
+
 /// `act((x − mean[c]) · weight[c] / sqrt(var[c] + eps) + bias[c] (+ residual))`, act ReLU or
 /// none: `nn.BatchNorm2d` (then the residual sum and ReLU of a bottleneck's end). `running`:
 /// the running mean and variance to normalise with (evaluation); `None` normalises with the
@@ -217,7 +220,7 @@ pub fn reference_batch_norm<B: Backend>(
     residual: Option<Tensor<B, 4>>,
     relu: bool,
     epsilon: f64,
-) -> (Tensor<B, 4>, Option<(Tensor<B, 1>, Tensor<B, 1>)>) {
+) -> NormOutput<B> {
     let [_, c, _, _] = x.dims();
     let (mean, var, batch) = match running {
         Some((mean, var)) => (mean, var, None),

@@ -1100,7 +1100,9 @@ fn exp_nonpositive(x: f32) -> f32 {
     const ROUND: f32 = 12_582_912.0;
     const LN2_HI: f32 = 0.693_145_75;
     const LN2_LO: f32 = 1.428_606_8e-6;
-    // `max` and `min` take the number over NaN: `x` is finite from here on.
+    // `max` and `min` take the number over NaN (`clamp` would keep the NaN): `x` is finite from
+    // here on.
+    #[allow(clippy::manual_clamp)]
     let x = x.max(-87.0).min(0.0);
     let n = (x * std::f32::consts::LOG2_E + ROUND) - ROUND;
     let r = (x - n * LN2_HI) - n * LN2_LO;
@@ -1121,6 +1123,8 @@ fn exp_nonpositive(x: f32) -> f32 {
 /// tiny (large negative `x`), unlike `1 + erf(x)`.
 #[inline(always)]
 fn erfc_nonnegative(z: f32) -> f32 {
+    // The published coefficients, as printed (more digits than an f32 holds).
+    #[allow(clippy::excessive_precision)]
     const C: [f32; 10] =
         [0.170_872_77, -0.822_152_23, 1.488_515_87, -1.135_203_98, 0.278_868_07, -0.186_288_06, 0.096_784_18, 0.374_091_96, 1.000_023_68, -1.265_512_23];
     let t = 1.0 / (1.0 + 0.5 * z);
@@ -1291,6 +1295,7 @@ const LINEAR_ROWS: usize = 128;
 /// fewer rows are one multithreaded product. Either way by the shape alone, so the sums do not
 /// depend on the number of threads.
 #[allow(clippy::too_many_arguments)]
+#[allow(clippy::redundant_closure)] // the closure carries `#[inline(always)]` into the vector loop
 pub fn linear(
     x: &[f32],
     weight: &[f32],
