@@ -8,7 +8,7 @@ use burn::tensor::Distribution;
 use pf_core::conv::{ConvBn, ConvBnConfig};
 use pf_kernels::{FusedAutodiffBackend, Pool2d};
 
-use crate::common::assert_close;
+use crate::common::{assert_close, backend_tests};
 
 /// One training step of a 1×1 and a 3×3 `ConvBN-ReLU` followed by the stride-1 and stride-2
 /// pools of R50-max, fused against plain.
@@ -46,13 +46,4 @@ fn fused_step_matches_plain<B: FusedAutodiffBackend>(device: B::Device) {
     }
 }
 
-#[test]
-fn fused_training_step_matches_plain_on_ndarray() {
-    fused_step_matches_plain::<crate::common::CpuAd>(Default::default());
-}
-
-#[cfg(feature = "wgpu")]
-#[test]
-fn fused_training_step_matches_plain_on_wgpu() {
-    fused_step_matches_plain::<burn::backend::Autodiff<burn::backend::Wgpu>>(Default::default());
-}
+backend_tests!(fused_step_matches_plain);

@@ -71,3 +71,25 @@ pub fn assert_close<B: Backend, const D: usize>(what: &str, got: Tensor<B, D>, e
         assert!((g - e).abs() <= tolerance * (1.0 + e.abs()), "{what}[{i}] = {g}, reference {e}");
     }
 }
+
+/// A backend-generic test, `fn name<B: FusedAutodiffBackend>(device: B::Device, ..)`, run on every
+/// backend: `name::ndarray` (NdArray with autodiff, pf's CPU kernels) and, with the `wgpu`
+/// feature, `name::wgpu` (Mesa's lavapipe in CI); further arguments are passed to both. A new
+/// backend is one more function here, and every such test runs on it.
+macro_rules! backend_tests {
+    ($generic:ident $(, $arg:expr)*) => {
+        mod $generic {
+            #[test]
+            fn ndarray() {
+                super::$generic::<$crate::common::CpuAd>(Default::default() $(, $arg)*);
+            }
+
+            #[cfg(feature = "wgpu")]
+            #[test]
+            fn wgpu() {
+                super::$generic::<burn::backend::Autodiff<burn::backend::Wgpu>>(Default::default() $(, $arg)*);
+            }
+        }
+    };
+}
+pub(crate) use backend_tests;

@@ -10,7 +10,7 @@ use burn::tensor::ops::ConvOptions;
 use pf_core::conv::{conv2d_as_matmul, ConvBn, ConvBnConfig};
 use pf_kernels::FusedAutodiffBackend;
 
-use crate::common::{tensor, CpuAd};
+use crate::common::{backend_tests, tensor, CpuAd};
 
 fn assert_close(what: &str, got: Vec<f32>, expected: Vec<f32>) {
     assert_eq!(got.len(), expected.len(), "{what}: sizes");
@@ -81,16 +81,7 @@ fn conv_helpers_match_direct_convolution<B: FusedAutodiffBackend>(device: B::Dev
     }
 }
 
-#[test]
-fn conv_helpers_match_direct_convolution_on_ndarray() {
-    conv_helpers_match_direct_convolution::<CpuAd>(Default::default());
-}
-
-/// Fails without `pf_kernels::reference::reshape` in the convolution helpers (Burn 0.21's CubeCL
-/// reshape of a non-contiguous view with a unit dimension, see its comment): outputs and input
-/// gradients of the 1×1 maps at batch 3.
-#[cfg(feature = "wgpu")]
-#[test]
-fn conv_helpers_match_ndarray_on_wgpu() {
-    conv_helpers_match_direct_convolution::<burn::backend::Autodiff<burn::backend::Wgpu>>(Default::default());
-}
+// On wgpu this fails without `pf_kernels::reference::reshape` in the convolution helpers (Burn
+// 0.21's CubeCL reshape of a non-contiguous view with a unit dimension, see its comment): outputs
+// and input gradients of the 1×1 maps at batch 3.
+backend_tests!(conv_helpers_match_direct_convolution);

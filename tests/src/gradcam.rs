@@ -9,7 +9,7 @@ use pf_train::gradcam::{grad_cam, GradcamArgs};
 use pf_train::predict::PredictArgs;
 use serde_json::Value;
 
-use crate::common::{fixtures_dir, model_config, scratch, tensor, CpuAd};
+use crate::common::{backend_tests, fixtures_dir, model_config, scratch, tensor, CpuAd};
 
 #[derive(Parser)]
 struct Gradcam {
@@ -81,16 +81,7 @@ fn check_cases<B: FusedAutodiffBackend>(device: B::Device) {
     assert!(failures.is_empty(), "Grad-CAM failures:\n{}", failures.join("\n"));
 }
 
-#[test]
-fn gradcam_cases_match_the_reference_on_ndarray() {
-    check_cases::<CpuAd>(Default::default());
-}
-
-#[cfg(feature = "wgpu")]
-#[test]
-fn gradcam_cases_match_the_reference_on_wgpu() {
-    check_cases::<burn::backend::Autodiff<burn::backend::Wgpu>>(Default::default());
-}
+backend_tests!(check_cases);
 
 /// `forward` is `forward_head ∘ forward_features` on every family, at feature maps of 1×1 and
 /// odd sizes, batch 1 and 3; and ResNet's Grad-CAM equals its closed form (the head is a mean
@@ -143,16 +134,7 @@ fn features_and_head<B: FusedAutodiffBackend>(device: B::Device) {
     }
 }
 
-#[test]
-fn features_and_head_compose_to_forward_on_ndarray() {
-    features_and_head::<CpuAd>(Default::default());
-}
-
-#[cfg(feature = "wgpu")]
-#[test]
-fn features_and_head_compose_to_forward_on_wgpu() {
-    features_and_head::<burn::backend::Autodiff<burn::backend::Wgpu>>(Default::default());
-}
+backend_tests!(features_and_head);
 
 /// `predict` ranks the classes as the logits do, names them, and skips an unreadable file by
 /// name while predicting the others; a class out of range is an error for `gradcam`.

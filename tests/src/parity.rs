@@ -2,7 +2,7 @@
 
 use pf_kernels::FusedAutodiffBackend;
 
-use crate::common::fixtures_dir;
+use crate::common::{backend_tests, fixtures_dir};
 
 /// Runs every case; all must pass except the named known failures, which must still run.
 fn check_all<B: FusedAutodiffBackend>(device: B::Device, known_failures: &[&str]) {
@@ -12,24 +12,15 @@ fn check_all<B: FusedAutodiffBackend>(device: B::Device, known_failures: &[&str]
     assert!(failed.is_empty(), "parity failures:\n{}", failed.join("\n"));
 }
 
-#[test]
-fn every_case_matches_the_reference_on_ndarray() {
-    check_all::<crate::common::CpuAd>(Default::default(), &[]);
-}
-
-/// On wgpu (Mesa lavapipe) too every case must pass. `resnet_max_train` holds a near-tie: one
-/// window of `layer1.0`'s max-pool compares 0.27402082 against 0.27402052 (a gap of 3e-7) at the
-/// reference's float32 values, which NdArray reproduces. wgpu's float32 rounding moves the stem's
-/// outputs by up to 3.8e-6; on the plain path (`"fused": false`) the other element then wins and
-/// that window's gradient reaches the neighbouring pixel (14 of 9408 elements of `conv1`'s weight
-/// gradient exceed the bound by up to 1.38x). The fused BN → ReLU → max-pool kernel, the models'
-/// default and what this test runs, keeps the reference's winner on this machine. The fixture's
-/// tolerances stay as they are.
-#[cfg(feature = "wgpu")]
-#[test]
-fn every_case_matches_the_reference_on_wgpu() {
-    check_all::<burn::backend::Autodiff<burn::backend::Wgpu>>(Default::default(), &[]);
-}
+// Every case on every backend. On wgpu (Mesa lavapipe) too every case must pass. `resnet_max_train` holds a near-tie: one
+// window of `layer1.0`'s max-pool compares 0.27402082 against 0.27402052 (a gap of 3e-7) at the
+// reference's float32 values, which NdArray reproduces. wgpu's float32 rounding moves the stem's
+// outputs by up to 3.8e-6; on the plain path (`"fused": false`) the other element then wins and
+// that window's gradient reaches the neighbouring pixel (14 of 9408 elements of `conv1`'s weight
+// gradient exceed the bound by up to 1.38x). The fused BN → ReLU → max-pool kernel, the models'
+// default and what this test runs, keeps the reference's winner on this machine. The fixture's
+// tolerances stay as they are.
+backend_tests!(check_all, &[]);
 
 #[test]
 fn a_wrong_model_fails_the_comparison() {

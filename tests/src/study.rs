@@ -13,7 +13,7 @@ use pf_models::ModelConfig;
 use pf_train::recipe::Recipe;
 use pf_train::study::{study, StudyArgs};
 
-use crate::common::{assert_close, scratch, Cpu, CpuAd};
+use crate::common::{assert_close, backend_tests, scratch, Cpu, CpuAd};
 
 /// Batch norm in training mode (batch statistics, biased variance) and ReLU, in plain ops.
 fn bn_relu<B: Backend>(y: Tensor<B, 4>, gamma: Tensor<B, 1>, beta: Tensor<B, 1>, epsilon: f64) -> Tensor<B, 4> {
@@ -61,16 +61,7 @@ fn studied_ops_match_burn<B: FusedAutodiffBackend>(device: B::Device) {
     }
 }
 
-#[test]
-fn studied_ops_match_burn_on_ndarray() {
-    studied_ops_match_burn::<CpuAd>(Default::default());
-}
-
-#[cfg(feature = "wgpu")]
-#[test]
-fn studied_ops_match_burn_on_wgpu() {
-    studied_ops_match_burn::<burn::backend::Autodiff<burn::backend::Wgpu>>(Default::default());
-}
+backend_tests!(studied_ops_match_burn);
 
 /// Strided blocks keep the hybrid block's learnable downsampling whatever the studied
 /// operation, so parameter counts order as the paper's study has them: the parameter-free

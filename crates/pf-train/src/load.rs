@@ -129,6 +129,40 @@ pub fn skipped_exit(skipped: usize, read: usize) -> ExitCode {
 /// ImageNet-1k in class-index order: `synset<TAB>first WordNet lemma` per line.
 const IMAGENET_CLASSES: &str = include_str!("imagenet_classes.txt");
 
+/// Memory a batch keeps per input byte, by measurement: R50-hybrid's training step at batch 16
+/// peaks at 1.73 GB for the whole process, about 180 times its input (`pf bench`, ndarray,
+/// 2026-12-02); an evaluation pass frees each layer's input as it goes.
+const TRAINING_BYTES_PER_INPUT_BYTE: u64 = 200;
+const INFERENCE_BYTES_PER_INPUT_BYTE: u64 = 20;
+
+/// This machine's memory in bytes (Linux: `MemTotal` of `/proc/meminfo`); `None` where unknown.
+pub fn machine_memory() -> Option<u64> {
+    let info = std::fs::read_to_string("/proc/meminfo").ok()?;
+    let kib: u64 = info.lines().find_map(|l| l.strip_prefix("MemTotal:"))?.trim().trim_end_matches("kB").trim().parse().ok()?;
+    Some(kib * 1024)
+}
+
+/// Refuses, before anything is allocated, a batch of `size × size` images whose estimated
+/// memory is more than the machine has, with the figures.
+pub fn check_batch_memory(flag: &str, batch: usize, size: usize, training: bool) -> Result<()> {
+    let Some(total) = machine_memory() else { return Ok(()) };
+    let factor = if training { TRAINING_BYTES_PER_INPUT_BYTE } else { INFERENCE_BYTES_PER_INPUT_BYTE };
+    let per_image = (3 * size * size * 4) as u64 * factor;
+    let needed = (batch as u64).saturating_mul(per_image);
+    if needed > total {
+        bail!(
+            "{flag} {batch} would need about {:.1} GB at {size}×{size} (about {:.0} MB an image {}), more than this machine's {:.1} GB; \
+             give at most {}",
+            needed as f64 / 1e9,
+            per_image as f64 / 1e6,
+            if training { "in a training step" } else { "in inference" },
+            total as f64 / 1e9,
+            (total / per_image).max(1)
+        );
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -5,7 +5,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use anyhow::{Context, Result};
-use clap::{Parser, Subcommand};
+use clap::{CommandFactory, FromArgMatches, Parser, Subcommand};
 use pf_kernels::FusedAutodiffBackend;
 use pf_models::weights::{inspect_pytorch, load_pf, num_parameters, read_pf_config};
 use pf_models::ModelName;
@@ -84,7 +84,10 @@ enum Command {
 fn main() -> ExitCode {
     keep_freed_memory();
     explain_device_failures();
-    let cli = Cli::parse();
+    // `--lr -1` is the value -1 (refused by its range check with the flag's name), not an
+    // unknown flag `-1`.
+    let command = Cli::command().allow_negative_numbers(true).mut_subcommands(|c| c.allow_negative_numbers(true));
+    let cli = Cli::from_arg_matches(&command.get_matches()).unwrap_or_else(|e| e.exit());
     match run(cli) {
         Ok(code) => code,
         Err(e) => {

@@ -12,7 +12,7 @@ use pf_train::backend::{BackendKind, DevicesJob, Job};
 use pf_train::bench::{bench_kernels, bench_model, draw_chart, kernel_note, markdown_table, Budget, KernelCase, KernelRecord, ModelRecord};
 use pf_train::data::ImageFolder;
 use pf_train::eval::{evaluate, Verbosity};
-use pf_train::load::{eval_transform, model_config, training_summary, weights_config};
+use pf_train::load::{check_batch_memory, eval_transform, model_config, training_summary, weights_config};
 use pf_train::recipe::{ModelSpec, Recipe};
 use pf_train::study::{draw_study_chart, study, study_table, StudyArgs};
 use pf_train::train::{train_on, TrainArgs};
@@ -80,6 +80,11 @@ pub struct TrainJob {
 
 impl TrainCli {
     pub fn into_job(self) -> Result<TrainJob> {
+        for (flag, value) in [("--train-limit", self.train_limit), ("--val-limit", self.val_limit), ("--stop-after", self.stop_after)] {
+            if value == Some(0) {
+                bail!("{flag} 0: give at least 1 (or leave the flag out)");
+            }
+        }
         let mut recipe = Recipe::load(&self.recipe)?;
         if let Some(spec) = self.model {
             recipe.model = match spec.parse::<ModelName>() {
@@ -93,6 +98,7 @@ impl TrainCli {
         recipe.seed = self.seed.unwrap_or(recipe.seed);
         recipe.workers = self.workers.unwrap_or(recipe.workers);
         recipe.validate().context("the recipe after the command-line overrides")?;
+        check_batch_memory("--batch-size", recipe.batch_size, recipe.eval_transform.size, true)?;
         let data = match self.data.or_else(|| recipe.data.clone()) {
             Some(d) => resolve(&d),
             None => bail!("recipe {} names no dataset; pass --data DIR (with DIR/train and DIR/val)", recipe.name),
@@ -178,9 +184,13 @@ impl Job for EvalCli {
         if self.batch_size == 0 {
             bail!("--batch-size must be at least 1");
         }
+        if self.workers == 0 {
+            bail!("--workers must be at least 1");
+        }
         let config = weights_config(&self.weights, self.model.as_deref(), self.num_classes)?;
         let summary = training_summary(&self.weights)?;
         let transform = eval_transform(&config, summary.as_ref(), self.image_size, self.crop_pct)?;
+        check_batch_memory("--batch-size", self.batch_size, transform.size, false)?;
         let data = match (&self.data, &summary) {
             (Some(d), _) => resolve(d),
             (None, Some(s)) => s.data.clone(),
@@ -252,6 +262,23 @@ impl BenchCli {
         self
     }
 
+    /// Every flag in its range and every output folder in place, before the first measurement.
+    fn check(&self) -> Result<()> {
+        if self.batch == 0 {
+            bail!("--batch must be at least 1");
+        }
+        if self.runs == 0 {
+            bail!("--runs must be at least 1");
+        }
+        if !(self.seconds.is_finite() && self.seconds >= 0.0) {
+            bail!("--seconds {} is not a time: give a number of seconds, 0 or more", self.seconds);
+        }
+        if self.cases == 0 {
+            bail!("--cases must be at least 1");
+        }
+        output_folders_exist([("--json", &self.json), ("--chart", &self.chart)])
+    }
+
     fn budget(&self) -> Budget {
         Budget { warmup: 1, min_runs: self.runs.max(1), max_runs: self.runs.max(1) * 10, time: std::time::Duration::from_secs_f64(self.seconds) }
     }
@@ -261,9 +288,7 @@ impl Job for BenchCli {
     type Output = ExitCode;
 
     fn run<B: FusedAutodiffBackend>(self, device: B::Device) -> Result<ExitCode> {
-        if self.batch == 0 {
-            bail!("--batch must be at least 1");
-        }
+        self.check()?;
         let budget = self.budget();
         let json = if self.kernels {
             println!("kernels on {} ({device:?}); {}; median of >= {} runs, device synchronised", self.backend.name(), kernel_note::<B>(), budget.min_runs);
@@ -280,6 +305,9 @@ impl Job for BenchCli {
             } else {
                 self.models.iter().map(|n| n.parse::<ModelName>()).collect::<Result<Vec<_>, _>>()?
             };
+            for name in &names {
+                check_batch_memory("--batch", self.batch, name.config().image_size(), true)?;
+            }
             println!(
                 "models on {} ({device:?}); latency at batch 1, throughput at batch {}; median of >= {} runs, device synchronised",
                 self.backend.name(),
@@ -366,6 +394,17 @@ pub struct StudyCli {
     backend: BackendKind,
 }
 
+/// An error naming the flag when the folder an output file goes into does not exist: found out
+/// before the work, not after it.
+fn output_folders_exist<const N: usize>(outputs: [(&str, &Option<PathBuf>); N]) -> Result<()> {
+    for (flag, path) in outputs {
+        if let Some(dir) = path.as_ref().and_then(|p| p.parent()).filter(|d| !d.as_os_str().is_empty() && !d.is_dir()) {
+            bail!("{flag}: folder {} does not exist", dir.display());
+        }
+    }
+    Ok(())
+}
+
 fn parse_op(s: &str) -> Result<SpatialKind, String> {
     s.trim().parse()
 }
@@ -392,11 +431,7 @@ impl StudyCli {
         };
         let out = self.out.clone().unwrap_or_else(|| PathBuf::from("runs").join(format!("study-{}", recipe.name)));
         // Found out now, not after the training.
-        for (flag, path) in [("--json", &self.json), ("--chart", &self.chart)] {
-            if let Some(dir) = path.as_ref().and_then(|p| p.parent()).filter(|d| !d.as_os_str().is_empty() && !d.is_dir()) {
-                bail!("{flag}: folder {} does not exist", dir.display());
-            }
-        }
+        output_folders_exist([("--json", &self.json), ("--chart", &self.chart)])?;
         Ok(StudyArgs { recipe, data, out, ops: self.ops.clone(), train_limit: self.train_limit, val_limit: self.val_limit, progress: !self.quiet })
     }
 }
