@@ -127,3 +127,51 @@ fn a_study_gives_a_row_per_operation_and_resumes() {
     assert!(study::<CpuAd>(&twice, &Default::default(), |_| ()).unwrap_err().to_string().contains("twice"));
     assert!(!dir.join("vit").exists() && !dir.join("twice").exists());
 }
+
+/// The search's mixed operation: its gradients with respect to α and to the input against
+/// central finite differences of `sum(out · w)`, in a stride-1 block (five candidates) and a
+/// stride-2 one (four: no identity); and α = 0 weighs every candidate the same.
+#[test]
+fn the_mixed_operation_has_the_gradients_of_its_finite_differences() {
+    use burn::module::Param;
+    use pf_core::spatial::MixedOp;
+    type B = CpuAd;
+    let device = Default::default();
+    for stride in [1, 2] {
+        B::seed(&device, 11);
+        let mut op = MixedOp::<B>::new(&SpatialKind::ALL, 3, stride, &device);
+        assert_eq!(op.kinds.len(), if stride == 1 { 5 } else { 4 });
+        let uniform = op.weights().into_data().to_vec::<f32>().unwrap();
+        assert!(uniform.iter().all(|&w| (w - 1.0 / op.kinds.len() as f32).abs() < 1e-6), "{uniform:?}");
+        let alpha: Vec<f32> = (0..op.kinds.len()).map(|i| 0.3 * i as f32 - 0.5).collect();
+        op.alpha = Param::from_tensor(Tensor::from_floats(alpha.as_slice(), &device).require_grad());
+        let x_values: Vec<f32> = (0..2 * 3 * 6 * 5).map(|i| ((i * 37 % 29) as f32 / 29.0 - 0.5) * 2.0).collect();
+        let x = Tensor::<B, 1>::from_floats(x_values.as_slice(), &device).reshape([2, 3, 6, 5]).require_grad();
+        let out = op.forward(x.clone());
+        let w = Tensor::<B, 4>::random(out.dims(), Distribution::Normal(0.0, 1.0), &device);
+        let grads = (out * w.clone()).sum().backward();
+        let d_alpha = op.alpha.grad(&grads).unwrap().into_data().to_vec::<f32>().unwrap();
+        let d_x = x.grad(&grads).unwrap().into_data().to_vec::<f32>().unwrap();
+        let loss = |alpha: &[f32], x: &[f32]| {
+            let mut probe = op.clone();
+            probe.alpha = Param::from_tensor(Tensor::from_floats(alpha, &device));
+            let x = Tensor::<B, 1>::from_floats(x, &device).reshape([2, 3, 6, 5]);
+            (probe.forward(x) * w.clone()).sum().into_scalar() as f64
+        };
+        let eps = 1e-2;
+        for i in 0..alpha.len() {
+            let (mut up, mut down) = (alpha.clone(), alpha.clone());
+            up[i] += eps;
+            down[i] -= eps;
+            let fd = (loss(&up, &x_values) - loss(&down, &x_values)) / (2.0 * eps as f64);
+            assert!((fd - d_alpha[i] as f64).abs() <= 2e-2 * (1.0 + fd.abs()), "stride {stride}, α[{i}]: {} against {fd}", d_alpha[i]);
+        }
+        for i in [0, 7, 31, 64, 101, 179] {
+            let (mut up, mut down) = (x_values.clone(), x_values.clone());
+            up[i] += eps;
+            down[i] -= eps;
+            let fd = (loss(&alpha, &up) - loss(&alpha, &down)) / (2.0 * eps as f64);
+            assert!((fd - d_x[i] as f64).abs() <= 3e-2 * (1.0 + fd.abs()), "stride {stride}, x[{i}]: {} against {fd}", d_x[i]);
+        }
+    }
+}

@@ -4,6 +4,7 @@
 use std::fmt;
 use std::str::FromStr;
 
+use burn::module::Param;
 use burn::nn::pool::{AvgPool2d, AvgPool2dConfig};
 use burn::prelude::*;
 use pf_kernels::Pool2d;
@@ -27,6 +28,9 @@ pub enum SpatialOpConfig {
     /// block's learnable downsampling (2×2 avg-pool then 3×3 conv-BN-ReLU), so that variants
     /// differ in the studied operation only.
     Studied(SpatialKind),
+    /// The architecture search's: this operation itself with the block's stride, stride-2
+    /// blocks included (`identity` only in stride-1 blocks).
+    Searched(SpatialKind),
 }
 
 /// The spatial operations of the paper's layer study ("depthwise convolution is replaceable
@@ -135,9 +139,27 @@ pub enum SpatialOp<B: FusedOps> {
 }
 
 impl SpatialOpConfig {
+    /// `self` for a `Studied` kind, built with `stride` itself rather than the hybrid
+    /// downsampling; the others as [`Self::init`].
+    fn init_with_stride<B: FusedOps>(&self, width: usize, stride: usize, device: &B::Device) -> SpatialOp<B> {
+        let conv = ConvBnConfig::new([width, width], 3).with_stride(stride);
+        match self {
+            Self::Studied(SpatialKind::Conv) => SpatialOp::Conv(conv.init(device)),
+            Self::Studied(SpatialKind::Dwconv) => SpatialOp::Conv(conv.with_groups(width).init(device)),
+            Self::Studied(SpatialKind::Max) => SpatialOp::MaxPool(MaxPool { kernel: 3, stride, padding: 1 }),
+            Self::Studied(SpatialKind::Avg) => SpatialOp::AvgPool(AvgPool { kernel: 3, stride, padding: 1 }),
+            Self::Studied(SpatialKind::Identity) => {
+                assert_eq!(stride, 1, "identity has no stride; the config's validation keeps it out of strided blocks");
+                SpatialOp::Identity(Identity)
+            }
+            other => other.init(width, stride, device),
+        }
+    }
+
     pub fn init<B: FusedOps>(&self, width: usize, stride: usize, device: &B::Device) -> SpatialOp<B> {
         let conv = |stride| ConvBnConfig::new([width, width], 3).with_stride(stride).init(device);
         match (self, stride) {
+            (Self::Searched(kind), _) => Self::Studied(*kind).init_with_stride(width, stride, device),
             (Self::Hybrid | Self::Studied(_), 2) => SpatialOp::AvgPoolConv(AvgPoolConv {
                 pool: AvgPool2dConfig::new([AVG_POOL.kernel; 2]).with_strides([AVG_POOL.stride; 2]).init(),
                 conv: conv(1),
@@ -188,5 +210,56 @@ impl<B: FusedOps> SpatialOp<B> {
 
     pub fn has_parameters(&self) -> bool {
         matches!(self, Self::Conv(_) | Self::AvgPoolConv(_))
+    }
+}
+
+/// DARTS's mixed operation (the architecture search): the softmax(α)-weighted sum of candidate
+/// spatial operations, each with the block's stride; α holds one weight per candidate.
+#[derive(Module, Debug)]
+pub struct MixedOp<B: FusedOps> {
+    pub ops: Vec<SpatialOp<B>>,
+    pub alpha: Param<Tensor<B, 1>>,
+    #[module(skip)]
+    pub kinds: Vec<SpatialKind>,
+}
+
+impl<B: FusedOps> MixedOp<B> {
+    /// The candidates `kinds` (without `identity` in a strided block), α zero: every candidate
+    /// weighs the same at the start.
+    pub fn new(kinds: &[SpatialKind], width: usize, stride: usize, device: &B::Device) -> Self {
+        let kinds: Vec<SpatialKind> = kinds.iter().copied().filter(|&k| stride == 1 || k != SpatialKind::Identity).collect();
+        assert!(!kinds.is_empty(), "a mixed operation needs at least one candidate");
+        let ops = kinds.iter().map(|&k| SpatialOpConfig::Searched(k).init(width, stride, device)).collect();
+        Self { ops, alpha: Param::from_tensor(Tensor::zeros([kinds.len()], device)), kinds }
+    }
+
+    /// softmax(α), the candidates' weights.
+    pub fn weights(&self) -> Tensor<B, 1> {
+        crate::exact::softmax(self.alpha.val(), 0)
+    }
+
+    /// # Shapes
+    /// - `x`: `[batch, width, height, width]`
+    /// - output: `[batch, width, height / stride, width / stride]`
+    pub fn forward(&self, x: Tensor<B, 4>) -> Tensor<B, 4> {
+        let weights = self.weights();
+        self.ops
+            .iter()
+            .enumerate()
+            .map(|(i, op)| op.forward(x.clone()) * weights.clone().slice([i..i + 1]).reshape([1, 1, 1, 1]))
+            .reduce(|a, b| a + b)
+            .expect("at least one candidate")
+    }
+
+    /// Output size and cost on a `width × hw` map: every candidate runs.
+    pub fn cost(&self, width: usize, hw: [usize; 2]) -> ([usize; 2], Cost) {
+        self.ops.iter().map(|op| op.cost(width, hw)).fold((hw, Cost::default()), |(_, total), (out, c)| (out, total + c))
+    }
+
+    /// The candidate of the largest α (the first of equals).
+    pub fn strongest(&self) -> SpatialKind {
+        let alpha = self.alpha.val().into_data().to_vec::<f32>().expect("f32 alpha");
+        let best = (0..alpha.len()).fold(0, |best, i| if alpha[i] > alpha[best] { i } else { best });
+        self.kinds[best]
     }
 }
