@@ -175,3 +175,50 @@ fn the_mixed_operation_has_the_gradients_of_its_finite_differences() {
         }
     }
 }
+
+/// The search network (a mixed operation in every block, any input size) and the network it
+/// derives (`block_ops`, each block's strongest candidate), which builds, runs and checks its
+/// shape; bad `block_ops` and combinations are config errors.
+#[test]
+fn a_search_network_derives_a_network_that_trains() {
+    use burn::module::Param;
+    let device = Default::default();
+    let base = ResNetConfig { width_mult: 0.25, num_classes: 10, ..ResNetConfig::new(BlockKind::Hybrid, [2, 1, 1, 1]) };
+    let search = ResNetConfig { search: Some(SpatialKind::ALL.to_vec()), ..base.clone() };
+    let model = ModelConfig::Resnet(search.clone()).init::<CpuAd>(&device).unwrap();
+    let pf_models::Model::Resnet(mut net) = model else { panic!("a ResNet") };
+    assert_eq!(net.mixed_ops().iter().map(Vec::len).collect::<Vec<_>>(), vec![2, 1, 1, 1]);
+    assert_eq!(net.mixed_ops()[1][0].kinds.len(), 4, "no identity in a strided block");
+    assert_eq!(net.forward(Tensor::zeros([2, 3, 40, 40], &device)).dims(), [2, 10], "no multiple of 32 needed");
+    // α favouring max in the stride-1 blocks and conv in the strided ones.
+    for stage in [&mut net.layer1, &mut net.layer2, &mut net.layer3, &mut net.layer4] {
+        for block in stage.iter_mut() {
+            let SpatialOp::Mixed(m) = &mut block.conv_block else { panic!("mixed") };
+            let favourite = if m.kinds.contains(&SpatialKind::Identity) { SpatialKind::Max } else { SpatialKind::Conv };
+            let alpha: Vec<f32> = m.kinds.iter().map(|&k| if k == favourite { 1.0 } else { 0.0 }).collect();
+            m.alpha = Param::from_tensor(Tensor::from_floats(alpha.as_slice(), &device));
+        }
+    }
+    let derived = net.derived_block_ops().expect("a search network");
+    assert_eq!(derived, vec![vec![SpatialKind::Max, SpatialKind::Max], vec![SpatialKind::Conv], vec![SpatialKind::Conv], vec![SpatialKind::Conv]]);
+    let config = ResNetConfig { block_ops: Some(derived), ..base.clone() };
+    let trained = ModelConfig::Resnet(config.clone()).init::<CpuAd>(&device).unwrap();
+    assert_eq!(trained.forward(Tensor::zeros([1, 3, 40, 40], &device)).unwrap().dims(), [1, 10]);
+    let json = serde_json::to_string(&ModelConfig::Resnet(config.clone())).unwrap();
+    assert_eq!(serde_json::from_str::<ModelConfig>(&json).unwrap(), ModelConfig::Resnet(config));
+    for (bad, why) in [
+        (ResNetConfig { block_ops: Some(vec![vec![SpatialKind::Max]; 4]), ..base.clone() }, "blocks per stage"),
+        (
+            ResNetConfig {
+                block_ops: Some(vec![vec![SpatialKind::Max, SpatialKind::Max], vec![SpatialKind::Identity], vec![SpatialKind::Max], vec![SpatialKind::Max]]),
+                ..base.clone()
+            },
+            "stride 2",
+        ),
+        (ResNetConfig { search: Some(vec![SpatialKind::Identity]), ..base.clone() }, "besides identity"),
+        (ResNetConfig { search: Some(vec![SpatialKind::Max]), ops: Some([SpatialKind::Max; 4]), ..base.clone() }, "at most one"),
+    ] {
+        let e = ModelConfig::Resnet(bad).init::<Cpu>(&device).unwrap_err().to_string();
+        assert!(e.contains(why), "{e}");
+    }
+}

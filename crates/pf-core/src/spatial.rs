@@ -136,6 +136,8 @@ pub enum SpatialOp<B: FusedOps> {
     AvgPoolConv(AvgPoolConv<B>),
     AvgPool(AvgPool),
     Identity(Identity),
+    /// The architecture search's weighted sum of candidates.
+    Mixed(MixedOp<B>),
 }
 
 impl SpatialOpConfig {
@@ -190,6 +192,7 @@ impl<B: FusedOps> SpatialOp<B> {
             Self::AvgPoolConv(op) => op.conv.forward(fused_avg_pool2d(x, AVG_POOL)),
             Self::AvgPool(pool) => fused_avg_pool2d(x, pool.window()),
             Self::Identity(_) => x,
+            Self::Mixed(op) => op.forward(x),
         }
     }
 
@@ -205,11 +208,12 @@ impl<B: FusedOps> SpatialOp<B> {
             }
             Self::AvgPool(p) => pool_cost(width, hw, p.kernel, p.stride, p.padding),
             Self::Identity(_) => (hw, Cost::default()),
+            Self::Mixed(op) => op.cost(width, hw),
         }
     }
 
     pub fn has_parameters(&self) -> bool {
-        matches!(self, Self::Conv(_) | Self::AvgPoolConv(_))
+        matches!(self, Self::Conv(_) | Self::AvgPoolConv(_) | Self::Mixed(_))
     }
 }
 
@@ -217,7 +221,7 @@ impl<B: FusedOps> SpatialOp<B> {
 /// spatial operations, each with the block's stride; α holds one weight per candidate.
 #[derive(Module, Debug)]
 pub struct MixedOp<B: FusedOps> {
-    pub ops: Vec<SpatialOp<B>>,
+    pub ops: Vec<Candidate<B>>,
     pub alpha: Param<Tensor<B, 1>>,
     #[module(skip)]
     pub kinds: Vec<SpatialKind>,
@@ -229,7 +233,7 @@ impl<B: FusedOps> MixedOp<B> {
     pub fn new(kinds: &[SpatialKind], width: usize, stride: usize, device: &B::Device) -> Self {
         let kinds: Vec<SpatialKind> = kinds.iter().copied().filter(|&k| stride == 1 || k != SpatialKind::Identity).collect();
         assert!(!kinds.is_empty(), "a mixed operation needs at least one candidate");
-        let ops = kinds.iter().map(|&k| SpatialOpConfig::Searched(k).init(width, stride, device)).collect();
+        let ops = kinds.iter().map(|&k| Candidate::new(k, width, stride, device)).collect();
         Self { ops, alpha: Param::from_tensor(Tensor::zeros([kinds.len()], device)), kinds }
     }
 
@@ -261,5 +265,46 @@ impl<B: FusedOps> MixedOp<B> {
         let alpha = self.alpha.val().into_data().to_vec::<f32>().expect("f32 alpha");
         let best = (0..alpha.len()).fold(0, |best, i| if alpha[i] > alpha[best] { i } else { best });
         self.kinds[best]
+    }
+}
+
+/// One candidate of a [`MixedOp`]: a studied operation at the block's stride. (Its own type,
+/// not [`SpatialOp`], which holds mixed operations itself.)
+#[derive(Module, Debug)]
+pub enum Candidate<B: FusedOps> {
+    /// conv or dwconv.
+    Conv(ConvBn<B>),
+    MaxPool(MaxPool),
+    AvgPool(AvgPool),
+    Identity(Identity),
+}
+
+impl<B: FusedOps> Candidate<B> {
+    pub fn new(kind: SpatialKind, width: usize, stride: usize, device: &B::Device) -> Self {
+        match SpatialOpConfig::Searched(kind).init::<B>(width, stride, device) {
+            SpatialOp::Conv(conv) => Self::Conv(conv),
+            SpatialOp::MaxPool(pool) => Self::MaxPool(pool),
+            SpatialOp::AvgPool(pool) => Self::AvgPool(pool),
+            SpatialOp::Identity(identity) => Self::Identity(identity),
+            other => unreachable!("a searched operation is one of the studied ones, built {other:?}"),
+        }
+    }
+
+    pub fn forward(&self, x: Tensor<B, 4>) -> Tensor<B, 4> {
+        match self {
+            Self::Conv(conv) => conv.forward(x),
+            Self::MaxPool(pool) => pool.window().max_pool(x),
+            Self::AvgPool(pool) => fused_avg_pool2d(x, pool.window()),
+            Self::Identity(_) => x,
+        }
+    }
+
+    pub fn cost(&self, width: usize, hw: [usize; 2]) -> ([usize; 2], Cost) {
+        match self {
+            Self::Conv(conv) => conv.cost(hw),
+            Self::MaxPool(p) => pool_cost(width, hw, p.kernel, p.stride, p.padding),
+            Self::AvgPool(p) => pool_cost(width, hw, p.kernel, p.stride, p.padding),
+            Self::Identity(_) => (hw, Cost::default()),
+        }
     }
 }

@@ -4,7 +4,7 @@ use burn::nn::{Initializer, Linear, LinearConfig};
 use burn::prelude::*;
 use pf_core::macs::{linear_cost, pool_cost};
 use pf_core::spatial::MaxPool;
-use pf_core::spatial::SpatialKind;
+use pf_core::spatial::{MixedOp, SpatialKind};
 use pf_core::{ConvBn, ConvBnConfig, Cost, SpatialOp, SpatialOpConfig};
 use pf_kernels::FusedOps;
 use serde::{Deserialize, Serialize};
@@ -55,6 +55,15 @@ pub struct ResNetConfig {
     /// presets and the reference's networks): `block` decides.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub ops: Option<[SpatialKind; 4]>,
+    /// The architecture search's network (`cargo xtask search`): every block's spatial
+    /// operation is the softmax(α)-weighted sum of these candidates at the block's stride
+    /// (stride-2 blocks without `identity`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub search: Option<Vec<SpatialKind>>,
+    /// A searched network: `block_ops[s][b]` is block `b` of stage `s`'s operation, at the
+    /// block's stride (no hybrid downsampling; `identity` only in stride-1 blocks).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub block_ops: Option<Vec<Vec<SpatialKind>>>,
 }
 
 fn default_width_mult() -> f64 {
@@ -117,7 +126,7 @@ pub struct ResNet<B: FusedOps> {
 
 impl ResNetConfig {
     pub fn new(block: BlockKind, layers: [usize; 4]) -> Self {
-        Self { block, layers, width_mult: 1.0, num_classes: crate::default_num_classes(), fused: true, ops: None }
+        Self { block, layers, width_mult: 1.0, num_classes: crate::default_num_classes(), fused: true, ops: None, search: None, block_ops: None }
     }
 
     /// This network with `op` in every stride-1 block (see [`Self::ops`]).
@@ -126,12 +135,17 @@ impl ResNetConfig {
         self
     }
 
-    /// The spatial operation of stage `stage`'s blocks.
-    fn spatial(&self, stage: usize) -> SpatialOpConfig {
-        match self.ops {
-            Some(ops) => SpatialOpConfig::Studied(ops[stage]),
-            None => self.block.spatial(),
+    /// The spatial operation of block `block` of stage `stage` (stride `stride`).
+    fn spatial<B: FusedOps>(&self, stage: usize, block: usize, width: usize, stride: usize, device: &B::Device) -> SpatialOp<B> {
+        if let Some(candidates) = &self.search {
+            return SpatialOp::Mixed(MixedOp::new(candidates, width, stride, device));
         }
+        let config = match (&self.block_ops, self.ops) {
+            (Some(per_block), _) => SpatialOpConfig::Searched(per_block[stage][block]),
+            (None, Some(ops)) => SpatialOpConfig::Studied(ops[stage]),
+            (None, None) => self.block.spatial(),
+        };
+        config.init(width, stride, device)
     }
 
     pub fn validate(&self) -> Result<(), ModelError> {
@@ -144,6 +158,21 @@ impl ResNetConfig {
         }
         if self.num_classes == 0 {
             return bad("num_classes must be at least 1".into());
+        }
+        if [self.ops.is_some(), self.search.is_some(), self.block_ops.is_some()].iter().filter(|&&set| set).count() > 1 {
+            return bad("give at most one of ops, search and block_ops".into());
+        }
+        if self.search.as_ref().is_some_and(|c| c.is_empty() || c.iter().all(|&k| k == SpatialKind::Identity)) {
+            return bad("search needs at least one candidate besides identity (strided blocks cannot skip)".into());
+        }
+        if let Some(per_block) = &self.block_ops {
+            let counts: Vec<usize> = per_block.iter().map(Vec::len).collect();
+            if counts != self.layers {
+                return bad(format!("block_ops has {counts:?} blocks per stage, layers {:?}", self.layers));
+            }
+            if let Some(stage) = (1..4).find(|&s| per_block[s][0] == SpatialKind::Identity) {
+                return bad(format!("block_ops: the first block of stage {} has stride 2 and cannot be identity", stage + 1));
+            }
         }
         Ok(())
     }
@@ -159,7 +188,7 @@ impl ResNetConfig {
                     let downsample = (i == 0 && (stride != 1 || inplanes != out)).then(|| conv_bn([inplanes, out], 1, stride, false, device));
                     let block = Bottleneck {
                         reduction_block: conv_bn([inplanes, planes], 1, 1, true, device),
-                        conv_block: self.spatial(index).init(planes, stride, device),
+                        conv_block: self.spatial(index, i, planes, stride, device),
                         expansion_block: conv_bn([planes, out], 1, 1, false, device),
                         downsample,
                         fused: self.fused,
@@ -183,7 +212,7 @@ impl ResNetConfig {
             layer4,
             fc: LinearConfig::new(features, self.num_classes).init(device),
             // The studied networks downsample as the hybrid one does.
-            size_multiple: if self.block == BlockKind::Hybrid || self.ops.is_some() { 32 } else { 1 },
+            size_multiple: if self.search.is_none() && self.block_ops.is_none() && (self.block == BlockKind::Hybrid || self.ops.is_some()) { 32 } else { 1 },
             fused: self.fused,
         }
     }
@@ -214,6 +243,23 @@ impl<B: FusedOps> ResNet<B> {
             return Err(ModelError::input("resnet", expected, dims));
         }
         Ok(())
+    }
+
+    /// The searched network's mixed operations, stage by stage, block by block (empty when the
+    /// network has none).
+    pub fn mixed_ops(&self) -> Vec<Vec<&MixedOp<B>>> {
+        [&self.layer1, &self.layer2, &self.layer3, &self.layer4]
+            .iter()
+            .map(|stage| stage.iter().filter_map(|b| if let SpatialOp::Mixed(m) = &b.conv_block { Some(m) } else { None }).collect::<Vec<_>>())
+            .filter(|stage| !stage.is_empty())
+            .collect()
+    }
+
+    /// The network a search derives: every block's strongest candidate (largest α), as
+    /// `block_ops`; `None` when the network was not built for a search.
+    pub fn derived_block_ops(&self) -> Option<Vec<Vec<SpatialKind>>> {
+        let mixed = self.mixed_ops();
+        (mixed.len() == 4).then(|| mixed.iter().map(|stage| stage.iter().map(|m| m.strongest()).collect()).collect())
     }
 
     /// Cost of one `hw` image.
