@@ -250,7 +250,7 @@ impl<B: FusedOps> MixedOp<B> {
         self.ops
             .iter()
             .enumerate()
-            .map(|(i, op)| op.forward(x.clone()) * weights.clone().slice([i..i + 1]).reshape([1, 1, 1, 1]))
+            .map(|(i, op)| op.forward(x.clone()) * weights.clone().narrow(0, i, 1).reshape([1, 1, 1, 1]))
             .reduce(|a, b| a + b)
             .expect("at least one candidate")
     }
@@ -271,6 +271,7 @@ impl<B: FusedOps> MixedOp<B> {
 /// One candidate of a [`MixedOp`]: a studied operation at the block's stride. (Its own type,
 /// not [`SpatialOp`], which holds mixed operations itself.)
 #[derive(Module, Debug)]
+#[allow(clippy::large_enum_variant)] // built once per block; boxing would only add a hop
 pub enum Candidate<B: FusedOps> {
     /// conv or dwconv.
     Conv(ConvBn<B>),
