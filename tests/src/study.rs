@@ -222,3 +222,41 @@ fn a_search_network_derives_a_network_that_trains() {
         assert!(e.contains(why), "{e}");
     }
 }
+
+/// A one-epoch search on a digits slice: every block's weights sum to 1 over its candidates
+/// (four in strided blocks), α moved off uniform, and the derived model file trains.
+#[test]
+fn a_short_search_gives_alphas_and_a_derived_network_that_trains() {
+    use pf_train::search::{search, SearchArgs};
+    let dir = scratch("search");
+    let data = crate::train::digits_slice(&dir.join("data"), 20);
+    let mut recipe = Recipe::load("digits").unwrap();
+    recipe.epochs = 1;
+    recipe.batch_size = 16;
+    let args = SearchArgs { recipe: recipe.clone(), data: data.clone(), out: dir.join("search"), ops: SpatialKind::ALL.to_vec(), progress: false };
+    let result = search::<CpuAd>(&args, &Default::default()).unwrap();
+    assert_eq!(result.blocks.len(), 4);
+    for b in &result.blocks {
+        assert_eq!(b.alpha.len(), if b.stride == 1 { 5 } else { 4 }, "{b:?}");
+        assert!((b.alpha.values().sum::<f64>() - 1.0).abs() < 1e-5, "{b:?}");
+    }
+    assert!(result.blocks.iter().any(|b| b.alpha.values().any(|&w| (w - 1.0 / b.alpha.len() as f64).abs() > 1e-6)), "α never moved");
+    assert!(dir.join("search/alpha.csv").exists());
+    let config = pf_train::load::model_config(result.config.to_str().unwrap()).unwrap();
+    let mut derived = recipe;
+    derived.model = pf_train::recipe::ModelSpec::Config(config);
+    let run = pf_train::train::TrainArgs {
+        recipe: derived,
+        data,
+        out: dir.join("derived"),
+        resume: false,
+        train_limit: None,
+        val_limit: None,
+        stop_after: None,
+        init: None,
+        progress: false,
+        dashboard: false,
+    };
+    let summary = pf_train::train::train::<CpuAd>(&run, &Default::default()).unwrap();
+    assert_eq!(summary.history.len(), 1);
+}

@@ -19,6 +19,7 @@ pub mod presets;
 pub mod randaugment;
 pub mod recipe;
 pub mod report;
+pub mod search;
 pub mod study;
 pub mod train;
 

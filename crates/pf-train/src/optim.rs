@@ -138,6 +138,11 @@ impl<B: FusedAutodiffBackend> GroupedOptimizer<B> {
         }
     }
 
+    /// The recipe's optimizer over the given groups only (the search's weights, without α).
+    pub fn with_groups(recipe: &Recipe, groups: ParamGroups) -> Self {
+        Self { groups, decay: Inner::new(&recipe.optimizer, recipe.weight_decay), no_decay: Inner::new(&recipe.optimizer, 0.0) }
+    }
+
     pub fn groups(&self) -> &ParamGroups {
         &self.groups
     }
