@@ -241,7 +241,7 @@ fn a_short_search_gives_alphas_and_a_derived_network_that_trains() {
         assert!((b.alpha.values().sum::<f64>() - 1.0).abs() < 1e-5, "{b:?}");
     }
     assert!(result.blocks.iter().any(|b| b.alpha.values().any(|&w| (w - 1.0 / b.alpha.len() as f64).abs() > 1e-6)), "α never moved");
-    assert!(dir.join("search/alpha.csv").exists());
+    assert!(dir.join("search/alpha.csv").exists() && dir.join("search/alpha.svg").exists());
     let config = pf_train::load::model_config(result.config.to_str().unwrap()).unwrap();
     let mut derived = recipe;
     derived.model = pf_train::recipe::ModelSpec::Config(config);

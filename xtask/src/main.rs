@@ -12,7 +12,7 @@ const BACKENDS: [&str; 3] = ["ndarray", "wgpu", "cuda"];
 fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().skip(1).collect();
     if args.is_empty() {
-        eprintln!("usage: cargo xtask <train|eval|predict|gradcam|bench|study|parity|models|inspect|check>  [--backend ndarray|wgpu|cuda] [args..]");
+        eprintln!("usage: cargo xtask <train|eval|predict|gradcam|bench|study|search|parity|models|inspect|check>  [--backend ndarray|wgpu|cuda] [args..]");
         eprintln!("       cargo xtask help   (lists pf's commands)");
         return ExitCode::FAILURE;
     }

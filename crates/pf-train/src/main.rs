@@ -16,7 +16,7 @@ use pf_train::predict::PredictArgs;
 use pf_train::{fixtures, parity, presets};
 
 mod run;
-use run::{BenchCli, EvalCli, StudyCli, TrainCli};
+use run::{BenchCli, EvalCli, SearchCli, StudyCli, TrainCli};
 
 #[derive(Parser)]
 #[command(name = "pf", version, about = "Parameter-free networks (Han et al., ICLR 2022) in Rust on Burn")]
@@ -69,6 +69,9 @@ enum Command {
     /// The paper's layer study: the recipe's ResNet trained once per spatial operation (conv,
     /// dwconv, max, avg, identity) in every stride-1 block; a table of cost and accuracy.
     Study(StudyCli),
+    /// The paper's architecture search (DARTS, first order): every block's spatial operation
+    /// a softmax(α)-weighted sum of the candidates; prints the weights, writes the derived network.
+    Search(SearchCli),
     /// Grad-CAM of images: the map as JSON and a picture of it over each image.
     Gradcam(GradcamArgs),
     /// The top-K classes of images, with probabilities and class names.
@@ -195,6 +198,7 @@ fn command(cli: Cli) -> Result<ExitCode> {
         Command::Eval(args) => dispatch(cli.backend, args),
         Command::Bench(args) => dispatch(cli.backend, args.with_backend(cli.backend)),
         Command::Study(args) => dispatch(cli.backend, args.with_backend(cli.backend)),
+        Command::Search(args) => dispatch(cli.backend, args),
         Command::Gradcam(args) => dispatch(cli.backend, args),
         Command::Predict(args) => dispatch(cli.backend, args),
         Command::Check { models } => dispatch(cli.backend, Check { names: parse_names(&models)? }),

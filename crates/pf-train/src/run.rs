@@ -14,6 +14,7 @@ use pf_train::data::ImageFolder;
 use pf_train::eval::{evaluate, Verbosity};
 use pf_train::load::{check_batch_memory, eval_transform, model_config, training_summary, weights_config};
 use pf_train::recipe::{ModelSpec, Recipe};
+use pf_train::search::{search, SearchArgs};
 use pf_train::study::{draw_study_chart, study, study_table, StudyArgs};
 use pf_train::train::{train_on, TrainArgs};
 use pf_train::{checkpoint, resolve};
@@ -355,22 +356,50 @@ impl Job for BenchCli {
     }
 }
 
+/// What the layer study and the search share: the recipe, its ResNet, the data, the operations.
 #[derive(clap::Args)]
-pub struct StudyCli {
+pub struct SpatialArgs {
     /// Built-in recipe (digits, r50-step-90, deit-300) or a recipe file; its model must be a ResNet.
     #[arg(long, default_value = "digits")]
     recipe: String,
     /// Dataset root with train/ and val/ (default: the recipe's).
     #[arg(long)]
     data: Option<PathBuf>,
-    /// Preset name or model file of a ResNet to study instead of the recipe's model.
+    /// Preset name or model file of a ResNet to use instead of the recipe's model.
     #[arg(long)]
     model: Option<String>,
-    /// Comma-separated spatial operations, each trained in every stride-1 block.
+    /// Comma-separated spatial operations: the study trains each in every stride-1 block; the
+    /// search mixes them in every block (strided blocks leave out identity).
     #[arg(long, value_delimiter = ',', default_value = "conv,dwconv,max,avg,identity", value_parser = parse_op)]
     ops: Vec<SpatialKind>,
     #[arg(long)]
     epochs: Option<usize>,
+}
+
+impl SpatialArgs {
+    /// The recipe with the overrides, checked, and the dataset root.
+    fn recipe_and_data(&self) -> Result<(Recipe, PathBuf)> {
+        let mut recipe = Recipe::load(&self.recipe)?;
+        if let Some(spec) = &self.model {
+            recipe.model = match spec.parse::<ModelName>() {
+                Ok(_) => ModelSpec::Preset(spec.clone()),
+                Err(_) => ModelSpec::Config(model_config(spec)?),
+            };
+        }
+        recipe.epochs = self.epochs.unwrap_or(recipe.epochs);
+        recipe.validate().context("the recipe after the command-line overrides")?;
+        let data = match self.data.clone().or_else(|| recipe.data.clone()) {
+            Some(d) => resolve(&d),
+            None => bail!("recipe {} names no dataset; pass --data DIR (with DIR/train and DIR/val)", recipe.name),
+        };
+        Ok((recipe, data))
+    }
+}
+
+#[derive(clap::Args)]
+pub struct StudyCli {
+    #[command(flatten)]
+    base: SpatialArgs,
     /// Output folder, one training run per operation in it (default: runs/study-<recipe>). An
     /// interrupted study continues where it stopped when run again with the same folder.
     #[arg(long)]
@@ -416,23 +445,11 @@ impl StudyCli {
     }
 
     fn args(&self) -> Result<StudyArgs> {
-        let mut recipe = Recipe::load(&self.recipe)?;
-        if let Some(spec) = &self.model {
-            recipe.model = match spec.parse::<ModelName>() {
-                Ok(_) => ModelSpec::Preset(spec.clone()),
-                Err(_) => ModelSpec::Config(model_config(spec)?),
-            };
-        }
-        recipe.epochs = self.epochs.unwrap_or(recipe.epochs);
-        recipe.validate().context("the recipe after the command-line overrides")?;
-        let data = match self.data.clone().or_else(|| recipe.data.clone()) {
-            Some(d) => resolve(&d),
-            None => bail!("recipe {} names no dataset; pass --data DIR (with DIR/train and DIR/val)", recipe.name),
-        };
+        let (recipe, data) = self.base.recipe_and_data()?;
         let out = self.out.clone().unwrap_or_else(|| PathBuf::from("runs").join(format!("study-{}", recipe.name)));
         // Found out now, not after the training.
         output_folders_exist([("--json", &self.json), ("--chart", &self.chart)])?;
-        Ok(StudyArgs { recipe, data, out, ops: self.ops.clone(), train_limit: self.train_limit, val_limit: self.val_limit, progress: !self.quiet })
+        Ok(StudyArgs { recipe, data, out, ops: self.base.ops.clone(), train_limit: self.train_limit, val_limit: self.val_limit, progress: !self.quiet })
     }
 }
 
@@ -462,6 +479,60 @@ impl Job for StudyCli {
             let title = format!("layer study: recipe {}, {} epochs ({})", args.recipe.name, args.recipe.epochs, self.backend.name());
             draw_study_chart(path, &title, &rows).map_err(|e| anyhow::anyhow!("drawing {}: {e}", path.display()))?;
             println!("chart written to {}", path.display());
+        }
+        Ok(ExitCode::SUCCESS)
+    }
+}
+
+#[derive(clap::Args)]
+pub struct SearchCli {
+    #[command(flatten)]
+    base: SpatialArgs,
+    /// Output folder: alpha.csv and alpha.svg (every block's weights per epoch), derived.json (default:
+    /// runs/search-<recipe>).
+    #[arg(long)]
+    out: Option<PathBuf>,
+    /// Write `{"blocks": [{"stage", "block", "stride", "alpha": {op: weight}}], "config": PATH}` to this file.
+    #[arg(long)]
+    json: Option<PathBuf>,
+    /// No progress bars (logs only).
+    #[arg(long)]
+    quiet: bool,
+}
+
+impl Job for SearchCli {
+    type Output = ExitCode;
+
+    fn run<B: FusedAutodiffBackend>(self, device: B::Device) -> Result<ExitCode> {
+        let (recipe, data) = self.base.recipe_and_data()?;
+        if self.base.ops.is_empty() || self.base.ops.iter().all(|&k| k == SpatialKind::Identity) {
+            bail!("--ops needs at least one operation besides identity (strided blocks cannot skip)");
+        }
+        if let Some(op) = self.base.ops.iter().enumerate().find_map(|(i, op)| self.base.ops[..i].contains(op).then_some(op)) {
+            bail!("--ops names {op} twice");
+        }
+        output_folders_exist([("--json", &self.json)])?;
+        let out = self.out.clone().unwrap_or_else(|| PathBuf::from("runs").join(format!("search-{}", recipe.name)));
+        println!(
+            "architecture search (DARTS, first order) with recipe {} on {}: candidates {}, {} epochs; output in {}",
+            recipe.name,
+            data.display(),
+            self.base.ops.iter().map(|op| op.name()).collect::<Vec<_>>().join(", "),
+            recipe.epochs,
+            out.display()
+        );
+        let args = SearchArgs { recipe, data, out, ops: self.base.ops.clone(), progress: !self.quiet };
+        let result = search::<B>(&args, &device)?;
+        println!("| stage | block | stride | {} |", self.base.ops.iter().map(|op| op.name()).collect::<Vec<_>>().join(" | "));
+        println!("|---|---|---|{}", "---:|".repeat(self.base.ops.len()));
+        for b in &result.blocks {
+            let cells: Vec<String> = self.base.ops.iter().map(|op| b.alpha.get(op.name()).map_or("-".into(), |w| format!("{w:.3}"))).collect();
+            println!("| {} | {} | {} | {} |", b.stage + 1, b.block + 1, b.stride, cells.join(" | "));
+        }
+        println!("derived network: {} (train it with `cargo xtask train --model {}`)", result.config.display(), result.config.display());
+        if let Some(path) = &self.json {
+            checkpoint::replace_file(path, serde_json::to_string_pretty(&result)?.as_bytes())?;
+            println!("written to {}", path.display());
         }
         Ok(ExitCode::SUCCESS)
     }

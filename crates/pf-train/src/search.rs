@@ -2,9 +2,7 @@
 //! operation is the softmax(α)-weighted sum of the candidates; the network's weights train on
 //! one half of the training split with the recipe's optimizer, α (one vector per block) on the
 //! other half with Adam, step by step in turn. The derived network takes each block's strongest
-//! candidate.
-//!
-//! Work in progress (branch `wip-search`): no resume yet, no chart of α.
+//! candidate. An interrupted search starts again (no resume yet).
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
@@ -105,6 +103,7 @@ pub fn search<B: FusedAutodiffBackend>(args: &SearchArgs, device: &B::Device) ->
     let mut alpha_optim = AdamConfig::new().with_beta_1(0.5).with_beta_2(0.999).with_weight_decay(Some(WeightDecayConfig::new(1e-3))).init();
     let verbosity = if args.progress { Verbosity::Bar } else { Verbosity::Warnings };
     let mut log = String::from("epoch,stage,block,op,weight\n");
+    let mut history: Vec<Vec<BlockAlpha>> = Vec::new();
     for epoch in 0..recipe.epochs {
         let lr = recipe.lr_at(epoch);
         // Batches of the two halves in turn: weights, α, weights, α, ...
@@ -162,6 +161,8 @@ pub fn search<B: FusedAutodiffBackend>(args: &SearchArgs, device: &B::Device) ->
             }
         }
         checkpoint::replace_file(&args.out.join("alpha.csv"), log.as_bytes())?;
+        history.push(alphas);
+        draw_alpha_chart(&args.out.join("alpha.svg"), &history).map_err(|e| anyhow!("drawing alpha.svg: {e}"))?;
         println!("epoch {:>3}/{}  train loss {:.4}  val top-1 {:.2}%", epoch + 1, recipe.epochs, meter.loss(), val.top1);
     }
     let Model::Resnet(net) = &model else { bail!("a ResNet") };
@@ -173,4 +174,39 @@ pub fn search<B: FusedAutodiffBackend>(args: &SearchArgs, device: &B::Device) ->
     let file = serde_json::to_string_pretty(&ModelConfig::Resnet(derived))?;
     checkpoint::replace_file(&path, file.as_bytes())?;
     Ok(SearchResult { blocks: block_alphas(&model), config: path })
+}
+
+/// How every block's weights moved, epoch by epoch: one panel per block, a line per candidate
+/// (SVG).
+pub fn draw_alpha_chart(path: &std::path::Path, history: &[Vec<BlockAlpha>]) -> Result<(), Box<dyn std::error::Error>> {
+    use plotters::prelude::*;
+    let Some(last) = history.last() else { return Ok(()) };
+    let columns = last.len().clamp(1, 4);
+    let rows = last.len().div_ceil(columns).max(1);
+    let root = SVGBackend::new(path, (300 * columns as u32, 240 * rows as u32)).into_drawing_area();
+    root.fill(&WHITE)?;
+    let epochs = history.len().max(2) as f64;
+    for (area, block) in root.split_evenly((rows, columns)).into_iter().zip(last.iter().enumerate()) {
+        let (index, block) = block;
+        let top = history.iter().flat_map(|e| e[index].alpha.values().copied()).fold(0.0, f64::max) * 1.1 + 1e-9;
+        let bottom = history.iter().flat_map(|e| e[index].alpha.values().copied()).fold(f64::INFINITY, f64::min) * 0.9;
+        let mut chart = ChartBuilder::on(&area)
+            .caption(format!("stage {} block {} (stride {})", block.stage + 1, block.block + 1, block.stride), ("sans-serif", 14))
+            .margin(8)
+            .x_label_area_size(24)
+            .y_label_area_size(44)
+            .build_cartesian_2d(1.0..epochs, bottom..top)?;
+        chart.configure_mesh().x_desc("epoch").draw()?;
+        for (i, op) in block.alpha.keys().enumerate() {
+            let color = Palette99::pick(i).to_rgba();
+            let points = history.iter().enumerate().map(|(e, blocks)| ((e + 1) as f64, blocks[index].alpha[op]));
+            chart
+                .draw_series(LineSeries::new(points, color.stroke_width(2)))?
+                .label(op.as_str())
+                .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 12, y)], color.stroke_width(2)));
+        }
+        chart.configure_series_labels().background_style(WHITE.mix(0.8)).border_style(BLACK).draw()?;
+    }
+    root.present()?;
+    Ok(())
 }

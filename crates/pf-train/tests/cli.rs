@@ -150,6 +150,14 @@ fn bad_values_end_in_clean_errors_before_any_work() {
         (study(&["--epochs", "0"], "s3"), "epochs"),
         (study(&["--model", "vit_s_max"], "s4"), "ResNet"),
         (study(&["--json", &missing_json], "s5"), "--json"),
+        // search
+        (own(&["search", "--data", &data, "--quiet", "--ops", "bogus"]), "bogus"),
+        (own(&["search", "--data", &data, "--quiet", "--ops", "conv,conv"]), "twice"),
+        (own(&["search", "--data", &data, "--quiet", "--ops", "identity"]), "besides identity"),
+        (own(&["search", "--data", &data, "--quiet", "--epochs", "0"]), "epochs"),
+        (own(&["search", "--data", &data, "--quiet", "--model", "vit_s_max", "--out", &out("sv")]), "ResNet"),
+        (own(&["search", "--data", &data, "--quiet", "--json", &missing_json]), "--json"),
+        (own(&["search", "--data", &empty, "--quiet", "--out", &out("se")]), "empty"),
         // the rest
         (own(&["parity", "--fixtures", &no_such]), "no-such-folder"),
         (own(&["inspect", "--model", "no-such-model", "--weights", &weights]), "no-such-model"),
