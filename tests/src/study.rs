@@ -245,18 +245,7 @@ fn a_short_search_gives_alphas_and_a_derived_network_that_trains() {
     let config = pf_train::load::model_config(result.config.to_str().unwrap()).unwrap();
     let mut derived = recipe;
     derived.model = pf_train::recipe::ModelSpec::Config(config);
-    let run = pf_train::train::TrainArgs {
-        recipe: derived,
-        data,
-        out: dir.join("derived"),
-        resume: false,
-        train_limit: None,
-        val_limit: None,
-        stop_after: None,
-        init: None,
-        progress: false,
-        dashboard: false,
-    };
+    let run = crate::train::args(derived, &data, &dir.join("derived"));
     let summary = pf_train::train::train::<CpuAd>(&run, &Default::default()).unwrap();
     assert_eq!(summary.history.len(), 1);
 }

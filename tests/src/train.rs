@@ -43,7 +43,7 @@ fn small_recipe(epochs: usize) -> Recipe {
     recipe
 }
 
-fn args(recipe: Recipe, data: &Path, out: &Path) -> TrainArgs {
+pub(crate) fn args(recipe: Recipe, data: &Path, out: &Path) -> TrainArgs {
     TrainArgs {
         recipe,
         data: data.to_path_buf(),

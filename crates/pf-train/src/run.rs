@@ -505,12 +505,6 @@ impl Job for SearchCli {
 
     fn run<B: FusedAutodiffBackend>(self, device: B::Device) -> Result<ExitCode> {
         let (recipe, data) = self.base.recipe_and_data()?;
-        if self.base.ops.is_empty() || self.base.ops.iter().all(|&k| k == SpatialKind::Identity) {
-            bail!("--ops needs at least one operation besides identity (strided blocks cannot skip)");
-        }
-        if let Some(op) = self.base.ops.iter().enumerate().find_map(|(i, op)| self.base.ops[..i].contains(op).then_some(op)) {
-            bail!("--ops names {op} twice");
-        }
         output_folders_exist([("--json", &self.json)])?;
         let out = self.out.clone().unwrap_or_else(|| PathBuf::from("runs").join(format!("search-{}", recipe.name)));
         println!(

@@ -69,6 +69,7 @@ pub fn block_alphas<B: FusedAutodiffBackend>(model: &Model<B>) -> Vec<BlockAlpha
 }
 
 pub fn search<B: FusedAutodiffBackend>(args: &SearchArgs, device: &B::Device) -> Result<SearchResult> {
+    crate::study::check_ops(&args.ops)?;
     let recipe = &args.recipe;
     let mut config = match recipe.model.config()? {
         ModelConfig::Resnet(c) => c,
@@ -77,6 +78,8 @@ pub fn search<B: FusedAutodiffBackend>(args: &SearchArgs, device: &B::Device) ->
     config.ops = None;
     config.block_ops = None;
     config.search = Some(args.ops.clone());
+    // Checked before any image is read (identity alone, for one).
+    ModelConfig::Resnet(config.clone()).validate()?;
     let train_set = ImageFolder::split(&args.data, "train")?;
     let val_set = ImageFolder::split(&args.data, "val")?;
     val_set.check_classes(&train_set.classes)?;
@@ -173,7 +176,7 @@ pub fn search<B: FusedAutodiffBackend>(args: &SearchArgs, device: &B::Device) ->
     let path = args.out.join("derived.json");
     let file = serde_json::to_string_pretty(&ModelConfig::Resnet(derived))?;
     checkpoint::replace_file(&path, file.as_bytes())?;
-    Ok(SearchResult { blocks: block_alphas(&model), config: path })
+    Ok(SearchResult { blocks: history.pop().unwrap_or_else(|| block_alphas(&model)), config: path })
 }
 
 /// How every block's weights moved, epoch by epoch: one panel per block, a line per candidate

@@ -65,15 +65,21 @@ pub fn variant(recipe: &Recipe, op: SpatialKind) -> Result<Recipe> {
     Ok(recipe)
 }
 
+/// `--ops` of the study and the search: at least one operation, none twice.
+pub fn check_ops(ops: &[SpatialKind]) -> Result<()> {
+    if ops.is_empty() {
+        bail!("--ops names no operation; expected some of conv, dwconv, max, avg, identity");
+    }
+    if let Some(op) = ops.iter().enumerate().find_map(|(i, op)| ops[..i].contains(op).then_some(op)) {
+        bail!("--ops names {op} twice");
+    }
+    Ok(())
+}
+
 /// Trains (or resumes, or finds finished) every operation's run and measures it; `done` sees
 /// each row as it is measured.
 pub fn study<B: FusedAutodiffBackend>(args: &StudyArgs, device: &B::Device, mut done: impl FnMut(&StudyRow)) -> Result<Vec<StudyRow>> {
-    if args.ops.is_empty() {
-        bail!("--ops names no operation; expected some of conv, dwconv, max, avg, identity");
-    }
-    if let Some(op) = args.ops.iter().enumerate().find_map(|(i, op)| args.ops[..i].contains(op).then_some(op)) {
-        bail!("--ops names {op} twice");
-    }
+    check_ops(&args.ops)?;
     // Every variant is checked before the first one trains.
     let recipes = args.ops.iter().map(|&op| variant(&args.recipe, op)).collect::<Result<Vec<_>>>()?;
     let mut rows = Vec::new();
