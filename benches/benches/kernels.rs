@@ -11,8 +11,9 @@ struct KernelBenches<'a>(&'a mut Criterion, BackendKind);
 
 impl Job for KernelBenches<'_> {
     type Output = ();
+    type Error = pf_train::Error;
 
-    fn run<B: FusedAutodiffBackend>(self, device: B::Device) -> anyhow::Result<()> {
+    fn run<B: FusedAutodiffBackend>(self, device: B::Device) -> pf_train::Result<()> {
         let mut group = self.0.benchmark_group(format!("kernels/{}", self.1.name()));
         group.sample_size(10);
         for case in KernelCase::<B>::all(usize::MAX, &device) {

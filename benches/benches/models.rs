@@ -17,8 +17,9 @@ struct ModelBenches<'a>(&'a mut Criterion, BackendKind);
 
 impl Job for ModelBenches<'_> {
     type Output = ();
+    type Error = pf_train::Error;
 
-    fn run<B: FusedAutodiffBackend>(self, device: B::Device) -> anyhow::Result<()> {
+    fn run<B: FusedAutodiffBackend>(self, device: B::Device) -> pf_train::Result<()> {
         let mut group = self.0.benchmark_group(format!("models/{}", self.1.name()));
         group.sample_size(10);
         for name in MODELS {

@@ -12,6 +12,7 @@ use pf_models::{Model, ModelConfig};
 use pf_train::backend::{dispatch_on, BackendKind, DevicesJob};
 use pf_train::optim::{GroupedGrads, ParamGroups};
 use pf_train::parallel::{DataParallel, HostBatch};
+use pf_train::Error;
 
 use crate::common::{Cpu, CpuAd};
 
@@ -160,7 +161,8 @@ struct Devices;
 
 impl DevicesJob for Devices {
     type Output = usize;
-    fn run<B: FusedAutodiffBackend>(self, devices: Vec<B::Device>) -> anyhow::Result<usize> {
+    type Error = Error;
+    fn run<B: FusedAutodiffBackend>(self, devices: Vec<B::Device>) -> Result<usize, Error> {
         Ok(devices.len())
     }
 }
@@ -169,8 +171,10 @@ impl DevicesJob for Devices {
 fn device_lists_are_checked() {
     assert_eq!(dispatch_on(BackendKind::Ndarray, &[], Devices).unwrap(), 1);
     assert_eq!(dispatch_on(BackendKind::Ndarray, &[0], Devices).unwrap(), 1);
-    let twice = dispatch_on(BackendKind::Ndarray, &[0, 0], Devices).unwrap_err().to_string();
-    assert!(twice.contains("device 0 is listed twice"), "{twice}");
-    let missing = dispatch_on(BackendKind::Ndarray, &[0, 1], Devices).unwrap_err().to_string();
-    assert!(missing.contains("one device (0), not 1"), "{missing}");
+    for (devices, says) in [([0, 0], "lists device 0 twice"), ([0, 1], "1: the ndarray backend has one device (0)")] {
+        match dispatch_on(BackendKind::Ndarray, &devices, Devices) {
+            Err(Error::Flag { flag: "--devices", reason }) => assert_eq!(reason, says),
+            other => panic!("{devices:?}: {other:?}"),
+        }
+    }
 }

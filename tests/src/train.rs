@@ -5,14 +5,15 @@ use std::path::{Path, PathBuf};
 
 use burn::module::Module;
 use burn::prelude::*;
+use pf_data::{DataError, ImageFolder};
 use pf_kernels::FusedOps;
 use pf_models::weights::{load_pf, read_pf_config};
 use pf_train::checkpoint;
-use pf_train::data::ImageFolder;
 use pf_train::eval::{evaluate, Verbosity};
 use pf_train::predict::PredictArgs;
 use pf_train::recipe::{Recipe, ScheduleSpec};
 use pf_train::train::{train, train_on, train_watched, TrainArgs};
+use pf_train::Error;
 
 use crate::common::{scratch, Cpu, CpuAd};
 
@@ -124,11 +125,11 @@ fn an_interrupted_and_resumed_run_ends_with_the_same_weights() {
     let first = TrainArgs { stop_after: Some(1), ..with_init(&resumed) };
     assert_eq!(train::<CpuAd>(&first, &Default::default()).unwrap().history.len(), 1);
     // A second start without --resume refuses to overwrite the run.
-    let err = train::<CpuAd>(&with_init(&resumed), &Default::default()).unwrap_err().to_string();
-    assert!(err.contains("--resume"), "{err}");
+    let err = train::<CpuAd>(&with_init(&resumed), &Default::default()).unwrap_err();
+    assert!(matches!(&err, Error::Flag { flag: "--out", reason } if reason.contains("--resume")), "{err}");
     // A resume with another recipe is refused too.
     let other = TrainArgs { resume: true, ..args(Recipe { seed: 7, ..recipe.clone() }, &data, &resumed) };
-    assert!(train::<CpuAd>(&other, &Default::default()).is_err());
+    assert!(matches!(train::<CpuAd>(&other, &Default::default()), Err(Error::Resume(_))));
 
     let rest = TrainArgs { resume: true, ..args(recipe.clone(), &data, &resumed) };
     let summary = train::<CpuAd>(&rest, &Default::default()).unwrap();
@@ -240,9 +241,10 @@ fn a_non_finite_loss_stops_the_run_and_keeps_the_last_good_checkpoint() {
     let mut recipe = small_recipe(3);
     // Epoch 1 trains normally, epoch 2 with a learning rate 1e60 times larger (infinite in f32).
     recipe.schedule = ScheduleSpec::Step { every: 1, gamma: 1e60 };
-    let err = train::<CpuAd>(&args(recipe, &data, &out), &Default::default()).unwrap_err().to_string();
-    assert!(err.contains("loss became") && err.contains("epoch 2"), "{err}");
-    assert!(err.contains("epoch-0001"), "{err}");
+    match train::<CpuAd>(&args(recipe, &data, &out), &Default::default()) {
+        Err(Error::Diverged { loss, epoch: 2, detail, .. }) => assert!(!loss.is_finite() && detail.contains("epoch-0001"), "{loss} {detail}"),
+        other => panic!("{:?}", other.map(|s| s.history)),
+    }
     let latest = checkpoint::latest(&out).unwrap().unwrap();
     assert_eq!(checkpoint::read_state(&latest).unwrap().epoch, 1);
     let model = pf_train::recipe::Recipe::load("digits").unwrap().model_config(10).unwrap().init::<CpuAd>(&Default::default()).unwrap();
@@ -264,16 +266,16 @@ fn unreadable_images_are_skipped_and_counted() {
 #[test]
 fn missing_or_empty_folders_are_named() {
     let dir = scratch("missing");
-    let err = train::<CpuAd>(&args(small_recipe(1), &dir.join("nowhere"), &dir.join("run")), &Default::default()).unwrap_err().to_string();
-    assert!(err.contains("nowhere") && err.contains("does not exist"), "{err}");
+    let err = train::<CpuAd>(&args(small_recipe(1), &dir.join("nowhere"), &dir.join("run")), &Default::default()).unwrap_err();
+    assert!(matches!(&err, Error::Data(DataError::Missing(path)) if path.ends_with("nowhere")), "{err}");
     let data = digits_slice(&dir.join("data"), 2);
     std::fs::create_dir_all(data.join("train/empty_class")).unwrap();
-    let err = train::<CpuAd>(&args(small_recipe(1), &data, &dir.join("run")), &Default::default()).unwrap_err().to_string();
-    assert!(err.contains("empty_class"), "{err}");
+    let err = train::<CpuAd>(&args(small_recipe(1), &data, &dir.join("run")), &Default::default()).unwrap_err();
+    assert!(matches!(&err, Error::Data(DataError::EmptyClass(path)) if path.ends_with("empty_class")), "{err}");
     std::fs::remove_dir_all(data.join("val")).unwrap();
     std::fs::remove_dir_all(data.join("train/empty_class")).unwrap();
-    let err = train::<CpuAd>(&args(small_recipe(1), &data, &dir.join("run")), &Default::default()).unwrap_err().to_string();
-    assert!(err.contains("val"), "{err}");
+    let err = train::<CpuAd>(&args(small_recipe(1), &data, &dir.join("run")), &Default::default()).unwrap_err();
+    assert!(matches!(&err, Error::Dataset(reason) if reason.contains("val")), "{err}");
     assert!(!dir.join("run/checkpoints").exists(), "a failed start wrote a checkpoint");
 }
 
@@ -449,9 +451,13 @@ fn the_dashboard_stop_key_stops_and_the_run_resumes() {
     let out = dir.join("run");
     // The third step is the first of epoch 2.
     let (watch, record) = watched(Some(3), recipe.epochs);
-    let err = train_watched::<CpuAd>(&args(recipe.clone(), &data, &out), &[Default::default()], Some(watch)).unwrap_err().to_string();
-    assert!(err.contains("stopped from the dashboard during epoch 2, after step 1"), "{err}");
-    assert!(err.contains("checkpoint") && err.contains("--resume"), "{err}");
+    match train_watched::<CpuAd>(&args(recipe.clone(), &data, &out), &[Default::default()], Some(watch)) {
+        Err(Error::Stopped { stopped, resume }) => {
+            assert_eq!((stopped.epoch, stopped.step), (2, 1));
+            assert!(resume.contains("checkpoint") && resume.contains("--resume"), "{resume}");
+        }
+        other => panic!("{:?}", other.map(|s| s.history)),
+    }
     assert_eq!(record.lock().unwrap().renders.len(), 3, "steps ran after the stop key");
     assert!(record.lock().unwrap().ended, "the dashboard was not closed");
     assert!(!out.join("model.bpk").exists(), "a stopped run saved a final model");

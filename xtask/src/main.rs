@@ -33,7 +33,7 @@ fn main() -> ExitCode {
         }
     }
     let mut cmd = Command::new(cargo);
-    cmd.args(["run", "--quiet", "--package", "pf-train", "--bin", "pf", "--features", backend]);
+    cmd.args(["run", "--quiet", "--package", "pf-cli", "--bin", "pf", "--features", backend]);
     cmd.arg("--").args(&args);
     match cmd.status() {
         Ok(status) => ExitCode::from(status.code().unwrap_or(1).clamp(0, 255) as u8),
@@ -48,7 +48,7 @@ fn main() -> ExitCode {
 /// compiles Burn for many minutes, and a silent terminal looks hung); an up-to-date build says
 /// nothing. Returns whether the build succeeded.
 fn build(cargo: &str, backend: &str) -> std::io::Result<bool> {
-    let mut child = Command::new(cargo).args(["build", "--package", "pf-train", "--bin", "pf", "--features", backend]).stderr(Stdio::piped()).spawn()?;
+    let mut child = Command::new(cargo).args(["build", "--package", "pf-cli", "--bin", "pf", "--features", backend]).stderr(Stdio::piped()).spawn()?;
     let mut compiling = false;
     let mut held = Vec::new();
     if let Some(stderr) = child.stderr.take() {

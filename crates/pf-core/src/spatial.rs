@@ -70,14 +70,16 @@ impl fmt::Display for SpatialKind {
     }
 }
 
-impl FromStr for SpatialKind {
-    type Err = String;
+/// A name that is none of [`SpatialKind::ALL`]'s.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+#[error("unknown spatial operation `{0}`; expected one of conv, dwconv, max, avg, identity")]
+pub struct UnknownSpatialKind(pub String);
 
-    fn from_str(s: &str) -> Result<Self, String> {
-        Self::ALL
-            .into_iter()
-            .find(|k| k.name() == s)
-            .ok_or_else(|| format!("unknown spatial operation `{s}`; expected one of conv, dwconv, max, avg, identity"))
+impl FromStr for SpatialKind {
+    type Err = UnknownSpatialKind;
+
+    fn from_str(s: &str) -> Result<Self, UnknownSpatialKind> {
+        Self::ALL.into_iter().find(|k| k.name() == s).ok_or_else(|| UnknownSpatialKind(s.to_string()))
     }
 }
 
@@ -307,5 +309,19 @@ impl<B: FusedOps> Candidate<B> {
             Self::AvgPool(p) => pool_cost(width, hw, p.kernel, p.stride, p.padding),
             Self::Identity(_) => (hw, Cost::default()),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn kinds_parse_from_their_names_and_nothing_else() {
+        for kind in SpatialKind::ALL {
+            assert_eq!(kind.to_string().parse::<SpatialKind>(), Ok(kind));
+        }
+        assert_eq!("Max".parse::<SpatialKind>(), Err(UnknownSpatialKind("Max".into())));
+        assert_eq!("".parse::<SpatialKind>(), Err(UnknownSpatialKind(String::new())));
     }
 }

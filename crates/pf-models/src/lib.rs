@@ -25,7 +25,7 @@ use serde::{Deserialize, Serialize};
 
 pub use error::ModelError;
 pub use pit::{Pit, PitConfig};
-pub use presets::ModelName;
+pub use presets::{ModelName, PresetInfo};
 pub use resnet::{BlockKind, ResNet, ResNetConfig};
 pub use vit::{Vit, VitConfig};
 

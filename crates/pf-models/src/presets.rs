@@ -4,11 +4,13 @@ use std::fmt;
 use std::str::FromStr;
 
 use pf_core::AttnType;
+use serde::Serialize;
 
 use crate::error::ModelError;
 use crate::pit::PitConfig;
 use crate::resnet::{BlockKind, ResNetConfig};
 use crate::vit::VitConfig;
+use crate::weights::num_parameters;
 use crate::ModelConfig;
 
 /// A named preset.
@@ -114,6 +116,36 @@ impl ModelName {
     pub fn known() -> String {
         Self::ALL.map(Self::as_str).join(", ")
     }
+
+    /// The preset's row of the table (`pf models`): it builds the model on the CPU backend,
+    /// counts its trainable parameters and its cost at its own image size.
+    pub fn info(self) -> Result<PresetInfo, ModelError> {
+        let config = self.config();
+        let model = config.init::<burn::backend::NdArray>(&Default::default())?;
+        let s = config.image_size();
+        let cost = model.cost([s, s])?;
+        Ok(PresetInfo {
+            name: self.to_string(),
+            family: config.family().to_string(),
+            params: num_parameters(&model),
+            image_size: s,
+            macs: cost.macs,
+            pool_reads: cost.pool_reads,
+        })
+    }
+}
+
+/// One row of the presets' table: what `reference_models.json` records of each model.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct PresetInfo {
+    pub name: String,
+    pub family: String,
+    pub params: usize,
+    pub image_size: usize,
+    /// Multiply-accumulates of one image at `image_size` (convs, linears, attention matmuls).
+    pub macs: u64,
+    /// Pooling window positions visited, reported apart from the MACs.
+    pub pool_reads: u64,
 }
 
 impl fmt::Display for ModelName {

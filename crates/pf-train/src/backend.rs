@@ -1,9 +1,9 @@
 //! The backends pf is compiled with, chosen by cargo feature and picked at run time by name.
 
-use anyhow::{bail, Result};
+use crate::error::Error;
 use pf_kernels::FusedAutodiffBackend;
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum BackendKind {
     /// CPU, burn-ndarray (always compiled).
     Ndarray,
@@ -34,7 +34,9 @@ impl BackendKind {
 /// Work to run on whichever backend was picked.
 pub trait Job {
     type Output;
-    fn run<B: FusedAutodiffBackend>(self, device: B::Device) -> Result<Self::Output>;
+    /// pf-train's [`Error`], or a caller's own type that takes it (the binary's `anyhow`).
+    type Error: From<Error>;
+    fn run<B: FusedAutodiffBackend>(self, device: B::Device) -> Result<Self::Output, Self::Error>;
 }
 
 pub type NdarrayBackend = burn::backend::Autodiff<burn::backend::NdArray>;
@@ -46,34 +48,36 @@ pub type CudaBackend = burn::backend::Autodiff<burn::backend::Cuda>;
 /// Work to run on one or several devices of whichever backend was picked.
 pub trait DevicesJob {
     type Output;
+    type Error: From<Error>;
     /// `devices` is never empty; the first is the main device.
-    fn run<B: FusedAutodiffBackend>(self, devices: Vec<B::Device>) -> Result<Self::Output>;
+    fn run<B: FusedAutodiffBackend>(self, devices: Vec<B::Device>) -> Result<Self::Output, Self::Error>;
 }
 
 struct OnOne<J>(J);
 
 impl<J: Job> DevicesJob for OnOne<J> {
     type Output = J::Output;
-    fn run<B: FusedAutodiffBackend>(self, devices: Vec<B::Device>) -> Result<J::Output> {
+    type Error = J::Error;
+    fn run<B: FusedAutodiffBackend>(self, devices: Vec<B::Device>) -> Result<J::Output, J::Error> {
         self.0.run::<B>(devices.into_iter().next().unwrap_or_default())
     }
 }
 
 /// Runs `job` on the backend `kind`'s default device, or explains how to compile it in.
-pub fn dispatch<J: Job>(kind: BackendKind, job: J) -> Result<J::Output> {
+pub fn dispatch<J: Job>(kind: BackendKind, job: J) -> Result<J::Output, J::Error> {
     dispatch_on(kind, &[], OnOne(job))
 }
 
 /// Runs `job` on the devices `indices` of the backend `kind` (none: the backend's default
 /// device; for wgpu an index counts discrete GPUs, for CUDA devices as CUDA numbers them).
-pub fn dispatch_on<J: DevicesJob>(kind: BackendKind, indices: &[usize], job: J) -> Result<J::Output> {
+pub fn dispatch_on<J: DevicesJob>(kind: BackendKind, indices: &[usize], job: J) -> Result<J::Output, J::Error> {
     if let Some((_, twice)) = indices.iter().enumerate().find(|&(i, d)| indices[..i].contains(d)) {
-        bail!("device {twice} is listed twice in --devices");
+        return Err(Error::flag("--devices", format!("lists device {twice} twice")).into());
     }
     match kind {
         BackendKind::Ndarray => match indices.iter().find(|&&i| i != 0) {
             None => job.run::<NdarrayBackend>(vec![Default::default()]),
-            Some(i) => bail!("the ndarray backend has one device (0), not {i}"),
+            Some(i) => Err(Error::flag("--devices", format!("{i}: the ndarray backend has one device (0)")).into()),
         },
         #[cfg(feature = "wgpu")]
         BackendKind::Wgpu if indices.is_empty() => job.run::<WgpuBackend>(vec![Default::default()]),
@@ -85,7 +89,11 @@ pub fn dispatch_on<J: DevicesJob>(kind: BackendKind, indices: &[usize], job: J) 
         BackendKind::Cuda => job.run::<CudaBackend>(indices.iter().map(|&i| burn::backend::cuda::CudaDevice::new(i)).collect()),
         #[allow(unreachable_patterns)]
         other => {
-            bail!("this pf was built without the `{0}` backend; rebuild with `--features {0}` (or use `cargo xtask ... --backend {0}`)", other.name())
+            let name = other.name();
+            Err(Error::Backend(format!(
+                "this pf was built without the `{name}` backend; rebuild with `--features {name}` (or use `cargo xtask ... --backend {name}`)"
+            ))
+            .into())
         }
     }
 }

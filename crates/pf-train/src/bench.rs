@@ -4,7 +4,7 @@
 
 use std::time::{Duration, Instant};
 
-use anyhow::{anyhow, Result};
+use crate::error::{Error, Result};
 use burn::module::AutodiffModule;
 use burn::optim::adaptor::OptimizerAdaptor;
 use burn::optim::{GradientsParams, Optimizer, Sgd, SgdConfig};
@@ -17,7 +17,8 @@ use pf_models::weights::num_parameters;
 use pf_models::{Model, ModelName};
 use serde::{Deserialize, Serialize};
 
-use crate::mix::{smoothed_one_hot, soft_target_cross_entropy};
+use crate::metrics::soft_target_cross_entropy;
+use pf_data::mix::smoothed_one_hot;
 
 /// How long to measure one case.
 #[derive(Clone, Copy, Debug)]
@@ -37,7 +38,7 @@ impl Default for Budget {
 
 /// Median wall time of `f`, in milliseconds, each run closed by a device sync.
 pub fn median_ms<B: Backend>(device: &B::Device, budget: Budget, mut f: impl FnMut() -> Result<()>) -> Result<f64> {
-    let sync = || B::sync(device).map_err(|e| anyhow!("device sync failed: {e:?}"));
+    let sync = || B::sync(device).map_err(|e| Error::Tensor(format!("device sync failed: {e:?}")));
     for _ in 0..budget.warmup {
         f()?;
         sync()?;
@@ -260,7 +261,7 @@ impl<B: FusedAutodiffBackend> TrainStep<B> {
 
     /// One step on `images` (`[batch, 3, s, s]`); the caller synchronises the device.
     pub fn run(&mut self, images: Tensor<B, 4>) -> Result<()> {
-        let model = self.model.take().ok_or_else(|| anyhow!("the model was lost in a failed step"))?;
+        let model = self.model.take().ok_or(Error::ModelLost)?;
         let logits = model.forward(images)?;
         let grads = GradientsParams::from_grads(soft_target_cross_entropy(logits, self.targets.clone()).backward(), &model);
         self.model = Some(self.optim.step(1e-3, model, grads));

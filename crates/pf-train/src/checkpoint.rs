@@ -6,12 +6,12 @@
 //! checkpoint at all), never a half-written one. Older checkpoints are removed afterwards.
 //!
 //! The random state is not a stream to save: every random draw of a run is a function of the
-//! recipe's seed, the epoch and the position in the epoch (see [`crate::data`]), and the
+//! recipe's seed, the epoch and the position in the epoch (see [`pf_data`]), and the
 //! backend's generator is reseeded from them at the start of each epoch.
 
 use std::path::{Path, PathBuf};
 
-use anyhow::{bail, Context, Result};
+use crate::error::{Error, Result};
 use burn::module::Module;
 use burn::record::{FullPrecisionSettings, NamedMpkFileRecorder, Recorder};
 use pf_kernels::FusedAutodiffBackend;
@@ -65,22 +65,24 @@ pub fn write<B: FusedAutodiffBackend>(out: &Path, state: &TrainState, model: &Mo
     let partial = root.join(format!(".partial-{name}"));
     let done = root.join(&name);
     if partial.exists() {
-        std::fs::remove_dir_all(&partial).with_context(|| format!("removing {}", partial.display()))?;
+        std::fs::remove_dir_all(&partial).map_err(Error::io("removing", &partial))?;
     }
-    std::fs::create_dir_all(&partial).with_context(|| format!("creating {}", partial.display()))?;
-    recorder().record(model.clone().into_record(), partial.join("model")).with_context(|| format!("writing the model into {}", partial.display()))?;
+    std::fs::create_dir_all(&partial).map_err(Error::io("creating", &partial))?;
+    recorder().record(model.clone().into_record(), partial.join("model")).map_err(Error::file(&partial, "writing the model"))?;
     optim.save(&partial)?;
-    std::fs::write(partial.join("state.json"), serde_json::to_string_pretty(state)?)?;
+    let state_file = partial.join("state.json");
+    let json = serde_json::to_string_pretty(state).map_err(Error::file(&state_file, "writing the training state"))?;
+    std::fs::write(&state_file, json).map_err(Error::io("writing", &state_file))?;
     if done.exists() {
-        std::fs::remove_dir_all(&done).with_context(|| format!("removing {}", done.display()))?;
+        std::fs::remove_dir_all(&done).map_err(Error::io("removing", &done))?;
     }
-    std::fs::rename(&partial, &done).with_context(|| format!("renaming {} to {}", partial.display(), done.display()))?;
+    std::fs::rename(&partial, &done).map_err(Error::io("renaming into place", &done))?;
     replace_file(&root.join("latest"), name.as_bytes())?;
-    for entry in std::fs::read_dir(&root)?.flatten() {
+    for entry in std::fs::read_dir(&root).map_err(Error::io("listing", &root))?.flatten() {
         let path = entry.path();
         let old = path.file_name().is_some_and(|n| n.to_string_lossy().starts_with("epoch-") && *n != *name);
         if old && path.is_dir() {
-            std::fs::remove_dir_all(&path).with_context(|| format!("removing old checkpoint {}", path.display()))?;
+            std::fs::remove_dir_all(&path).map_err(Error::io("removing old checkpoint", &path))?;
         }
     }
     Ok(done)
@@ -89,8 +91,8 @@ pub fn write<B: FusedAutodiffBackend>(out: &Path, state: &TrainState, model: &Mo
 /// Writes `bytes` to `path` through a temporary file and a rename.
 pub fn replace_file(path: &Path, bytes: &[u8]) -> Result<()> {
     let tmp = path.with_extension("partial");
-    std::fs::write(&tmp, bytes).with_context(|| format!("writing {}", tmp.display()))?;
-    std::fs::rename(&tmp, path).with_context(|| format!("renaming {} to {}", tmp.display(), path.display()))
+    std::fs::write(&tmp, bytes).map_err(Error::io("writing", &tmp))?;
+    std::fs::rename(&tmp, path).map_err(Error::io("renaming into place", path))
 }
 
 /// The latest complete checkpoint of a run, if any.
@@ -99,22 +101,22 @@ pub fn latest(out: &Path) -> Result<Option<PathBuf>> {
     if !pointer.exists() {
         return Ok(None);
     }
-    let name = std::fs::read_to_string(&pointer).with_context(|| format!("reading {}", pointer.display()))?;
+    let name = std::fs::read_to_string(&pointer).map_err(Error::io("reading", &pointer))?;
     let dir = checkpoints(out).join(name.trim());
     if !dir.join("state.json").is_file() {
-        bail!("{} names {}, which is not a complete checkpoint", pointer.display(), dir.display());
+        return Err(Error::File { path: pointer, reason: format!("names {}, which is not a complete checkpoint", dir.display()) });
     }
     Ok(Some(dir))
 }
 
 pub fn read_state(dir: &Path) -> Result<TrainState> {
     let path = dir.join("state.json");
-    let text = std::fs::read_to_string(&path).with_context(|| format!("reading {}", path.display()))?;
-    serde_json::from_str(&text).with_context(|| format!("{} is not a pf training state", path.display()))
+    let text = std::fs::read_to_string(&path).map_err(Error::io("reading", &path))?;
+    serde_json::from_str(&text).map_err(Error::file(&path, "not a pf training state"))
 }
 
 /// Loads the checkpoint's weights, running statistics and parameter ids into `model`.
 pub fn load_model<B: FusedAutodiffBackend>(model: Model<B>, dir: &Path, device: &B::Device) -> Result<Model<B>> {
-    let record = recorder().load(dir.join("model"), device).with_context(|| format!("reading the model of checkpoint {}", dir.display()))?;
+    let record = recorder().load(dir.join("model"), device).map_err(Error::file(dir, "reading the model of the checkpoint"))?;
     Ok(model.load_record(record))
 }

@@ -12,14 +12,15 @@
 use std::io::IsTerminal;
 use std::sync::Arc;
 
-use anyhow::{bail, Result};
+use crate::error::{Error, Result};
 use burn::data::dataloader::Progress;
 use burn_train::metric::{MetricAttributes, MetricDefinition, MetricEntry, MetricId, NumericAttributes, NumericEntry, SerializedEntry};
 use burn_train::renderer::tui::TuiMetricsRendererWrapper;
 use burn_train::renderer::{MetricState, MetricsRenderer, TrainingProgress};
 use burn_train::Interrupter;
 
-use crate::eval::{EvalResult, Meter};
+use crate::eval::EvalResult;
+use crate::metrics::Meter;
 
 /// The dashboard's metrics: name, unit, and whether higher is better.
 pub const METRICS: [(&str, Option<&str>, bool); 4] =
@@ -47,7 +48,7 @@ impl Dashboard {
     /// Fails unless standard output is a terminal, which the dashboard needs.
     pub fn check_terminal() -> Result<()> {
         if !std::io::stdout().is_terminal() {
-            bail!("--dashboard needs a terminal on standard output (without it, pf prints a progress bar and one line per epoch)");
+            return Err(Error::flag("--dashboard", "needs a terminal on standard output (without it, pf prints a progress bar and one line per epoch)"));
         }
         Ok(())
     }

@@ -1,6 +1,6 @@
 //! Top-1 / top-5 evaluation of a model on an image folder with timm's eval transform.
 
-use anyhow::Result;
+use crate::error::{Error, Result};
 use burn::prelude::*;
 use burn::tensor::ElementConversion;
 use indicatif::{ProgressBar, ProgressStyle};
@@ -8,8 +8,9 @@ use pf_kernels::FusedOps;
 use pf_models::Model;
 use serde::{Deserialize, Serialize};
 
-use crate::data::{Batch, EvalTransform, ImageFolder, Loader};
-use crate::mix::{smoothed_one_hot, soft_target_cross_entropy, top_k_correct};
+use crate::metrics::{soft_target_cross_entropy, Meter};
+use pf_data::mix::smoothed_one_hot;
+use pf_data::{Batch, EvalTransform, ImageFolder, Loader};
 
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
 pub struct EvalResult {
@@ -38,38 +39,6 @@ pub enum Verbosity {
     Silent,
 }
 
-/// Accumulates loss and top-k over batches.
-#[derive(Clone, Debug, Default)]
-pub struct Meter {
-    pub images: usize,
-    loss_sum: f64,
-    top1: usize,
-    top5: usize,
-}
-
-impl Meter {
-    /// Adds a batch: its mean loss and its logits (`[n, classes]` row-major).
-    pub fn add(&mut self, loss: f64, logits: &[f32], classes: usize, labels: &[usize]) {
-        let correct = top_k_correct(logits, classes, labels, &[1, 5]);
-        self.images += labels.len();
-        self.loss_sum += loss * labels.len() as f64;
-        self.top1 += correct[0];
-        self.top5 += correct[1];
-    }
-
-    pub fn loss(&self) -> f64 {
-        self.loss_sum / self.images.max(1) as f64
-    }
-
-    pub fn top1(&self) -> f64 {
-        100.0 * self.top1 as f64 / self.images.max(1) as f64
-    }
-
-    pub fn top5(&self) -> f64 {
-        100.0 * self.top5 as f64 / self.images.max(1) as f64
-    }
-}
-
 /// A batch of the loader as tensors: images `[n, 3, s, s]`.
 pub fn images_tensor<B: Backend>(batch: &Batch, images: Vec<f32>, device: &B::Device) -> Tensor<B, 4> {
     let s = batch.size;
@@ -78,7 +47,7 @@ pub fn images_tensor<B: Backend>(batch: &Batch, images: Vec<f32>, device: &B::De
 
 /// A batch of logits (or any tensor) read back to the host as `f32`, row-major.
 pub fn logits_to_vec<B: Backend, const D: usize>(logits: Tensor<B, D>) -> Result<Vec<f32>> {
-    logits.into_data().convert::<f32>().to_vec::<f32>().map_err(|e| anyhow::anyhow!("reading logits: {e:?}"))
+    logits.into_data().convert::<f32>().to_vec::<f32>().map_err(|e| Error::Tensor(format!("reading logits: {e:?}")))
 }
 
 pub fn progress_bar(len: usize, verbosity: Verbosity, prefix: String) -> ProgressBar {

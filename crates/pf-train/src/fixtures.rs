@@ -3,7 +3,7 @@
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
-use anyhow::{bail, Context, Result};
+use crate::error::{Error, Result};
 use pf_models::ModelConfig;
 use serde::Deserialize;
 
@@ -46,12 +46,12 @@ fn default_floor() -> f64 {
 impl Case {
     pub fn model_config(&self) -> Result<ModelConfig> {
         let tagged = serde_json::json!({ "family": self.family, "config": self.config });
-        serde_json::from_value(tagged).with_context(|| format!("case {}: config of family `{}`", self.name, self.family))
+        serde_json::from_value(tagged).map_err(|e| Error::Fixture { case: self.name.clone(), reason: format!("config of family `{}`: {e}", self.family) })
     }
 
     /// A tolerance that train cases must have.
     pub fn tol(&self, value: Option<f64>, name: &str) -> Result<f64> {
-        value.with_context(|| format!("case {} is a train case without `{name}`", self.name))
+        value.ok_or_else(|| Error::Fixture { case: self.name.clone(), reason: format!("a train case without `{name}`") })
     }
 }
 
@@ -62,10 +62,10 @@ pub fn default_dir() -> PathBuf {
 
 pub fn read_manifest(dir: &Path) -> Result<Manifest> {
     let path = dir.join("manifest.json");
-    let text = std::fs::read_to_string(&path).with_context(|| format!("cannot read {}", path.display()))?;
-    let manifest: Manifest = serde_json::from_str(&text).with_context(|| format!("{} is not a fixture manifest", path.display()))?;
+    let text = std::fs::read_to_string(&path).map_err(Error::io("reading", &path))?;
+    let manifest: Manifest = serde_json::from_str(&text).map_err(Error::file(&path, "not a fixture manifest"))?;
     if manifest.cases.is_empty() {
-        bail!("{} lists no cases", path.display());
+        return Err(Error::File { path, reason: "lists no cases".into() });
     }
     Ok(manifest)
 }
@@ -85,8 +85,8 @@ impl Golden {
 }
 
 pub fn read_expected(path: &Path) -> Result<BTreeMap<String, Golden>> {
-    let bytes = std::fs::read(path).with_context(|| format!("cannot read {}", path.display()))?;
-    let tensors = safetensors::SafeTensors::deserialize(&bytes).with_context(|| format!("{} is not a safetensors file", path.display()))?;
+    let bytes = std::fs::read(path).map_err(Error::io("reading", path))?;
+    let tensors = safetensors::SafeTensors::deserialize(&bytes).map_err(Error::file(path, "not a safetensors file"))?;
     let mut out = BTreeMap::new();
     for (name, view) in tensors.tensors() {
         let data = view.data();
@@ -94,7 +94,7 @@ pub fn read_expected(path: &Path) -> Result<BTreeMap<String, Golden>> {
             safetensors::Dtype::F32 => (data.chunks_exact(4).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])).collect(), vec![]),
             safetensors::Dtype::F64 => (data.chunks_exact(8).map(|b| f64::from_le_bytes(b.try_into().expect("8 bytes")) as f32).collect(), vec![]),
             safetensors::Dtype::I64 => (vec![], data.chunks_exact(8).map(|b| i64::from_le_bytes(b.try_into().expect("8 bytes"))).collect()),
-            other => bail!("{}: tensor {name} has unsupported dtype {other:?}", path.display()),
+            other => return Err(Error::File { path: path.to_path_buf(), reason: format!("tensor {name} has unsupported dtype {other:?}") }),
         };
         out.insert(name, Golden { shape: view.shape().to_vec(), values, labels });
     }

@@ -8,9 +8,8 @@
 //! the head is differentiated, which is all Grad-CAM needs.
 
 use std::path::{Path, PathBuf};
-use std::process::ExitCode;
 
-use anyhow::{anyhow, bail, Context, Result};
+use crate::error::{Error, Result};
 use burn::module::AutodiffModule;
 use burn::prelude::*;
 use image::{Rgb, RgbImage};
@@ -20,10 +19,8 @@ use pf_models::Model;
 use plotters::style::colors::colormaps::ViridisRGB;
 use serde::Serialize;
 
-use crate::backend::Job;
-use crate::checkpoint::replace_file;
-use crate::data::{image_files, load_rgb, EvalTransform};
-use crate::load::{class_names, eval_transform, skipped_exit, training_summary, warn_skipped, weights_config};
+use crate::load::{class_names, eval_transform, training_summary, weights_config};
+use pf_data::{image_files, load_rgb, EvalTransform};
 
 /// The Grad-CAM of one image.
 #[derive(Clone, Debug, PartialEq, Serialize)]
@@ -89,36 +86,27 @@ pub fn top1(values: &[f32]) -> usize {
     values.iter().enumerate().fold(0, |best, (i, &v)| if v > values[best] { i } else { best })
 }
 
-/// `cargo xtask gradcam`: flags of the command.
-#[derive(clap::Args, Clone, Debug)]
+/// What `pf gradcam` does (its flags: the command line's `GradcamCli`).
+#[derive(Clone, Debug)]
 pub struct GradcamArgs {
     /// A pf model (.bpk with its .json config) or a PyTorch checkpoint.
-    #[arg(long)]
     pub weights: PathBuf,
     /// Preset name or model file (`{"family": ..., "config": {...}}`); required for PyTorch
     /// checkpoints, checked against the config of pf's own.
-    #[arg(long)]
     pub model: Option<String>,
     /// Number of classes of a PyTorch checkpoint (default: the model's).
-    #[arg(long)]
     pub num_classes: Option<usize>,
     /// An image, or a folder of images; repeat for several (one PNG grid).
-    #[arg(long = "image", required = true)]
     pub images: Vec<PathBuf>,
     /// Target class (default: the top-1 class of each image).
-    #[arg(long)]
     pub class: Option<usize>,
     /// Input size (default: the training run's, else the model's).
-    #[arg(long)]
     pub image_size: Option<usize>,
     /// Centre-crop fraction (default: the training run's, else 0.875).
-    #[arg(long)]
     pub crop_pct: Option<f64>,
     /// The picture: each crop the model saw with its map over it (viridis), as one PNG.
-    #[arg(long)]
     pub out: Option<PathBuf>,
     /// The maps as JSON: `{"class", "logit", "map", ...}`, a list of them for several images.
-    #[arg(long)]
     pub json: Option<PathBuf>,
 }
 
@@ -154,7 +142,7 @@ impl GradcamArgs {
         let summary = training_summary(&self.weights)?;
         let transform = eval_transform(&config, summary.as_ref(), self.image_size, self.crop_pct)?;
         if let Some(class) = self.class.filter(|&c| c >= config.num_classes()) {
-            bail!("--class {class} is out of range: the model has {} classes", config.num_classes());
+            return Err(Error::flag("--class", format!("{class} is out of range: the model has {} classes", config.num_classes())));
         }
         let files = image_files(&self.images)?;
         let model = load_any(config.init::<B>(device)?, &self.weights)?;
@@ -171,59 +159,15 @@ impl GradcamArgs {
                 }
             };
             let input = Tensor::from_data(TensorData::new(transform.normalize.apply(&crop), [1, 3, size, size]), device);
-            let cam = grad_cam(&model, eval.forward_features(input)?, self.class).with_context(|| format!("Grad-CAM of {}", path.display()))?;
+            let cam = grad_cam(&model, eval.forward_features(input)?, self.class)?;
             images.push(CamImage { image: path, crop, cam });
         }
         Ok(GradcamRun { images, skipped, labels, transform })
     }
 }
 
-/// The command: computes, prints a line per image, writes `--json` and `--out`.
-impl Job for GradcamArgs {
-    type Output = ExitCode;
-
-    fn run<B: FusedAutodiffBackend>(self, device: B::Device) -> Result<ExitCode> {
-        let run = self.compute::<B>(&device)?;
-        warn_skipped(&run.skipped, run.images.len())?;
-        println!("Grad-CAM of {} on {device:?}, {}px crop_pct {}", self.weights.display(), run.transform.size, run.transform.crop_pct);
-        for r in &run.images {
-            let (h, w) = (r.cam.map.len(), r.cam.map.first().map_or(0, Vec::len));
-            let (peak, at) = peak(&r.cam.map);
-            println!(
-                "{}: class {} ({}), logit {:.4}; map {h}x{w}, peak {peak:.4} at row {}, column {}",
-                r.image.display(),
-                r.cam.class,
-                run.labels[r.cam.class],
-                r.cam.logit,
-                at.0,
-                at.1
-            );
-        }
-        if let Some(path) = &self.json {
-            let record = |r: &CamImage| {
-                serde_json::json!({
-                    "image": r.image, "class": r.cam.class, "label": run.labels[r.cam.class], "logit": r.cam.logit,
-                    "map": r.cam.map, "logits": r.cam.logits,
-                })
-            };
-            let json = match run.images.as_slice() {
-                [one] => record(one),
-                several => serde_json::Value::Array(several.iter().map(record).collect()),
-            };
-            replace_file(path, serde_json::to_string_pretty(&json)?.as_bytes())?;
-            println!("maps written to {}", path.display());
-        }
-        if let Some(path) = &self.out {
-            let tiles = run.images.iter().map(|r| overlay(&r.crop, &r.cam.map)).collect::<Vec<_>>();
-            grid(&tiles).save(path).map_err(|e| anyhow!("writing {}: {e}", path.display()))?;
-            println!("overlay written to {}", path.display());
-        }
-        Ok(skipped_exit(run.skipped.len(), run.images.len()))
-    }
-}
-
 /// The largest value of a map and its `(row, column)`.
-fn peak(map: &[Vec<f64>]) -> (f64, (usize, usize)) {
+pub fn peak(map: &[Vec<f64>]) -> (f64, (usize, usize)) {
     let mut best = (f64::NEG_INFINITY, (0, 0));
     for (y, row) in map.iter().enumerate() {
         for (x, &v) in row.iter().enumerate() {
@@ -280,7 +224,7 @@ fn upsample(map: &[Vec<f64>], [height, width]: [usize; 2]) -> Vec<f64> {
 }
 
 /// Tiles side by side in rows of `ceil(sqrt(n))`, 4 white pixels apart.
-fn grid(tiles: &[RgbImage]) -> RgbImage {
+pub fn grid(tiles: &[RgbImage]) -> RgbImage {
     const GAP: u32 = 4;
     let n = tiles.len() as u32;
     let cols = (1..=n).find(|c| c * c >= n).unwrap_or(1);

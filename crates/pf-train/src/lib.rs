@@ -1,27 +1,28 @@
-//! Training, evaluation, parity checks and the `pf` command line of pf, the Rust
+//! Training, evaluation, benchmarks, Grad-CAM, the layer study and the search, and parity checks of pf, the Rust
 //! implementation of "Learning Features with Parameter-Free Layers" (Han et al., ICLR 2022).
 
 pub mod backend;
 pub mod bench;
 pub mod checkpoint;
 pub mod dashboard;
-pub mod data;
+pub mod error;
 pub mod eval;
 pub mod fixtures;
 pub mod gradcam;
 pub mod load;
-pub mod mix;
+pub mod metrics;
 pub mod optim;
 pub mod parallel;
 pub mod parity;
 pub mod predict;
 pub mod presets;
-pub mod randaugment;
 pub mod recipe;
 pub mod report;
 pub mod search;
 pub mod study;
 pub mod train;
+
+pub use error::{Error, Result};
 
 /// The repository root, where the built-in dataset and recipes live.
 pub fn repo_root() -> std::path::PathBuf {

@@ -5,12 +5,12 @@
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
-use anyhow::{anyhow, bail, Context, Result};
+use crate::error::{Error, Result};
 use pf_models::weights::read_pf_config;
 use pf_models::{ModelConfig, ModelName};
 
-use crate::data::{EvalTransform, Interpolation, Normalize};
 use crate::train::TrainSummary;
+use pf_data::{EvalTransform, Interpolation, Normalize};
 
 /// A preset name, or the path of a model file `{"family": ..., "config": {...}}` (the form of the
 /// fixture manifest's cases and of a recipe's `model`).
@@ -22,14 +22,14 @@ pub fn model_config(spec: &str) -> Result<ModelConfig> {
     if path.is_file() || path.extension().is_some_and(|e| e == "json") {
         return read_model_file(path);
     }
-    bail!("unknown model `{spec}`: neither a preset ({}) nor a model file", ModelName::known())
+    Err(Error::Unknown { what: "preset", name: spec.to_string(), known: format!("presets: {}", ModelName::known()) })
 }
 
 /// Reads and checks a model file; an error names the file and, from serde, the field.
 pub fn read_model_file(path: &Path) -> Result<ModelConfig> {
-    let text = std::fs::read_to_string(path).with_context(|| format!("reading model file {}", path.display()))?;
-    let config: ModelConfig = serde_json::from_str(&text).map_err(|e| anyhow!("model file {}: {e}", path.display()))?;
-    config.validate().map_err(|e| anyhow!("model file {}: {e}", path.display()))?;
+    let text = std::fs::read_to_string(path).map_err(Error::io("reading model file", path))?;
+    let config: ModelConfig = serde_json::from_str(&text).map_err(Error::file(path, "not a model file"))?;
+    config.validate().map_err(Error::file(path, "model file"))?;
     Ok(config)
 }
 
@@ -37,25 +37,24 @@ pub fn read_model_file(path: &Path) -> Result<ModelConfig> {
 /// a PyTorch checkpoint needs `model`. `num_classes` overrides the model's head size.
 pub fn weights_config(weights: &Path, model: Option<&str>, num_classes: Option<usize>) -> Result<ModelConfig> {
     if !weights.is_file() {
-        bail!("weights file {} does not exist", weights.display());
+        return Err(Error::File { path: weights.to_path_buf(), reason: "the weights file does not exist".into() });
     }
     if num_classes == Some(0) {
-        bail!("--num-classes must be at least 1");
+        return Err(Error::flag("--num-classes", "must be at least 1"));
     }
     let requested = model.map(model_config).transpose()?.map(|c| num_classes.map_or(c.clone(), |n| c.with_num_classes(n)));
     if is_pf_model(weights) {
         let saved = read_pf_config(weights)?;
         if let Some(requested) = requested.filter(|r| *r != saved) {
-            bail!(
-                "{} was saved for another model:\n  saved:     {}\n  requested: {}",
-                weights.display(),
-                serde_json::to_string(&saved)?,
-                serde_json::to_string(&requested)?
-            );
+            let json = |c: &ModelConfig| serde_json::to_string(c).unwrap_or_else(|e| e.to_string());
+            return Err(Error::File {
+                path: weights.to_path_buf(),
+                reason: format!("saved for another model:\n  saved:     {}\n  requested: {}", json(&saved), json(&requested)),
+            });
         }
         return Ok(saved);
     }
-    requested.ok_or_else(|| anyhow!("--model NAME|FILE is required for a PyTorch checkpoint ({})", ModelName::known()))
+    requested.ok_or_else(|| Error::flag("--model", format!("NAME|FILE is required for a PyTorch checkpoint ({})", ModelName::known())))
 }
 
 pub fn is_pf_model(weights: &Path) -> bool {
@@ -68,8 +67,8 @@ pub fn training_summary(weights: &Path) -> Result<Option<TrainSummary>> {
     if !is_pf_model(weights) || !path.is_file() {
         return Ok(None);
     }
-    let text = std::fs::read_to_string(&path).with_context(|| format!("reading {}", path.display()))?;
-    Ok(Some(serde_json::from_str(&text).with_context(|| format!("{} is not a pf training summary", path.display()))?))
+    let text = std::fs::read_to_string(&path).map_err(Error::io("reading", &path))?;
+    Ok(Some(serde_json::from_str(&text).map_err(Error::file(&path, "not a pf training summary"))?))
 }
 
 /// Largest input side the commands accept: a 4096² RGB image is 200 MB of floats already.
@@ -85,11 +84,14 @@ pub fn eval_transform(config: &ModelConfig, summary: Option<&TrainSummary>, imag
     transform.size = image_size.unwrap_or(transform.size);
     transform.crop_pct = crop_pct.unwrap_or(transform.crop_pct);
     if !(1..=MAX_IMAGE_SIZE).contains(&transform.size) {
-        bail!("--image-size {} is not in 1..={MAX_IMAGE_SIZE}", transform.size);
+        return Err(Error::flag("--image-size", format!("{} is not in 1..={MAX_IMAGE_SIZE}", transform.size)));
     }
     // The resize target is `size / crop_pct`: keep it inside the same bound.
     if !(transform.crop_pct > 0.0 && transform.crop_pct <= 1.0) || (transform.size as f64 / transform.crop_pct) > (2 * MAX_IMAGE_SIZE) as f64 {
-        bail!("--crop-pct {} is not in (0, 1] (or makes the resize larger than {} pixels)", transform.crop_pct, 2 * MAX_IMAGE_SIZE);
+        return Err(Error::flag(
+            "--crop-pct",
+            format!("{} is not in (0, 1] (or makes the resize larger than {} pixels)", transform.crop_pct, 2 * MAX_IMAGE_SIZE),
+        ));
     }
     Ok(transform)
 }
@@ -112,7 +114,7 @@ pub fn warn_skipped(skipped: &[(PathBuf, String)], read: usize) -> Result<()> {
         eprintln!("warning: skipped unreadable image {}: {reason}", path.display());
     }
     if read == 0 {
-        bail!("no image could be read ({} skipped)", skipped.len());
+        return Err(Error::Dataset(format!("no image could be read ({} skipped)", skipped.len())));
     }
     Ok(())
 }
@@ -144,21 +146,14 @@ pub fn machine_memory() -> Option<u64> {
 
 /// Refuses, before anything is allocated, a batch of `size × size` images whose estimated
 /// memory is more than the machine has, with the figures.
-pub fn check_batch_memory(flag: &str, batch: usize, size: usize, training: bool) -> Result<()> {
+pub fn check_batch_memory(flag: &'static str, batch: usize, size: usize, training: bool) -> Result<()> {
     let Some(total) = machine_memory() else { return Ok(()) };
     let factor = if training { TRAINING_BYTES_PER_INPUT_BYTE } else { INFERENCE_BYTES_PER_INPUT_BYTE };
     let per_image = (3 * size * size * 4) as u64 * factor;
     let needed = (batch as u64).saturating_mul(per_image);
     if needed > total {
-        bail!(
-            "{flag} {batch} would need about {:.1} GB at {size}×{size} (about {:.0} MB an image {}), more than this machine's {:.1} GB; \
-             give at most {}",
-            needed as f64 / 1e9,
-            per_image as f64 / 1e6,
-            if training { "in a training step" } else { "in inference" },
-            total as f64 / 1e9,
-            (total / per_image).max(1)
-        );
+        let phase = if training { "in a training step" } else { "in inference" };
+        return Err(Error::Memory { flag, batch, size, phase, needed, per_image, total, most: (total / per_image).max(1) });
     }
     Ok(())
 }
@@ -170,8 +165,10 @@ mod tests {
     #[test]
     fn model_specs_name_presets_or_files() {
         assert!(matches!(model_config("resnet50_hybrid"), Ok(ModelConfig::Resnet(_))));
-        let err = model_config("resnet51").unwrap_err().to_string();
-        assert!(err.contains("resnet51") && err.contains("resnet50_hybrid"), "{err}");
+        match model_config("resnet51") {
+            Err(Error::Unknown { what: "preset", name, known }) => assert!(name == "resnet51" && known.contains("resnet50_hybrid")),
+            other => panic!("{other:?}"),
+        }
 
         let dir = std::env::temp_dir().join(format!("pf-load-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
@@ -187,11 +184,13 @@ mod tests {
         ] {
             let bad = dir.join("bad.json");
             std::fs::write(&bad, text).unwrap();
-            let err = model_config(bad.to_str().unwrap()).unwrap_err().to_string();
-            assert!(err.contains("bad.json") && err.contains(field), "{text}: {err}");
+            match model_config(bad.to_str().unwrap()) {
+                Err(Error::File { path, reason }) => assert!(path == bad && reason.contains(field), "{text}: {reason}"),
+                other => panic!("{text}: {other:?}"),
+            }
         }
-        let err = model_config(dir.join("missing.json").to_str().unwrap()).unwrap_err();
-        assert!(format!("{err:#}").contains("missing.json"), "{err:#}");
+        let missing = dir.join("missing.json");
+        assert!(matches!(model_config(missing.to_str().unwrap()), Err(Error::Io { path, .. }) if path == missing));
         std::fs::remove_dir_all(&dir).unwrap();
     }
 
@@ -211,8 +210,26 @@ mod tests {
             (Some(0), None),
             (Some(4096), Some(0.001)),
         ] {
-            let err = eval_transform(&config, None, size, crop).expect_err("out of range").to_string();
-            assert!(err.contains(if size.is_some() && crop.is_none() { "--image-size" } else { "--crop-pct" }), "{size:?} {crop:?}: {err}");
+            let expected = if size.is_some() && crop.is_none() { "--image-size" } else { "--crop-pct" };
+            match eval_transform(&config, None, size, crop) {
+                Err(Error::Flag { flag, .. }) => assert_eq!(flag, expected, "{size:?} {crop:?}"),
+                other => panic!("{size:?} {crop:?}: {other:?}"),
+            }
+        }
+    }
+
+    #[test]
+    fn batches_larger_than_the_machine_are_refused_with_the_figures() {
+        assert!(check_batch_memory("--batch-size", 1, 32, true).is_ok());
+        if machine_memory().is_none() {
+            return; // not Linux: nothing to compare against, nothing refused
+        }
+        match check_batch_memory("--batch-size", 1 << 20, 1024, true) {
+            Err(Error::Memory { flag: "--batch-size", batch, size: 1024, needed, total, most, .. }) => {
+                assert_eq!(batch, 1 << 20);
+                assert!(needed > total && most < batch as u64, "{needed} {total} {most}");
+            }
+            other => panic!("{other:?}"),
         }
     }
 

@@ -4,7 +4,7 @@
 
 use std::path::Path;
 
-use anyhow::{Context, Result};
+use crate::error::{Error, Result};
 use burn::module::ParamId;
 use burn::optim::adaptor::OptimizerAdaptor;
 use burn::optim::decay::WeightDecayConfig;
@@ -109,15 +109,15 @@ impl<B: FusedAutodiffBackend> Inner<B> {
             Self::Sgd(o) => recorder.record(o.to_record(), path.to_path_buf()),
             Self::AdamW(o) => recorder.record(o.to_record(), path.to_path_buf()),
         }
-        .with_context(|| format!("writing optimizer state {}", path.display()))
+        .map_err(Error::file(path, "writing the optimizer state"))
     }
 
     fn load(self, path: &Path, device: &B::Device) -> Result<Self> {
         let recorder = NamedMpkFileRecorder::<FullPrecisionSettings>::new();
-        let context = || format!("reading optimizer state {}", path.display());
+        let failed = || Error::file(path, "reading the optimizer state");
         Ok(match self {
-            Self::Sgd(o) => Self::Sgd(o.load_record(recorder.load(path.to_path_buf(), device).with_context(context)?)),
-            Self::AdamW(o) => Self::AdamW(o.load_record(recorder.load(path.to_path_buf(), device).with_context(context)?)),
+            Self::Sgd(o) => Self::Sgd(o.load_record(recorder.load(path.to_path_buf(), device).map_err(failed())?)),
+            Self::AdamW(o) => Self::AdamW(o.load_record(recorder.load(path.to_path_buf(), device).map_err(failed())?)),
         })
     }
 }

@@ -18,7 +18,7 @@
 use std::sync::mpsc::{channel, Receiver, Sender};
 use std::thread::JoinHandle;
 
-use anyhow::{anyhow, Context, Result};
+use crate::error::{Error, Result};
 use burn::module::{AutodiffModule, ModuleMapper, ModuleVisitor, Param};
 use burn::optim::GradientsParams;
 use burn::prelude::*;
@@ -28,7 +28,7 @@ use pf_kernels::FusedAutodiffBackend;
 use pf_models::Model;
 
 use crate::eval::logits_to_vec;
-use crate::mix::soft_target_cross_entropy;
+use crate::metrics::soft_target_cross_entropy;
 use crate::optim::{GroupedGrads, ParamGroups};
 
 /// A batch in host memory: `rows` images `[3, size, size]` and their soft targets over `classes`.
@@ -86,7 +86,7 @@ struct Worker<B: FusedAutodiffBackend> {
 impl<B: FusedAutodiffBackend> DataParallel<B> {
     /// `devices[0]` is the main device.
     pub fn new(devices: &[B::Device], groups: ParamGroups) -> Result<Self> {
-        let (main, others) = devices.split_first().ok_or_else(|| anyhow!("training needs at least one device"))?;
+        let (main, others) = devices.split_first().ok_or_else(|| Error::flag("--devices", "names no device; training needs at least one"))?;
         let workers = others
             .iter()
             .map(|device| {
@@ -96,7 +96,7 @@ impl<B: FusedAutodiffBackend> DataParallel<B> {
                 let thread = std::thread::Builder::new()
                     .name(format!("pf-device-{device:?}"))
                     .spawn(move || work(device_, main_, groups_, inbox, outbox))
-                    .with_context(|| format!("starting the worker thread of device {device:?}"))?;
+                    .map_err(|e| Error::Device { device: format!("{device:?}"), reason: format!("starting its worker thread: {e}") })?;
                 Ok(Worker { device: device.clone(), jobs: Some(jobs), done, thread: Some(thread) })
             })
             .collect::<Result<Vec<_>>>()?;
@@ -116,7 +116,7 @@ impl<B: FusedAutodiffBackend> DataParallel<B> {
     pub fn grads(&self, model: &Model<B>, batch: HostBatch) -> Result<StepGrads> {
         let n = batch.rows;
         if n == 0 {
-            return Err(anyhow!("an empty batch has no gradient"));
+            return Err(Error::Dataset("an empty batch has no gradient".into()));
         }
         let shards = self.devices().min(n);
         let rows: Vec<usize> = (0..shards).map(|i| n / shards + usize::from(i < n % shards)).collect();
@@ -131,17 +131,15 @@ impl<B: FusedAutodiffBackend> DataParallel<B> {
             // A `valid()` per worker, not clones of one: cloning an inner-backend `Param` forgets
             // that it tracks gradients, and the worker's copy would then have none.
             let job = Job { model: model.valid(), shard: batch.shard(start, r), weight: weight(r) };
-            let jobs = worker.jobs.as_ref().ok_or_else(|| anyhow!("the worker of device {:?} was shut down", worker.device))?;
-            jobs.send(job).map_err(|_| anyhow!("the worker of device {:?} stopped (see the message above)", worker.device))?;
+            let jobs =
+                worker.jobs.as_ref().ok_or_else(|| Error::Device { device: format!("{:?}", worker.device), reason: "its worker was shut down".into() })?;
+            jobs.send(job).map_err(|_| stopped(&worker.device))?;
             sent.push(worker);
             start += r;
         }
         let own = shard_grads(model, batch.shard(0, rows[0]), weight(rows[0]), &self.groups, &self.main);
         // Collect every answer before any error returns, so that none is left for the next step.
-        let answers: Vec<Result<StepGrads>> = sent
-            .iter()
-            .map(|w| w.done.recv().map_err(|_| anyhow!("the worker of device {:?} stopped (see the message above)", w.device)).and_then(|r| r))
-            .collect();
+        let answers: Vec<Result<StepGrads>> = sent.iter().map(|w| w.done.recv().map_err(|_| stopped(&w.device)).and_then(|r| r)).collect();
         let mut total = own?;
         total.loss *= weight(rows[0]);
         for (answer, &r) in answers.into_iter().zip(&rows[1..]) {
@@ -169,6 +167,10 @@ impl<B: FusedAutodiffBackend> Drop for DataParallel<B> {
 
 /// A worker: for each job, the model on `device` with fresh autodiff leaves; its gradients go
 /// back on the main device.
+fn stopped(device: &impl std::fmt::Debug) -> Error {
+    Error::Device { device: format!("{device:?}"), reason: "its worker stopped (see the message above)".into() }
+}
+
 fn work<B: FusedAutodiffBackend>(device: B::Device, main: B::Device, groups: ParamGroups, jobs: Receiver<Job<B>>, done: Sender<Result<StepGrads>>) {
     for job in jobs {
         let model = Model::<B>::from_inner(job.model).map(&mut ToDevice::<B>(&device));

@@ -5,14 +5,15 @@ use std::collections::{BTreeMap, HashMap};
 use std::fmt;
 use std::path::Path;
 
-use anyhow::{bail, Context, Result};
+use crate::error::{Error, Result};
 use burn::module::{AutodiffModule, Module, ModuleVisitor, Param, ParamId};
 use burn::prelude::*;
 use pf_kernels::FusedAutodiffBackend;
 use pf_models::weights::{is_ignored_key, load_pytorch, state_dict, transpose_2d};
 
 use crate::fixtures::{read_expected, read_manifest, Case, Golden, Mode};
-use crate::mix::{smoothed_one_hot, soft_target_cross_entropy};
+use crate::metrics::soft_target_cross_entropy;
+use pf_data::mix::smoothed_one_hot;
 
 /// The comparison of one tensor with its golden value, element-wise
 /// `|a - e| <= tol * scale`.
@@ -129,14 +130,14 @@ pub fn run_all<B: FusedAutodiffBackend>(dir: &Path, device: &B::Device, mut on_c
 }
 
 fn golden<'a>(expected: &'a BTreeMap<String, Golden>, name: &str, case: &Case) -> Result<&'a Golden> {
-    expected.get(name).with_context(|| format!("case {}: the expected file has no `{name}`", case.name))
+    expected.get(name).ok_or_else(|| Error::Fixture { case: case.name.clone(), reason: format!("the expected file has no `{name}`") })
 }
 
 fn input_tensor<B: Backend>(g: &Golden, case: &Case, device: &B::Device) -> Result<Tensor<B, 4>> {
     let [h, w] = case.input_hw;
     let shape = [case.batch, 3, h, w];
     if g.shape != shape {
-        bail!("case {}: input has shape {:?}, the manifest says {shape:?}", case.name, g.shape);
+        return Err(Error::Fixture { case: case.name.clone(), reason: format!("input has shape {:?}, the manifest says {shape:?}", g.shape) });
     }
     Ok(Tensor::from_data(TensorData::new(g.values.clone(), shape), device))
 }
@@ -175,7 +176,10 @@ pub fn run_case<B: FusedAutodiffBackend>(dir: &Path, case: &Case, device: &B::De
             let [n, classes] = logits.dims();
             let labels = target.labels.iter().map(|&l| usize::try_from(l).ok().filter(|&l| l < classes)).collect::<Option<Vec<_>>>();
             let Some(labels) = labels.filter(|l| l.len() == n) else {
-                bail!("{}: the target labels {:?} are not {n} classes below {classes}", case.name, target.labels);
+                return Err(Error::Fixture {
+                    case: case.name.clone(),
+                    reason: format!("the target labels {:?} are not {n} classes below {classes}", target.labels),
+                });
             };
             let targets = Tensor::<B, 2>::from_data(TensorData::new(smoothed_one_hot(&labels, classes, 0.0), [n, classes]), device);
             let loss = soft_target_cross_entropy(logits, targets);
@@ -242,7 +246,7 @@ fn check_statistics<B: FusedAutodiffBackend>(
             report.errors.push(format!("{name}: the model has no such buffer"));
             continue;
         };
-        let data = buffer_value(&model, entry.id).with_context(|| format!("{name}: cannot read the buffer"))?;
+        let data = buffer_value(&model, entry.id).ok_or_else(|| Error::Tensor(format!("{name}: cannot read the buffer")))?;
         report.checks.push(TensorCheck::new(name, &to_f32(data), golden, tol, golden.max_abs().max(1.0)));
     }
     Ok(())

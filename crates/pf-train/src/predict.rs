@@ -1,20 +1,17 @@
 //! `cargo xtask predict`: the top-K classes of images, with probabilities and class names.
 
 use std::path::PathBuf;
-use std::process::ExitCode;
 
-use anyhow::{bail, Result};
+use crate::error::{Error, Result};
 use burn::prelude::*;
 use pf_kernels::FusedAutodiffBackend;
 use pf_models::weights::load_any;
 use pf_models::Model;
 use serde::Serialize;
 
-use crate::backend::Job;
-use crate::checkpoint::replace_file;
-use crate::data::{image_files, load_rgb, EvalTransform};
 use crate::eval::logits_to_vec;
-use crate::load::{class_names, eval_transform, skipped_exit, training_summary, warn_skipped, weights_config};
+use crate::load::{class_names, eval_transform, training_summary, weights_config};
+use pf_data::{image_files, load_rgb, EvalTransform};
 
 /// One of an image's top classes.
 #[derive(Clone, Debug, PartialEq, Serialize)]
@@ -49,33 +46,25 @@ pub fn top_k(logits: &[f32], k: usize, labels: &[String]) -> Vec<Ranked> {
 /// Images per forward pass.
 const BATCH: usize = 16;
 
-/// `cargo xtask predict`: flags of the command.
-#[derive(clap::Args, Clone, Debug)]
+/// What `pf predict` does (its flags: the command line's `PredictCli`).
+#[derive(Clone, Debug)]
 pub struct PredictArgs {
     /// A pf model (.bpk with its .json config) or a PyTorch checkpoint.
-    #[arg(long)]
     pub weights: PathBuf,
     /// Preset name or model file (`{"family": ..., "config": {...}}`); required for PyTorch
     /// checkpoints, checked against the config of pf's own.
-    #[arg(long)]
     pub model: Option<String>,
     /// Number of classes of a PyTorch checkpoint (default: the model's).
-    #[arg(long)]
     pub num_classes: Option<usize>,
     /// Classes to show per image.
-    #[arg(long, default_value_t = 5)]
     pub top: usize,
     /// Input size (default: the training run's, else the model's).
-    #[arg(long)]
     pub image_size: Option<usize>,
     /// Centre-crop fraction (default: the training run's, else 0.875).
-    #[arg(long)]
     pub crop_pct: Option<f64>,
     /// Also write the predictions as JSON: `[{"image", "top": [{"class", "label", "prob"}]}]`.
-    #[arg(long)]
     pub json: Option<PathBuf>,
     /// Images, or folders of images.
-    #[arg(required = true)]
     pub images: Vec<PathBuf>,
 }
 
@@ -91,7 +80,7 @@ impl PredictArgs {
     /// Loads the model and predicts every image: what the command does before printing.
     pub fn compute<B: FusedAutodiffBackend>(&self, device: &B::Device) -> Result<PredictRun> {
         if self.top == 0 {
-            bail!("--top must be at least 1");
+            return Err(Error::flag("--top", "must be at least 1"));
         }
         let config = weights_config(&self.weights, self.model.as_deref(), self.num_classes)?;
         let summary = training_summary(&self.weights)?;
@@ -124,30 +113,6 @@ impl PredictArgs {
             }
         }
         Ok(PredictRun { predictions, skipped, transform })
-    }
-}
-
-/// The command: a table per image, `--json`; exit code 1 when an image was skipped.
-impl Job for PredictArgs {
-    type Output = ExitCode;
-
-    fn run<B: FusedAutodiffBackend>(self, device: B::Device) -> Result<ExitCode> {
-        let run = self.compute::<B>(&device)?;
-        warn_skipped(&run.skipped, run.predictions.len())?;
-        println!("{} on {device:?}, {}px crop_pct {}", self.weights.display(), run.transform.size, run.transform.crop_pct);
-        for p in &run.predictions {
-            println!("\n{}", p.image.display());
-            let width = p.top.iter().map(|r| r.label.chars().count()).max().unwrap_or(0).max(5);
-            println!("  {:>4}  {:>5}  {:<width$}  {:>8}", "rank", "class", "label", "prob");
-            for (i, r) in p.top.iter().enumerate() {
-                println!("  {:>4}  {:>5}  {:<width$}  {:>7.2}%", i + 1, r.class, r.label, 100.0 * r.prob);
-            }
-        }
-        if let Some(path) = &self.json {
-            replace_file(path, serde_json::to_string_pretty(&run.predictions)?.as_bytes())?;
-            println!("\npredictions written to {}", path.display());
-        }
-        Ok(skipped_exit(run.skipped.len(), run.predictions.len()))
     }
 }
 

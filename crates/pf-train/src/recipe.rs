@@ -3,12 +3,12 @@
 
 use std::path::{Path, PathBuf};
 
-use anyhow::{bail, Context, Result};
+use crate::error::{Error, Result};
 use pf_models::{ModelConfig, ModelName};
 use serde::{Deserialize, Serialize};
 
-use crate::data::{EvalTransform, TrainTransform};
-use crate::mix::MixConfig;
+use pf_data::mix::MixConfig;
+use pf_data::{EvalTransform, TrainTransform};
 
 /// The recipes shipped with pf, by name.
 pub const BUILT_IN: &[(&str, &str)] = &[
@@ -96,48 +96,65 @@ impl Recipe {
     /// A built-in recipe by name, or a recipe file.
     pub fn load(name_or_path: &str) -> Result<Self> {
         if let Some((_, text)) = BUILT_IN.iter().find(|(n, _)| *n == name_or_path) {
-            return Self::parse(text).with_context(|| format!("built-in recipe {name_or_path}"));
+            return Self::parse(text).map_err(|e| match e {
+                Error::File { reason, .. } => Error::File { path: format!("built-in recipe {name_or_path}").into(), reason },
+                other => other,
+            });
         }
         let path = Path::new(name_or_path);
         if !path.is_file() {
             let known = BUILT_IN.iter().map(|(n, _)| *n).collect::<Vec<_>>().join(", ");
-            bail!("no recipe named `{name_or_path}` and no such file; built-in recipes: {known}");
+            return Err(Error::Unknown { what: "recipe", name: name_or_path.to_string(), known: format!("built-in recipes: {known}") });
         }
-        let text = std::fs::read_to_string(path).with_context(|| format!("reading recipe {}", path.display()))?;
-        Self::parse(&text).with_context(|| format!("recipe {}", path.display()))
+        let text = std::fs::read_to_string(path).map_err(Error::io("reading recipe", path))?;
+        Self::parse(&text).map_err(|e| match e {
+            Error::File { reason, .. } => Error::File { path: path.to_path_buf(), reason },
+            other => other,
+        })
     }
 
     pub fn parse(text: &str) -> Result<Self> {
-        let recipe: Self = serde_json::from_str(text)?;
+        let recipe: Self = serde_json::from_str(text).map_err(Error::file("recipe", "not a recipe"))?;
         recipe.validate()?;
         Ok(recipe)
     }
 
     pub fn validate(&self) -> Result<()> {
-        if self.epochs == 0 || self.batch_size == 0 || self.lr_batch == 0 || self.workers == 0 {
-            bail!("epochs, batch_size, lr_batch and workers must be positive");
+        for (field, v) in [("epochs", self.epochs), ("batch_size", self.batch_size), ("lr_batch", self.lr_batch), ("workers", self.workers)] {
+            if v == 0 {
+                return Err(self.invalid(field, "must be positive"));
+            }
         }
-        if !(self.lr > 0.0 && self.lr.is_finite()) || self.weight_decay < 0.0 || self.warmup_lr < 0.0 {
-            bail!("lr must be positive and finite, weight_decay and warmup_lr non-negative");
+        if !(self.lr > 0.0 && self.lr.is_finite()) {
+            return Err(self.invalid("lr", format!("{} is not positive and finite", self.lr)));
+        }
+        for (field, v) in [("weight_decay", self.weight_decay), ("warmup_lr", self.warmup_lr)] {
+            if !(v >= 0.0 && v.is_finite()) {
+                return Err(self.invalid(field, format!("{v} is not non-negative and finite")));
+            }
         }
         if !(0.0..1.0).contains(&self.label_smoothing) {
-            bail!("label_smoothing {} is not in [0, 1)", self.label_smoothing);
+            return Err(self.invalid("label_smoothing", format!("{} is not in [0, 1)", self.label_smoothing)));
         }
         if let ScheduleSpec::Step { every: 0, .. } = self.schedule {
-            bail!("a step schedule needs `every` > 0");
+            return Err(self.invalid("schedule.every", "a step schedule needs `every` > 0"));
         }
         let t = &self.train_transform;
         if t.scale[0] <= 0.0 || t.scale[0] > t.scale[1] || t.scale[1] > 1.0 || t.ratio[0] <= 0.0 || t.ratio[0] > t.ratio[1] {
-            bail!("train_transform: scale must be within (0, 1] and ordered, ratio positive and ordered");
+            return Err(self.invalid("train_transform", "scale must be within (0, 1] and ordered, ratio positive and ordered"));
         }
         if t.size != self.eval_transform.size {
-            bail!("train and eval image sizes differ ({} vs {})", t.size, self.eval_transform.size);
+            return Err(self.invalid("eval_transform.size", format!("train and eval image sizes differ ({} vs {})", t.size, self.eval_transform.size)));
         }
         if !(self.eval_transform.crop_pct > 0.0 && self.eval_transform.crop_pct <= 1.0) {
-            bail!("eval_transform.crop_pct must be in (0, 1]");
+            return Err(self.invalid("eval_transform.crop_pct", format!("{} is not in (0, 1]", self.eval_transform.crop_pct)));
         }
         self.model.config()?;
         Ok(())
+    }
+
+    fn invalid(&self, field: &'static str, reason: impl Into<String>) -> Error {
+        Error::Recipe { recipe: self.name.clone(), field, reason: reason.into() }
     }
 
     /// The learning rate for this recipe's batch size.
@@ -210,19 +227,30 @@ mod tests {
     #[test]
     fn bad_recipes_fail_with_the_reason() {
         let text = BUILT_IN[0].1;
-        let mut value: serde_json::Value = serde_json::from_str(text).unwrap();
-        value["epochs"] = 0.into();
-        assert!(Recipe::parse(&value.to_string()).is_err());
-        let mut value: serde_json::Value = serde_json::from_str(text).unwrap();
-        value["surprise"] = 1.into();
-        let err = Recipe::parse(&value.to_string()).unwrap_err().to_string();
-        assert!(err.contains("surprise"), "{err}");
-        let mut value: serde_json::Value = serde_json::from_str(text).unwrap();
-        value["train_transform"]["randaugment"] = "rand-m9".into();
-        assert!(Recipe::parse(&value.to_string()).is_err());
-        let mut value: serde_json::Value = serde_json::from_str(text).unwrap();
-        value["model"] = "resnet51".into();
-        assert!(format!("{:#}", Recipe::parse(&value.to_string()).unwrap_err()).contains("resnet50"));
-        assert!(Recipe::load("no-such-recipe").unwrap_err().to_string().contains("digits"));
+        let parse = |edit: &dyn Fn(&mut serde_json::Value)| {
+            let mut value: serde_json::Value = serde_json::from_str(text).unwrap();
+            edit(&mut value);
+            Recipe::parse(&value.to_string())
+        };
+        let zero = serde_json::Value::from(0);
+        for (field, bad) in [("epochs", &zero), ("workers", &zero), ("lr", &(-1.0).into()), ("weight_decay", &(-0.1).into()), ("label_smoothing", &1.0.into())]
+        {
+            match parse(&|v| v[field] = bad.clone()) {
+                Err(Error::Recipe { field: f, .. }) => assert_eq!(f, field),
+                other => panic!("{field} {bad}: {other:?}"),
+            }
+        }
+        // Unknown fields and bad values inside a field come from serde: the file's error.
+        for edit in [&(|v: &mut serde_json::Value| v["surprise"] = 1.into()) as &dyn Fn(&mut serde_json::Value), &|v| {
+            v["train_transform"]["randaugment"] = "rand-m9".into()
+        }] {
+            assert!(matches!(parse(edit), Err(Error::File { .. })));
+        }
+        let err = parse(&|v| v["model"] = "resnet51".into()).unwrap_err();
+        assert!(matches!(&err, Error::Model(pf_models::ModelError::UnknownModel { name, .. }) if name == "resnet51"), "{err}");
+        match Recipe::load("no-such-recipe") {
+            Err(Error::Unknown { what: "recipe", name, known }) => assert!(name == "no-such-recipe" && known.contains("digits")),
+            other => panic!("{other:?}"),
+        }
     }
 }

@@ -2,7 +2,7 @@
 
 use std::path::Path;
 
-use anyhow::{anyhow, Result};
+use crate::error::{Error, Result};
 use plotters::prelude::*;
 
 use crate::checkpoint::{replace_file, EpochRecord};
@@ -16,9 +16,10 @@ pub fn write_logs(out: &Path, history: &[EpochRecord]) -> Result<()> {
         );
     }
     replace_file(&out.join("metrics.csv"), csv.as_bytes())?;
-    replace_file(&out.join("metrics.json"), serde_json::to_string_pretty(history)?.as_bytes())?;
+    let json = serde_json::to_string_pretty(history).map_err(Error::file(out.join("metrics.json"), "writing the history"))?;
+    replace_file(&out.join("metrics.json"), json.as_bytes())?;
     let svg = out.join("curves.svg");
-    draw_curves(&svg, history).map_err(|e| anyhow!("drawing {}: {e}", svg.display()))
+    draw_curves(&svg, history).map_err(|e| Error::Draw { reason: e.to_string(), path: svg })
 }
 
 /// Loss and top-1 per epoch, train and val, side by side.

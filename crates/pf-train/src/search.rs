@@ -7,7 +7,7 @@
 use std::collections::BTreeMap;
 use std::path::PathBuf;
 
-use anyhow::{anyhow, bail, Result};
+use crate::error::{Error, Result};
 use burn::module::AutodiffModule;
 use burn::optim::decay::WeightDecayConfig;
 use burn::optim::{AdamConfig, Optimizer};
@@ -18,12 +18,13 @@ use pf_models::{Model, ModelConfig};
 use serde::Serialize;
 
 use crate::checkpoint;
-use crate::data::{epoch_order, sample_rng, ImageFolder, Loader};
-use crate::eval::{evaluate, Meter, Verbosity};
-use crate::mix::mix_batch;
+use crate::eval::{evaluate, Verbosity};
+use crate::metrics::Meter;
 use crate::optim::{GroupedOptimizer, ParamGroups};
 use crate::parallel::{DataParallel, HostBatch};
 use crate::recipe::{ModelSpec, Recipe};
+use pf_data::mix::mix_batch;
+use pf_data::{epoch_order, sample_rng, ImageFolder, Loader};
 
 /// DARTS's α optimizer: Adam, lr 3e-4, betas (0.5, 0.999), weight decay 1e-3.
 const ALPHA_LR: f64 = 3e-4;
@@ -68,12 +69,20 @@ pub fn block_alphas<B: FusedAutodiffBackend>(model: &Model<B>) -> Vec<BlockAlpha
     blocks
 }
 
+fn not_a_resnet(recipe: &str, family: &str) -> Error {
+    Error::Recipe {
+        recipe: recipe.to_string(),
+        field: "model",
+        reason: format!("the search varies the spatial operation of ResNet bottlenecks; this recipe trains a {family} model"),
+    }
+}
+
 pub fn search<B: FusedAutodiffBackend>(args: &SearchArgs, device: &B::Device) -> Result<SearchResult> {
     crate::study::check_ops(&args.ops)?;
     let recipe = &args.recipe;
     let mut config = match recipe.model.config()? {
         ModelConfig::Resnet(c) => c,
-        other => bail!("the search varies the spatial operation of ResNet bottlenecks; recipe {} trains a {} model", recipe.name, other.family()),
+        other => return Err(not_a_resnet(&recipe.name, other.family())),
     };
     config.ops = None;
     config.block_ops = None;
@@ -91,9 +100,9 @@ pub fn search<B: FusedAutodiffBackend>(args: &SearchArgs, device: &B::Device) ->
     let halves = [(0..train_set.len()).step_by(2).collect::<Vec<_>>(), (1..train_set.len()).step_by(2).collect::<Vec<_>>()];
     let batch = recipe.batch_size;
     if halves[1].len() < batch {
-        bail!("{} training images make halves smaller than one batch of {batch}", train_set.len());
+        return Err(Error::Dataset(format!("{} training images make halves smaller than one batch of {batch}", train_set.len())));
     }
-    std::fs::create_dir_all(&args.out)?;
+    std::fs::create_dir_all(&args.out).map_err(Error::io("creating", &args.out))?;
     B::seed(device, recipe.seed);
     let mut model = model_config.init::<B>(device)?;
     let alpha_ids: Vec<_> = state_dict(&model).into_iter().filter(|e| !e.buffer && e.path.ends_with("alpha")).map(|e| e.id).collect();
@@ -139,11 +148,11 @@ pub fn search<B: FusedAutodiffBackend>(args: &SearchArgs, device: &B::Device) ->
                 let mut rng = sample_rng(recipe.seed, epoch, usize::MAX / 2 + step);
                 let (targets, _) = mix_batch(&mut images, dims, &b.labels, classes, recipe.label_smoothing, &recipe.mix, &mut rng);
                 let host = HostBatch { images, targets, rows: b.len(), size: b.size, classes };
-                let current = slot.take().ok_or_else(|| anyhow!("the model was lost after a failed step"))?;
+                let current = slot.take().ok_or(Error::ModelLost)?;
                 let next = if step % 2 == 1 {
                     let grads = weights_step.grads(&current, host)?;
                     if !grads.loss.is_finite() {
-                        bail!("the loss became {} at epoch {}, step {step}", grads.loss, epoch + 1);
+                        return Err(Error::Diverged { loss: grads.loss, epoch: epoch + 1, step, detail: String::new() });
                     }
                     meter.add(grads.loss, &grads.logits, classes, &b.labels);
                     optim.step_grouped(lr, current, grads.grads)
@@ -155,7 +164,7 @@ pub fn search<B: FusedAutodiffBackend>(args: &SearchArgs, device: &B::Device) ->
                 Ok(())
             },
         )?;
-        model = slot.ok_or_else(|| anyhow!("the model was lost after a failed step"))?;
+        model = slot.ok_or(Error::ModelLost)?;
         let val = evaluate(&model.valid(), &val_set, &recipe.eval_transform, batch, recipe.workers, device, verbosity)?;
         let alphas = block_alphas(&model);
         for b in &alphas {
@@ -165,16 +174,17 @@ pub fn search<B: FusedAutodiffBackend>(args: &SearchArgs, device: &B::Device) ->
         }
         checkpoint::replace_file(&args.out.join("alpha.csv"), log.as_bytes())?;
         history.push(alphas);
-        draw_alpha_chart(&args.out.join("alpha.svg"), &history).map_err(|e| anyhow!("drawing alpha.svg: {e}"))?;
+        let svg = args.out.join("alpha.svg");
+        draw_alpha_chart(&svg, &history).map_err(|e| Error::Draw { reason: e.to_string(), path: svg })?;
         println!("epoch {:>3}/{}  train loss {:.4}  val top-1 {:.2}%", epoch + 1, recipe.epochs, meter.loss(), val.top1);
     }
-    let Model::Resnet(net) = &model else { bail!("a ResNet") };
+    let Model::Resnet(net) = &model else { return Err(not_a_resnet(&recipe.name, model_config.family())) };
     let mut derived = config.clone();
     derived.search = None;
     derived.block_ops = net.derived_block_ops();
     derived.num_classes = classes;
     let path = args.out.join("derived.json");
-    let file = serde_json::to_string_pretty(&ModelConfig::Resnet(derived))?;
+    let file = serde_json::to_string_pretty(&ModelConfig::Resnet(derived)).map_err(Error::file(&path, "writing the derived model"))?;
     checkpoint::replace_file(&path, file.as_bytes())?;
     Ok(SearchResult { blocks: history.pop().unwrap_or_else(|| block_alphas(&model)), config: path })
 }

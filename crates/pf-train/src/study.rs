@@ -7,7 +7,7 @@ use std::ops::Range;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use anyhow::{bail, Result};
+use crate::error::{Error, Result};
 use burn::prelude::*;
 use burn::tensor::Distribution;
 use pf_core::spatial::SpatialKind;
@@ -54,11 +54,16 @@ pub struct StudyRow {
 pub fn variant(recipe: &Recipe, op: SpatialKind) -> Result<Recipe> {
     let config = match recipe.model.config()? {
         ModelConfig::Resnet(c) => c,
-        other => bail!(
-            "the layer study varies the spatial operation of ResNet bottlenecks; recipe {} trains a {} model (pass --model with a ResNet)",
-            recipe.name,
-            other.family()
-        ),
+        other => {
+            return Err(Error::Recipe {
+                recipe: recipe.name.clone(),
+                field: "model",
+                reason: format!(
+                    "the layer study varies the spatial operation of ResNet bottlenecks; this recipe trains a {} model (pass --model with a ResNet)",
+                    other.family()
+                ),
+            })
+        }
     };
     let mut recipe = recipe.clone();
     recipe.model = ModelSpec::Config(ModelConfig::Resnet(config.with_op(op)));
@@ -68,10 +73,10 @@ pub fn variant(recipe: &Recipe, op: SpatialKind) -> Result<Recipe> {
 /// `--ops` of the study and the search: at least one operation, none twice.
 pub fn check_ops(ops: &[SpatialKind]) -> Result<()> {
     if ops.is_empty() {
-        bail!("--ops names no operation; expected some of conv, dwconv, max, avg, identity");
+        return Err(Error::flag("--ops", "names no operation; expected some of conv, dwconv, max, avg, identity"));
     }
     if let Some(op) = ops.iter().enumerate().find_map(|(i, op)| ops[..i].contains(op).then_some(op)) {
-        bail!("--ops names {op} twice");
+        return Err(Error::flag("--ops", format!("names {op} twice")));
     }
     Ok(())
 }
@@ -200,8 +205,10 @@ mod tests {
         }
         let mut vit = recipe.clone();
         vit.model = ModelSpec::Preset("vit_s_max".into());
-        let e = variant(&vit, SpatialKind::Max).unwrap_err().to_string();
-        assert!(e.contains("ResNet") && e.contains("vit"), "{e}");
+        match variant(&vit, SpatialKind::Max) {
+            Err(Error::Recipe { field: "model", reason, .. }) => assert!(reason.contains("ResNet") && reason.contains("vit"), "{reason}"),
+            other => panic!("{other:?}"),
+        }
     }
 
     #[test]

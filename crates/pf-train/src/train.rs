@@ -3,7 +3,7 @@
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
-use anyhow::{anyhow, bail, Context, Result};
+use crate::error::{Error, Result};
 use burn::module::AutodiffModule;
 use pf_kernels::FusedAutodiffBackend;
 use pf_models::weights::{load_any, num_parameters, save_pf};
@@ -12,13 +12,14 @@ use serde::Serialize;
 
 use crate::checkpoint::{self, EpochRecord, TrainState};
 use crate::dashboard::{Dashboard, StoppedByUser};
-use crate::data::{epoch_order, sample_rng, ImageFolder, Loader};
-use crate::eval::{evaluate, progress_bar, warn_skipped, EvalResult, Meter, Verbosity};
-use crate::mix::mix_batch;
+use crate::eval::{evaluate, progress_bar, warn_skipped, EvalResult, Verbosity};
+use crate::metrics::Meter;
 use crate::optim::GroupedOptimizer;
 use crate::parallel::{DataParallel, HostBatch};
 use crate::recipe::Recipe;
 use crate::report;
+use pf_data::mix::mix_batch;
+use pf_data::{epoch_order, sample_rng, ImageFolder, Loader};
 
 /// Where the sample streams of the mixing draws start, apart from the images' streams.
 const MIX_STREAM: usize = 1 << 39;
@@ -78,12 +79,12 @@ pub fn train_watched<B: FusedAutodiffBackend>(args: &TrainArgs, devices: &[B::De
         (false, true) => Verbosity::Bar,
         (false, false) => Verbosity::Warnings,
     };
-    let device = devices.first().ok_or_else(|| anyhow!("training needs at least one device"))?;
+    let device = devices.first().ok_or_else(|| Error::flag("--devices", "names no device; training needs at least one"))?;
     let recipe = &args.recipe;
     let mut train_set = ImageFolder::split(&args.data, "train")?;
     let val_dir = args.data.join("val");
     if !val_dir.is_dir() {
-        bail!("validation folder {} does not exist (expected DIR/train and DIR/val)", val_dir.display());
+        return Err(Error::Dataset(format!("validation folder {} does not exist (expected DIR/train and DIR/val)", val_dir.display())));
     }
     let mut val_set = ImageFolder::open(&val_dir)?;
     val_set.check_classes(&train_set.classes)?;
@@ -94,7 +95,7 @@ pub fn train_watched<B: FusedAutodiffBackend>(args: &TrainArgs, devices: &[B::De
         val_set = val_set.subsample(n);
     }
     if train_set.len() < recipe.batch_size {
-        bail!("{} training images are fewer than one batch of {}", train_set.len(), recipe.batch_size);
+        return Err(Error::Dataset(format!("{} training images are fewer than one batch of {}", train_set.len(), recipe.batch_size)));
     }
     let classes = train_set.classes.clone();
     let config = recipe.model_config(classes.len())?;
@@ -102,7 +103,7 @@ pub fn train_watched<B: FusedAutodiffBackend>(args: &TrainArgs, devices: &[B::De
         println!("note: the recipe asks for mixed precision; Burn 0.21 has no autocast, so pf trains in f32");
     }
 
-    std::fs::create_dir_all(&args.out).with_context(|| format!("creating {}", args.out.display()))?;
+    std::fs::create_dir_all(&args.out).map_err(Error::io("creating", &args.out))?;
     B::seed(device, recipe.seed);
     let mut model = config.init::<B>(device)?;
     let mut state = TrainState { epoch: 0, recipe: recipe.clone(), config: config.clone(), classes: classes.clone(), history: Vec::new() };
@@ -118,15 +119,20 @@ pub fn train_watched<B: FusedAutodiffBackend>(args: &TrainArgs, devices: &[B::De
             state.history = saved.history;
             optim
         }
-        (Some(dir), false) => bail!(
-            "{} already holds a training run (latest checkpoint {}); pass --resume to continue it or choose another --out",
-            args.out.display(),
-            dir.display()
-        ),
-        (None, true) => bail!("--resume: {} holds no checkpoint to resume from", args.out.display()),
+        (Some(dir), false) => {
+            return Err(Error::flag(
+                "--out",
+                format!(
+                    "{} already holds a training run (latest checkpoint {}); pass --resume to continue it or choose another --out",
+                    args.out.display(),
+                    dir.display()
+                ),
+            ))
+        }
+        (None, true) => return Err(Error::Resume(format!("{} holds no checkpoint to resume from", args.out.display()))),
         (None, false) => {
             if let Some(path) = &args.init {
-                model = load_any(model, path).with_context(|| format!("--init {}", path.display()))?;
+                model = load_any(model, path)?;
                 println!("starting from the weights of {}", path.display());
             }
             GroupedOptimizer::new(recipe, &model)
@@ -159,8 +165,9 @@ pub fn train_watched<B: FusedAutodiffBackend>(args: &TrainArgs, devices: &[B::De
         let (next, train_meter, skipped) =
             match train_epoch(model, &mut optim, recipe, &train_set, epoch, lr, &parallel, verbosity, dashboard.as_mut(), &args.out) {
                 Ok(done) => done,
-                Err(e) if e.is::<StoppedByUser>() => {
-                    bail!("{e}; {}; continue with --resume --out {}", last_good(&args.out)?, args.out.display())
+                Err(Error::Stopped { stopped, .. }) => {
+                    let resume = format!("; {}; continue with --resume --out {}", last_good(&args.out)?, args.out.display());
+                    return Err(Error::Stopped { stopped, resume });
                 }
                 Err(e) => return Err(e),
             };
@@ -225,7 +232,9 @@ pub fn train_watched<B: FusedAutodiffBackend>(args: &TrainArgs, devices: &[B::De
         final_val,
         model: weights,
     };
-    checkpoint::replace_file(&args.out.join("train.json"), serde_json::to_string_pretty(&summary)?.as_bytes())?;
+    let path = args.out.join("train.json");
+    let json = serde_json::to_string_pretty(&summary).map_err(Error::file(&path, "writing the training summary"))?;
+    checkpoint::replace_file(&path, json.as_bytes())?;
     Ok(summary)
 }
 
@@ -234,11 +243,12 @@ fn check_resumable(saved: &TrainState, now: &TrainState) -> Result<()> {
     let mut recipe = saved.recipe.clone();
     recipe.epochs = now.recipe.epochs;
     if recipe != now.recipe || saved.config != now.config || saved.classes != now.classes {
-        bail!(
+        let json = |s: &TrainState| serde_json::to_string(&(&s.recipe, &s.config)).unwrap_or_else(|e| e.to_string());
+        return Err(Error::Resume(format!(
             "the checkpoint was written by another recipe, model or dataset:\n  saved:  {}\n  now:    {}",
-            serde_json::to_string(&(&saved.recipe, &saved.config))?,
-            serde_json::to_string(&(&now.recipe, &now.config))?
-        );
+            json(saved),
+            json(now)
+        )));
     }
     Ok(())
 }
@@ -301,11 +311,12 @@ fn train_epoch<B: FusedAutodiffBackend>(
             let dims = [batch.len(), 3, batch.size, batch.size];
             let mut rng = sample_rng(recipe.seed, epoch, MIX_STREAM + step);
             let (targets, _) = mix_batch(&mut images, dims, &batch.labels, classes, recipe.label_smoothing, &recipe.mix, &mut rng);
-            let model = slot.take().ok_or_else(|| anyhow!("the model was lost after a failed step"))?;
+            let model = slot.take().ok_or(Error::ModelLost)?;
             let step_grads = parallel.grads(&model, HostBatch { images, targets, rows: batch.len(), size: batch.size, classes })?;
             let value = step_grads.loss;
             if !value.is_finite() {
-                bail!("the loss became {value} at epoch {}, step {step} (lr {lr:.3e}); training stopped, {}", epoch + 1, last_good(out)?);
+                let detail = format!(" (lr {lr:.3e}); training stopped, {}", last_good(out)?);
+                return Err(Error::Diverged { loss: value, epoch: epoch + 1, step, detail });
             }
             meter.add(value, &step_grads.logits, classes, &batch.labels);
             slot = Some(optim.step_grouped(lr, model, step_grads.grads));
@@ -313,13 +324,13 @@ fn train_epoch<B: FusedAutodiffBackend>(
             if let Some(d) = dashboard.as_mut() {
                 d.step(epoch, step, steps, &meter, lr);
                 if d.stop_requested() {
-                    return Err(StoppedByUser { epoch: epoch + 1, step }.into());
+                    return Err(Error::Stopped { stopped: StoppedByUser { epoch: epoch + 1, step }, resume: String::new() });
                 }
             }
             Ok(())
         },
     )?;
     bar.finish_and_clear();
-    let model = slot.ok_or_else(|| anyhow!("the model was lost after a failed step"))?;
+    let model = slot.ok_or(Error::ModelLost)?;
     Ok((model, meter, skipped))
 }

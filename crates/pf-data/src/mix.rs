@@ -1,8 +1,6 @@
-//! Targets and losses: label smoothing, timm's Mixup / CutMix (batch mode) with soft targets,
-//! the soft-target cross-entropy, and top-k accuracy.
+//! Targets: label smoothing and timm's Mixup / CutMix (batch mode) with soft targets. The loss
+//! that takes them is `pf_train::metrics::soft_target_cross_entropy`.
 
-use burn::prelude::*;
-use pf_core::exact::log_softmax;
 use rand::Rng;
 use rand_distr::{Beta, Distribution};
 use serde::{Deserialize, Serialize};
@@ -116,32 +114,6 @@ fn cutmix_box(h: usize, w: usize, lam: f64, rng: &mut impl Rng) -> [usize; 4] {
     [clip(cy - ch / 2, h), clip(cy + ch / 2, h), clip(cx - cw / 2, w), clip(cx + cw / 2, w)]
 }
 
-/// `mean(sum(−targets · log_softmax(logits)))`, timm's `SoftTargetCrossEntropy`; with one-hot
-/// targets it is the ordinary cross-entropy.
-///
-/// # Shapes
-/// - `logits`, `targets`: `[batch, classes]`
-pub fn soft_target_cross_entropy<B: Backend>(logits: Tensor<B, 2>, targets: Tensor<B, 2>) -> Tensor<B, 1> {
-    let [n, _] = logits.dims();
-    (targets.neg() * log_softmax(logits, 1)).sum().div_scalar(n as f64)
-}
-
-/// How many rows have their label among the `k` largest logits, for each `k` in `ks`.
-pub fn top_k_correct(logits: &[f32], classes: usize, labels: &[usize], ks: &[usize]) -> Vec<usize> {
-    let mut correct = vec![0; ks.len()];
-    for (row, &label) in logits.chunks(classes).zip(labels) {
-        let target = row[label];
-        // Rank of the label: logits strictly above it, plus equal ones that come first.
-        let rank = row.iter().enumerate().filter(|&(j, &v)| v > target || (v == target && j < label)).count();
-        for (c, &k) in correct.iter_mut().zip(ks) {
-            if rank < k {
-                *c += 1;
-            }
-        }
-    }
-    correct
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -185,24 +157,5 @@ mod tests {
         assert_eq!(lam, 1.0);
         assert_eq!(targets, smoothed_one_hot(&[1, 0], 2, 0.2));
         assert!(images.iter().all(|&v| v == 1.0));
-    }
-
-    #[test]
-    fn soft_cross_entropy_equals_the_hard_one_on_one_hot_targets() {
-        type B = burn::backend::NdArray;
-        let device = Default::default();
-        let logits = Tensor::<B, 2>::from_floats([[1.0, 2.0, 0.5], [0.0, -1.0, 3.0]], &device);
-        let targets = Tensor::<B, 2>::from_floats([[0.0, 1.0, 0.0], [1.0, 0.0, 0.0]], &device);
-        let loss = soft_target_cross_entropy(logits.clone(), targets).into_scalar();
-        let hard = burn::nn::loss::CrossEntropyLossConfig::new().init(&device).forward(logits, Tensor::from_ints([1, 0], &device)).into_scalar();
-        assert!((loss - hard).abs() < 1e-6, "{loss} vs {hard}");
-    }
-
-    #[test]
-    fn top_k_counts_ties_like_a_stable_sort() {
-        let logits = [0.1, 0.5, 0.5, 0.2, /* */ 0.9, 0.0, 0.0, 0.0];
-        assert_eq!(top_k_correct(&logits, 4, &[2, 0], &[1, 2]), vec![1, 2]);
-        assert_eq!(top_k_correct(&logits, 4, &[0, 3], &[1, 3]), vec![0, 0]);
-        assert_eq!(top_k_correct(&logits, 4, &[0, 3], &[4, 5]), vec![2, 2]);
     }
 }

@@ -10,26 +10,44 @@ use pf_kernels::FusedAutodiffBackend;
 use pf_models::weights::{inspect_pytorch, load_pf, num_parameters, read_pf_config};
 use pf_models::ModelName;
 use pf_train::backend::{dispatch, dispatch_on, BackendKind, Job};
-use pf_train::gradcam::GradcamArgs;
 use pf_train::load::model_config;
-use pf_train::predict::PredictArgs;
 use pf_train::{fixtures, parity, presets};
 
-mod run;
-use run::{BenchCli, EvalCli, SearchCli, StudyCli, TrainCli};
+use pf_cli::commands::{BenchCli, EvalCli, GradcamCli, PredictCli, SearchCli, StudyCli, TrainCli};
 
 #[derive(Parser)]
 #[command(name = "pf", version, about = "Parameter-free networks (Han et al., ICLR 2022) in Rust on Burn")]
 struct Cli {
     /// Backend to run on (it must be compiled in; `cargo xtask` takes care of that).
     #[arg(long, value_enum, default_value = "ndarray", global = true)]
-    backend: BackendKind,
+    backend: BackendFlag,
     /// Threads of pf's CPU kernels and of NdArray (default: `RAYON_NUM_THREADS`, else every
     /// core).
     #[arg(long, global = true, value_parser = clap::value_parser!(u16).range(1..=1024))]
     threads: Option<u16>,
     #[command(subcommand)]
     command: Command,
+}
+
+/// `--backend`: the library's [`BackendKind`] as a flag.
+#[derive(Clone, Copy, clap::ValueEnum)]
+enum BackendFlag {
+    /// CPU, burn-ndarray (always compiled).
+    Ndarray,
+    /// Any GPU through wgpu (Vulkan, Metal, DX12; Mesa's lavapipe on CPU-only machines).
+    Wgpu,
+    /// NVIDIA GPUs through CUDA.
+    Cuda,
+}
+
+impl From<BackendFlag> for BackendKind {
+    fn from(flag: BackendFlag) -> Self {
+        match flag {
+            BackendFlag::Ndarray => Self::Ndarray,
+            BackendFlag::Wgpu => Self::Wgpu,
+            BackendFlag::Cuda => Self::Cuda,
+        }
+    }
 }
 
 #[derive(Subcommand)]
@@ -73,9 +91,9 @@ enum Command {
     /// a softmax(α)-weighted sum of the candidates; prints the weights, writes the derived network.
     Search(SearchCli),
     /// Grad-CAM of images: the map as JSON and a picture of it over each image.
-    Gradcam(GradcamArgs),
+    Gradcam(GradcamCli),
     /// The top-K classes of images, with probabilities and class names.
-    Predict(PredictArgs),
+    Predict(PredictCli),
     /// One forward and backward pass at 224×224 for every preset (or the listed ones).
     Check {
         /// Comma-separated preset names (default: all).
@@ -185,23 +203,22 @@ fn run(cli: Cli) -> Result<ExitCode> {
 const WORKER_STACK: usize = 8 << 20;
 
 fn command(cli: Cli) -> Result<ExitCode> {
+    let backend = BackendKind::from(cli.backend);
     match cli.command {
-        Command::Parity { fixtures, verbose } => {
-            dispatch(cli.backend, Parity { dir: fixtures.unwrap_or_else(fixtures::default_dir), backend: cli.backend, verbose })
-        }
+        Command::Parity { fixtures, verbose } => dispatch(backend, Parity { dir: fixtures.unwrap_or_else(fixtures::default_dir), backend, verbose }),
         Command::Models { json } => models(json),
         Command::Inspect { model, weights, num_classes } => inspect(&model, &weights, num_classes),
         Command::Train(args) => {
             let job = args.into_job()?;
-            dispatch_on(cli.backend, &job.devices.clone(), job)
+            dispatch_on(backend, &job.devices.clone(), job)
         }
-        Command::Eval(args) => dispatch(cli.backend, args),
-        Command::Bench(args) => dispatch(cli.backend, args.with_backend(cli.backend)),
-        Command::Study(args) => dispatch(cli.backend, args.with_backend(cli.backend)),
-        Command::Search(args) => dispatch(cli.backend, args),
-        Command::Gradcam(args) => dispatch(cli.backend, args),
-        Command::Predict(args) => dispatch(cli.backend, args),
-        Command::Check { models } => dispatch(cli.backend, Check { names: parse_names(&models)? }),
+        Command::Eval(args) => dispatch(backend, args),
+        Command::Bench(args) => dispatch(backend, args.with_backend(backend)),
+        Command::Study(args) => dispatch(backend, args.with_backend(backend)),
+        Command::Search(args) => dispatch(backend, args),
+        Command::Gradcam(args) => dispatch(backend, args),
+        Command::Predict(args) => dispatch(backend, args),
+        Command::Check { models } => dispatch(backend, Check { names: parse_names(&models)? }),
     }
 }
 
@@ -220,6 +237,7 @@ struct Parity {
 
 impl Job for Parity {
     type Output = ExitCode;
+    type Error = anyhow::Error;
 
     fn run<B: FusedAutodiffBackend>(self, device: B::Device) -> Result<ExitCode> {
         println!("parity on {} ({:?}) against {}", self.backend.name(), device, self.dir.display());
@@ -231,7 +249,7 @@ impl Job for Parity {
 }
 
 fn models(json: bool) -> Result<ExitCode> {
-    let infos = ModelName::ALL.into_iter().map(presets::preset_info).collect::<Result<Vec<_>>>()?;
+    let infos = ModelName::ALL.into_iter().map(ModelName::info).collect::<Result<Vec<_>, _>>()?;
     if json {
         println!("{}", serde_json::to_string_pretty(&infos)?);
     } else {
@@ -301,6 +319,7 @@ struct Check {
 
 impl Job for Check {
     type Output = ExitCode;
+    type Error = anyhow::Error;
 
     fn run<B: FusedAutodiffBackend>(self, device: B::Device) -> Result<ExitCode> {
         println!("forward + backward at 224x224, batch 1, on {device:?}");

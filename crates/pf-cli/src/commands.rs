@@ -1,18 +1,22 @@
-//! `pf train` and `pf eval`: flags, defaults, and the jobs they dispatch.
+//! The subcommands' flags (clap structs), their defaults and checks, and the jobs they
+//! dispatch; the library takes plain argument structs.
 
 use std::path::PathBuf;
 use std::process::ExitCode;
 
-use anyhow::{bail, Context, Result};
+use anyhow::{anyhow, bail, Context, Result};
 use pf_core::spatial::SpatialKind;
+use pf_data::ImageFolder;
 use pf_kernels::FusedAutodiffBackend;
 use pf_models::weights::load_any;
 use pf_models::ModelName;
 use pf_train::backend::{BackendKind, DevicesJob, Job};
 use pf_train::bench::{bench_kernels, bench_model, draw_chart, kernel_note, markdown_table, Budget, KernelCase, KernelRecord, ModelRecord};
-use pf_train::data::ImageFolder;
+use pf_train::checkpoint::replace_file;
 use pf_train::eval::{evaluate, Verbosity};
-use pf_train::load::{check_batch_memory, eval_transform, model_config, training_summary, weights_config};
+use pf_train::gradcam::{grid, overlay, peak, CamImage, GradcamArgs};
+use pf_train::load::{check_batch_memory, eval_transform, model_config, skipped_exit, training_summary, warn_skipped, weights_config};
+use pf_train::predict::PredictArgs;
 use pf_train::recipe::{ModelSpec, Recipe};
 use pf_train::search::{search, SearchArgs};
 use pf_train::study::{draw_study_chart, study, study_table, StudyArgs};
@@ -123,6 +127,7 @@ impl TrainCli {
 
 impl DevicesJob for TrainJob {
     type Output = ExitCode;
+    type Error = anyhow::Error;
 
     fn run<B: FusedAutodiffBackend>(self, devices: Vec<B::Device>) -> Result<ExitCode> {
         println!("recipe {}: {}", self.args.recipe.name, self.args.recipe.description);
@@ -180,6 +185,7 @@ pub struct EvalCli {
 
 impl Job for EvalCli {
     type Output = ExitCode;
+    type Error = anyhow::Error;
 
     fn run<B: FusedAutodiffBackend>(self, device: B::Device) -> Result<ExitCode> {
         if self.batch_size == 0 {
@@ -287,6 +293,7 @@ impl BenchCli {
 
 impl Job for BenchCli {
     type Output = ExitCode;
+    type Error = anyhow::Error;
 
     fn run<B: FusedAutodiffBackend>(self, device: B::Device) -> Result<ExitCode> {
         self.check()?;
@@ -434,7 +441,7 @@ fn output_folders_exist<const N: usize>(outputs: [(&str, &Option<PathBuf>); N]) 
     Ok(())
 }
 
-fn parse_op(s: &str) -> Result<SpatialKind, String> {
+fn parse_op(s: &str) -> Result<SpatialKind, pf_core::spatial::UnknownSpatialKind> {
     s.trim().parse()
 }
 
@@ -455,6 +462,7 @@ impl StudyCli {
 
 impl Job for StudyCli {
     type Output = ExitCode;
+    type Error = anyhow::Error;
 
     fn run<B: FusedAutodiffBackend>(self, device: B::Device) -> Result<ExitCode> {
         let args = self.args()?;
@@ -502,6 +510,7 @@ pub struct SearchCli {
 
 impl Job for SearchCli {
     type Output = ExitCode;
+    type Error = anyhow::Error;
 
     fn run<B: FusedAutodiffBackend>(self, device: B::Device) -> Result<ExitCode> {
         let (recipe, data) = self.base.recipe_and_data()?;
@@ -529,5 +538,154 @@ impl Job for SearchCli {
             println!("written to {}", path.display());
         }
         Ok(ExitCode::SUCCESS)
+    }
+}
+
+/// `cargo xtask gradcam`: flags of the command.
+#[derive(clap::Args)]
+pub struct GradcamCli {
+    /// A pf model (.bpk with its .json config) or a PyTorch checkpoint.
+    #[arg(long)]
+    weights: PathBuf,
+    /// Preset name or model file (`{"family": ..., "config": {...}}`); required for PyTorch
+    /// checkpoints, checked against the config of pf's own.
+    #[arg(long)]
+    model: Option<String>,
+    /// Number of classes of a PyTorch checkpoint (default: the model's).
+    #[arg(long)]
+    num_classes: Option<usize>,
+    /// An image, or a folder of images; repeat for several (one PNG grid).
+    #[arg(long = "image", required = true)]
+    images: Vec<PathBuf>,
+    /// Target class (default: the top-1 class of each image).
+    #[arg(long)]
+    class: Option<usize>,
+    /// Input size (default: the training run's, else the model's).
+    #[arg(long)]
+    image_size: Option<usize>,
+    /// Centre-crop fraction (default: the training run's, else 0.875).
+    #[arg(long)]
+    crop_pct: Option<f64>,
+    /// The picture: each crop the model saw with its map over it (viridis), as one PNG.
+    #[arg(long)]
+    out: Option<PathBuf>,
+    /// The maps as JSON: `{"class", "logit", "map", ...}`, a list of them for several images.
+    #[arg(long)]
+    json: Option<PathBuf>,
+}
+
+impl From<GradcamCli> for GradcamArgs {
+    fn from(cli: GradcamCli) -> Self {
+        let GradcamCli { weights, model, num_classes, images, class, image_size, crop_pct, out, json } = cli;
+        Self { weights, model, num_classes, images, class, image_size, crop_pct, out, json }
+    }
+}
+
+/// `cargo xtask predict`: flags of the command.
+#[derive(clap::Args)]
+pub struct PredictCli {
+    /// A pf model (.bpk with its .json config) or a PyTorch checkpoint.
+    #[arg(long)]
+    weights: PathBuf,
+    /// Preset name or model file (`{"family": ..., "config": {...}}`); required for PyTorch
+    /// checkpoints, checked against the config of pf's own.
+    #[arg(long)]
+    model: Option<String>,
+    /// Number of classes of a PyTorch checkpoint (default: the model's).
+    #[arg(long)]
+    num_classes: Option<usize>,
+    /// Classes to show per image.
+    #[arg(long, default_value_t = 5)]
+    top: usize,
+    /// Input size (default: the training run's, else the model's).
+    #[arg(long)]
+    image_size: Option<usize>,
+    /// Centre-crop fraction (default: the training run's, else 0.875).
+    #[arg(long)]
+    crop_pct: Option<f64>,
+    /// Also write the predictions as JSON: `[{"image", "top": [{"class", "label", "prob"}]}]`.
+    #[arg(long)]
+    json: Option<PathBuf>,
+    /// Images, or folders of images.
+    #[arg(required = true)]
+    images: Vec<PathBuf>,
+}
+
+impl From<PredictCli> for PredictArgs {
+    fn from(cli: PredictCli) -> Self {
+        let PredictCli { weights, model, num_classes, top, image_size, crop_pct, json, images } = cli;
+        Self { weights, model, num_classes, top, image_size, crop_pct, json, images }
+    }
+}
+
+/// The command: computes, prints a line per image, writes `--json` and `--out`.
+impl Job for GradcamCli {
+    type Output = ExitCode;
+    type Error = anyhow::Error;
+
+    fn run<B: FusedAutodiffBackend>(self, device: B::Device) -> Result<ExitCode> {
+        let args = GradcamArgs::from(self);
+        let run = args.compute::<B>(&device)?;
+        warn_skipped(&run.skipped, run.images.len())?;
+        println!("Grad-CAM of {} on {device:?}, {}px crop_pct {}", args.weights.display(), run.transform.size, run.transform.crop_pct);
+        for r in &run.images {
+            let (h, w) = (r.cam.map.len(), r.cam.map.first().map_or(0, Vec::len));
+            let (peak, at) = peak(&r.cam.map);
+            println!(
+                "{}: class {} ({}), logit {:.4}; map {h}x{w}, peak {peak:.4} at row {}, column {}",
+                r.image.display(),
+                r.cam.class,
+                run.labels[r.cam.class],
+                r.cam.logit,
+                at.0,
+                at.1
+            );
+        }
+        if let Some(path) = &args.json {
+            let record = |r: &CamImage| {
+                serde_json::json!({
+                    "image": r.image, "class": r.cam.class, "label": run.labels[r.cam.class], "logit": r.cam.logit,
+                    "map": r.cam.map, "logits": r.cam.logits,
+                })
+            };
+            let json = match run.images.as_slice() {
+                [one] => record(one),
+                several => serde_json::Value::Array(several.iter().map(record).collect()),
+            };
+            replace_file(path, serde_json::to_string_pretty(&json)?.as_bytes())?;
+            println!("maps written to {}", path.display());
+        }
+        if let Some(path) = &args.out {
+            let tiles = run.images.iter().map(|r| overlay(&r.crop, &r.cam.map)).collect::<Vec<_>>();
+            grid(&tiles).save(path).map_err(|e| anyhow!("writing {}: {e}", path.display()))?;
+            println!("overlay written to {}", path.display());
+        }
+        Ok(skipped_exit(run.skipped.len(), run.images.len()))
+    }
+}
+
+/// The command: a table per image, `--json`; exit code 1 when an image was skipped.
+impl Job for PredictCli {
+    type Output = ExitCode;
+    type Error = anyhow::Error;
+
+    fn run<B: FusedAutodiffBackend>(self, device: B::Device) -> Result<ExitCode> {
+        let args = PredictArgs::from(self);
+        let run = args.compute::<B>(&device)?;
+        warn_skipped(&run.skipped, run.predictions.len())?;
+        println!("{} on {device:?}, {}px crop_pct {}", args.weights.display(), run.transform.size, run.transform.crop_pct);
+        for p in &run.predictions {
+            println!("\n{}", p.image.display());
+            let width = p.top.iter().map(|r| r.label.chars().count()).max().unwrap_or(0).max(5);
+            println!("  {:>4}  {:>5}  {:<width$}  {:>8}", "rank", "class", "label", "prob");
+            for (i, r) in p.top.iter().enumerate() {
+                println!("  {:>4}  {:>5}  {:<width$}  {:>7.2}%", i + 1, r.class, r.label, 100.0 * r.prob);
+            }
+        }
+        if let Some(path) = &args.json {
+            replace_file(path, serde_json::to_string_pretty(&run.predictions)?.as_bytes())?;
+            println!("\npredictions written to {}", path.display());
+        }
+        Ok(skipped_exit(run.skipped.len(), run.predictions.len()))
     }
 }
