@@ -599,6 +599,10 @@ mod tests {
             ([1, 1, 2, 2], Pool2d::new(2, 2, 0)),
             ([3, 2, 2, 2], Pool2d::new(3, 2, 1)),
             ([1, 4, 6, 3], Pool2d::new(3, 2, 1)),
+            // Windows that tile the map (kernel = stride), odd sizes and a 1×1 window included.
+            ([2, 2, 9, 7], Pool2d::new(3, 3, 0)),
+            ([1, 2, 3, 3], Pool2d::new(2, 2, 0)),
+            ([3, 5, 1, 1], Pool2d::new(1, 1, 0)),
         ] {
             let x = random(&mut rng, shape, 2.0, 0.0).round().require_grad();
             let (k, s, p) = (pool.kernel, pool.stride, pool.padding);
