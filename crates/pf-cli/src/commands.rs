@@ -12,7 +12,7 @@ use pf_models::weights::load_any;
 use pf_models::ModelName;
 use pf_train::backend::{BackendKind, DevicesJob, Job};
 use pf_train::bench::{bench_kernels, bench_model, draw_chart, kernel_note, markdown_table, Budget, KernelCase, KernelRecord, ModelRecord};
-use pf_train::checkpoint::replace_file;
+use pf_train::checkpoint::write_json;
 use pf_train::eval::{evaluate, Verbosity};
 use pf_train::gradcam::{grid, overlay, peak, CamImage, GradcamArgs};
 use pf_train::load::{check_batch_memory, eval_transform, model_config, skipped_exit, training_summary, warn_skipped, weights_config};
@@ -226,7 +226,7 @@ impl Job for EvalCli {
             result.top1, result.top5, result.loss, result.images, result.skipped
         );
         if let Some(path) = &self.json {
-            checkpoint::replace_file(path, serde_json::to_string_pretty(&result)?.as_bytes())?;
+            write_json(path, &result, "writing")?;
         }
         Ok(ExitCode::SUCCESS)
     }
@@ -480,7 +480,7 @@ impl Job for StudyCli {
         print!("{}", study_table(&rows));
         if let Some(path) = &self.json {
             let json = serde_json::json!({ "recipe": args.recipe.name, "epochs": args.recipe.epochs, "backend": self.backend.name(), "rows": rows });
-            checkpoint::replace_file(path, serde_json::to_string_pretty(&json)?.as_bytes())?;
+            write_json(path, &json, "writing")?;
             println!("rows written to {}", path.display());
         }
         if let Some(path) = &self.chart {
@@ -534,7 +534,7 @@ impl Job for SearchCli {
         }
         println!("derived network: {} (train it with `cargo xtask train --model {}`)", result.config.display(), result.config.display());
         if let Some(path) = &self.json {
-            checkpoint::replace_file(path, serde_json::to_string_pretty(&result)?.as_bytes())?;
+            write_json(path, &result, "writing")?;
             println!("written to {}", path.display());
         }
         Ok(ExitCode::SUCCESS)
@@ -652,7 +652,7 @@ impl Job for GradcamCli {
                 [one] => record(one),
                 several => serde_json::Value::Array(several.iter().map(record).collect()),
             };
-            replace_file(path, serde_json::to_string_pretty(&json)?.as_bytes())?;
+            write_json(path, &json, "writing")?;
             println!("maps written to {}", path.display());
         }
         if let Some(path) = &args.out {
@@ -683,7 +683,7 @@ impl Job for PredictCli {
             }
         }
         if let Some(path) = &args.json {
-            replace_file(path, serde_json::to_string_pretty(&run.predictions)?.as_bytes())?;
+            write_json(path, &run.predictions, "writing")?;
             println!("\npredictions written to {}", path.display());
         }
         Ok(skipped_exit(run.skipped.len(), run.predictions.len()))

@@ -88,6 +88,13 @@ pub fn write<B: FusedAutodiffBackend>(out: &Path, state: &TrainState, model: &Mo
     Ok(done)
 }
 
+/// Writes `value` as pretty JSON to `path` through [`replace_file`]; `what` names it in an
+/// error.
+pub fn write_json(path: &Path, value: &impl Serialize, what: &'static str) -> Result<()> {
+    let json = serde_json::to_string_pretty(value).map_err(Error::file(path, what))?;
+    replace_file(path, json.as_bytes())
+}
+
 /// Writes `bytes` to `path` through a temporary file and a rename.
 pub fn replace_file(path: &Path, bytes: &[u8]) -> Result<()> {
     let tmp = path.with_extension("partial");

@@ -96,10 +96,7 @@ impl Recipe {
     /// A built-in recipe by name, or a recipe file.
     pub fn load(name_or_path: &str) -> Result<Self> {
         if let Some((_, text)) = BUILT_IN.iter().find(|(n, _)| *n == name_or_path) {
-            return Self::parse(text).map_err(|e| match e {
-                Error::File { reason, .. } => Error::File { path: format!("built-in recipe {name_or_path}").into(), reason },
-                other => other,
-            });
+            return Self::parse_from(text, format!("built-in recipe {name_or_path}").into());
         }
         let path = Path::new(name_or_path);
         if !path.is_file() {
@@ -107,14 +104,17 @@ impl Recipe {
             return Err(Error::Unknown { what: "recipe", name: name_or_path.to_string(), known: format!("built-in recipes: {known}") });
         }
         let text = std::fs::read_to_string(path).map_err(Error::io("reading recipe", path))?;
-        Self::parse(&text).map_err(|e| match e {
-            Error::File { reason, .. } => Error::File { path: path.to_path_buf(), reason },
-            other => other,
-        })
+        Self::parse_from(&text, path.to_path_buf())
     }
 
     pub fn parse(text: &str) -> Result<Self> {
-        let recipe: Self = serde_json::from_str(text).map_err(Error::file("recipe", "not a recipe"))?;
+        Self::parse_from(text, "recipe".into())
+    }
+
+    /// [`Recipe::parse`] of the text of `origin` (a file, or a built-in's name), which a
+    /// syntax error names.
+    fn parse_from(text: &str, origin: PathBuf) -> Result<Self> {
+        let recipe: Self = serde_json::from_str(text).map_err(Error::file(origin, "not a recipe"))?;
         recipe.validate()?;
         Ok(recipe)
     }

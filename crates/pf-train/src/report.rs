@@ -5,7 +5,7 @@ use std::path::Path;
 use crate::error::{Error, Result};
 use plotters::prelude::*;
 
-use crate::checkpoint::{replace_file, EpochRecord};
+use crate::checkpoint::{replace_file, write_json, EpochRecord};
 
 pub fn write_logs(out: &Path, history: &[EpochRecord]) -> Result<()> {
     let mut csv = String::from("epoch,lr,train_loss,train_top1,train_top5,val_loss,val_top1,val_top5,skipped,seconds,images_per_second\n");
@@ -16,8 +16,7 @@ pub fn write_logs(out: &Path, history: &[EpochRecord]) -> Result<()> {
         );
     }
     replace_file(&out.join("metrics.csv"), csv.as_bytes())?;
-    let json = serde_json::to_string_pretty(history).map_err(Error::file(out.join("metrics.json"), "writing the history"))?;
-    replace_file(&out.join("metrics.json"), json.as_bytes())?;
+    write_json(&out.join("metrics.json"), &history, "writing the history")?;
     let svg = out.join("curves.svg");
     draw_curves(&svg, history).map_err(|e| Error::Draw { reason: e.to_string(), path: svg })
 }

@@ -23,6 +23,7 @@ use crate::metrics::Meter;
 use crate::optim::{GroupedOptimizer, ParamGroups};
 use crate::parallel::{DataParallel, HostBatch};
 use crate::recipe::{ModelSpec, Recipe};
+use crate::study::{check_ops, not_a_resnet, resnet_of};
 use pf_data::mix::mix_batch;
 use pf_data::{epoch_order, sample_rng, ImageFolder, Loader};
 
@@ -69,21 +70,10 @@ pub fn block_alphas<B: FusedAutodiffBackend>(model: &Model<B>) -> Vec<BlockAlpha
     blocks
 }
 
-fn not_a_resnet(recipe: &str, family: &str) -> Error {
-    Error::Recipe {
-        recipe: recipe.to_string(),
-        field: "model",
-        reason: format!("the search varies the spatial operation of ResNet bottlenecks; this recipe trains a {family} model"),
-    }
-}
-
 pub fn search<B: FusedAutodiffBackend>(args: &SearchArgs, device: &B::Device) -> Result<SearchResult> {
-    crate::study::check_ops(&args.ops)?;
+    check_ops(&args.ops)?;
     let recipe = &args.recipe;
-    let mut config = match recipe.model.config()? {
-        ModelConfig::Resnet(c) => c,
-        other => return Err(not_a_resnet(&recipe.name, other.family())),
-    };
+    let mut config = resnet_of(recipe, "the search")?;
     config.ops = None;
     config.block_ops = None;
     config.search = Some(args.ops.clone());
@@ -178,14 +168,13 @@ pub fn search<B: FusedAutodiffBackend>(args: &SearchArgs, device: &B::Device) ->
         draw_alpha_chart(&svg, &history).map_err(|e| Error::Draw { reason: e.to_string(), path: svg })?;
         println!("epoch {:>3}/{}  train loss {:.4}  val top-1 {:.2}%", epoch + 1, recipe.epochs, meter.loss(), val.top1);
     }
-    let Model::Resnet(net) = &model else { return Err(not_a_resnet(&recipe.name, model_config.family())) };
+    let Model::Resnet(net) = &model else { return Err(not_a_resnet(recipe, "the search", model_config.family())) };
     let mut derived = config.clone();
     derived.search = None;
     derived.block_ops = net.derived_block_ops();
     derived.num_classes = classes;
     let path = args.out.join("derived.json");
-    let file = serde_json::to_string_pretty(&ModelConfig::Resnet(derived)).map_err(Error::file(&path, "writing the derived model"))?;
-    checkpoint::replace_file(&path, file.as_bytes())?;
+    checkpoint::write_json(&path, &ModelConfig::Resnet(derived), "writing the derived model")?;
     Ok(SearchResult { blocks: history.pop().unwrap_or_else(|| block_alphas(&model)), config: path })
 }
 

@@ -12,7 +12,7 @@ use burn::prelude::*;
 use burn::tensor::Distribution;
 use pf_core::spatial::SpatialKind;
 use pf_kernels::FusedAutodiffBackend;
-use pf_models::ModelConfig;
+use pf_models::{ModelConfig, ResNetConfig};
 use serde::{Deserialize, Serialize};
 
 use crate::bench::{median_ms, Budget};
@@ -52,22 +52,27 @@ pub struct StudyRow {
 
 /// `recipe` with `op` in every stride-1 block of its ResNet.
 pub fn variant(recipe: &Recipe, op: SpatialKind) -> Result<Recipe> {
-    let config = match recipe.model.config()? {
-        ModelConfig::Resnet(c) => c,
-        other => {
-            return Err(Error::Recipe {
-                recipe: recipe.name.clone(),
-                field: "model",
-                reason: format!(
-                    "the layer study varies the spatial operation of ResNet bottlenecks; this recipe trains a {} model (pass --model with a ResNet)",
-                    other.family()
-                ),
-            })
-        }
-    };
+    let config = resnet_of(recipe, "the layer study")?;
     let mut recipe = recipe.clone();
     recipe.model = ModelSpec::Config(ModelConfig::Resnet(config.with_op(op)));
     Ok(recipe)
+}
+
+/// The ResNet that `recipe` trains, for `job` (the study, the search), which varies its
+/// blocks' spatial operation; an error for any other family.
+pub(crate) fn resnet_of(recipe: &Recipe, job: &str) -> Result<ResNetConfig> {
+    match recipe.model.config()? {
+        ModelConfig::Resnet(c) => Ok(c),
+        other => Err(not_a_resnet(recipe, job, other.family())),
+    }
+}
+
+pub(crate) fn not_a_resnet(recipe: &Recipe, job: &str, family: &str) -> Error {
+    Error::Recipe {
+        recipe: recipe.name.clone(),
+        field: "model",
+        reason: format!("{job} varies the spatial operation of ResNet bottlenecks; this recipe trains a {family} model (pass --model with a ResNet)"),
+    }
 }
 
 /// `--ops` of the study and the search: at least one operation, none twice.

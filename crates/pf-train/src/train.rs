@@ -233,8 +233,7 @@ pub fn train_watched<B: FusedAutodiffBackend>(args: &TrainArgs, devices: &[B::De
         model: weights,
     };
     let path = args.out.join("train.json");
-    let json = serde_json::to_string_pretty(&summary).map_err(Error::file(&path, "writing the training summary"))?;
-    checkpoint::replace_file(&path, json.as_bytes())?;
+    checkpoint::write_json(&path, &summary, "writing the training summary")?;
     Ok(summary)
 }
 
