@@ -5,23 +5,21 @@ use burn::nn::PaddingConfig2d;
 use burn::prelude::*;
 pub use pf_kernels::reference::{channel_matmul, conv2d_as_matmul};
 use pf_kernels::{fused_bn_relu_max_pool, fused_conv2d, fused_conv2d_batch_norm_eval, FusedOps, Pool2d};
+use serde::{Deserialize, Serialize};
 
 use crate::macs::{conv_cost, Cost};
 use crate::norm::{BatchNorm2d, BatchNorm2dConfig};
 
 /// `ConvBN(in, out, kernel, stride)` (`relu = false`) or `ConvBNReLU` (`relu = true`); padding
 /// defaults to `(kernel - 1) / 2` as in the reference.
-#[derive(Config, Debug)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ConvBnConfig {
     pub channels: [usize; 2],
     pub kernel: usize,
-    #[config(default = 1)]
     pub stride: usize,
     pub padding: Option<usize>,
-    #[config(default = true)]
     pub relu: bool,
     /// Convolution groups (the channel count: depthwise).
-    #[config(default = 1)]
     pub groups: usize,
 }
 
@@ -34,6 +32,27 @@ pub struct ConvBn<B: FusedOps> {
 }
 
 impl ConvBnConfig {
+    /// `ConvBNReLU(in, out, kernel)`: stride 1, the reference's padding, one group.
+    pub fn new(channels: [usize; 2], kernel: usize) -> Self {
+        Self { channels, kernel, stride: 1, padding: None, relu: true, groups: 1 }
+    }
+
+    pub fn with_stride(self, stride: usize) -> Self {
+        Self { stride, ..self }
+    }
+
+    pub fn with_padding(self, padding: Option<usize>) -> Self {
+        Self { padding, ..self }
+    }
+
+    pub fn with_relu(self, relu: bool) -> Self {
+        Self { relu, ..self }
+    }
+
+    pub fn with_groups(self, groups: usize) -> Self {
+        Self { groups, ..self }
+    }
+
     pub fn init<B: FusedOps>(&self, device: &B::Device) -> ConvBn<B> {
         let p = self.padding.unwrap_or((self.kernel - 1) / 2);
         let conv = Conv2dConfig::new(self.channels, [self.kernel, self.kernel])

@@ -3,16 +3,15 @@
 use burn::module::{Param, RunningState};
 use burn::prelude::*;
 use pf_kernels::{fused_batch_norm, FusedOps};
+use serde::{Deserialize, Serialize};
 
 use crate::exact::div;
 
 /// `nn.BatchNorm2d(num_features)`: eps 1e-5, momentum 0.1.
-#[derive(Config, Debug)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct BatchNorm2dConfig {
     pub num_features: usize,
-    #[config(default = 1e-5)]
     pub epsilon: f64,
-    #[config(default = 0.1)]
     pub momentum: f64,
 }
 
@@ -34,6 +33,11 @@ pub struct BatchNorm2d<B: FusedOps> {
 }
 
 impl BatchNorm2dConfig {
+    /// PyTorch's defaults: eps 1e-5, momentum 0.1.
+    pub fn new(num_features: usize) -> Self {
+        Self { num_features, epsilon: 1e-5, momentum: 0.1 }
+    }
+
     pub fn init<B: FusedOps>(&self, device: &B::Device) -> BatchNorm2d<B> {
         let c = self.num_features;
         BatchNorm2d {

@@ -129,24 +129,19 @@ impl<B: FusedOps> Mlp<B> {
     }
 }
 
-/// One pre-norm block (`Block` of vit_pf.py).
-#[derive(Config, Debug)]
+/// One pre-norm block (`Block` of vit_pf.py); the families fill every field.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct BlockConfig {
     pub dim: usize,
     pub num_heads: usize,
     pub mlp_ratio: f64,
     pub mixer: MixerKind,
-    #[config(default = true)]
     pub qkv_bias: bool,
-    #[config(default = 0.0)]
     pub drop: f64,
-    #[config(default = 0.0)]
     pub attn_drop: f64,
-    #[config(default = 0.0)]
     pub drop_path: f64,
     /// The eff layer's `GELU → max-pool → GELU` through the fused kernel where the backend has
     /// one; `false` forces the reference ops.
-    #[config(default = true)]
     pub fused: bool,
 }
 

@@ -114,12 +114,18 @@ impl PitConfig {
                     .map(|i| {
                         // pit_pf.py: rate · (global block index) / (total blocks)
                         let drop_path = self.drop_path_rate * (index + i) as f64 / total as f64;
-                        BlockConfig::new(self.dim(s), self.heads[s], self.mlp_ratio, mixer_kind(i, self.attn_type))
-                            .with_drop(self.drop_rate)
-                            .with_attn_drop(self.attn_drop_rate)
-                            .with_drop_path(drop_path)
-                            .with_fused(self.fused)
-                            .init(device)
+                        let block = BlockConfig {
+                            dim: self.dim(s),
+                            num_heads: self.heads[s],
+                            mlp_ratio: self.mlp_ratio,
+                            mixer: mixer_kind(i, self.attn_type),
+                            qkv_bias: true,
+                            drop: self.drop_rate,
+                            attn_drop: self.attn_drop_rate,
+                            drop_path,
+                            fused: self.fused,
+                        };
+                        block.init(device)
                     })
                     .collect();
                 index += depth;

@@ -91,13 +91,18 @@ impl VitConfig {
         let n = self.grid() * self.grid();
         let blocks = (0..self.depth)
             .map(|i| {
-                BlockConfig::new(d, self.num_heads, self.mlp_ratio, mixer_kind(i, self.attn_type))
-                    .with_qkv_bias(self.qkv_bias)
-                    .with_drop(self.drop_rate)
-                    .with_attn_drop(self.attn_drop_rate)
-                    .with_drop_path(self.drop_path(i))
-                    .with_fused(self.fused)
-                    .init(device)
+                let block = BlockConfig {
+                    dim: d,
+                    num_heads: self.num_heads,
+                    mlp_ratio: self.mlp_ratio,
+                    mixer: mixer_kind(i, self.attn_type),
+                    qkv_bias: self.qkv_bias,
+                    drop: self.drop_rate,
+                    attn_drop: self.attn_drop_rate,
+                    drop_path: self.drop_path(i),
+                    fused: self.fused,
+                };
+                block.init(device)
             })
             .collect();
         Vit {
