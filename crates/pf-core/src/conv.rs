@@ -4,7 +4,7 @@ use burn::nn::conv::{Conv2d, Conv2dConfig};
 use burn::nn::PaddingConfig2d;
 use burn::prelude::*;
 pub use pf_kernels::reference::{channel_matmul, conv2d_as_matmul};
-use pf_kernels::{fused_bn_relu_max_pool, fused_conv2d, fused_conv2d_batch_norm_eval, FusedOps, Pool2d};
+use pf_kernels::{broadcast_add, fused_bn_relu_max_pool, fused_conv2d, fused_conv2d_batch_norm_eval, FusedOps, Pool2d};
 use serde::{Deserialize, Serialize};
 
 use crate::macs::{conv_cost, Cost};
@@ -142,7 +142,7 @@ fn conv2d_on_cpu_kernels<B: FusedOps>(conv: &Conv2d<B>, x: Tensor<B, 4>) -> Opti
     Some(match &conv.bias {
         Some(bias) => {
             let o = bias.dims()[0];
-            y + bias.val().reshape([1, o, 1, 1])
+            broadcast_add(y, bias.val().reshape([1, o, 1, 1]))
         }
         None => y,
     })

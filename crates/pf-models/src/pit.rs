@@ -9,7 +9,7 @@ use burn::prelude::*;
 use pf_core::exact::LayerNorm;
 use pf_core::macs::{conv_cost, linear_cost};
 use pf_core::{mixer_kind, resize_bicubic, AttnType, Block, BlockConfig, Cost};
-use pf_kernels::{reshape_values, row_major, FusedOps};
+use pf_kernels::{broadcast_add, reshape_values, row_major, FusedOps};
 use serde::{Deserialize, Serialize};
 
 use crate::error::ModelError;
@@ -190,7 +190,7 @@ impl<B: FusedOps> Pit<B> {
         let x = pf_core::conv::conv2d_forward(&self.patch_embed.conv, x);
         let [_, _, h, w] = x.dims();
         let pos = resize_bicubic(self.pos_embed.val(), [h, w]);
-        let mut x = self.pos_drop.forward(x + pos);
+        let mut x = self.pos_drop.forward(broadcast_add(x, pos));
         for (s, stage) in self.transformers.iter().enumerate() {
             if s > 0 {
                 x = pf_core::conv::conv2d_forward(&self.pools[s - 1].conv, x);
@@ -228,6 +228,6 @@ impl<B: FusedOps> Transformer<B> {
         // Tokens in row-major order once per stage: every block's residual sums run over them.
         let tokens = row_major(reshape_values(x, [b, c, h * w]).swap_dims(1, 2));
         let tokens = self.blocks.iter().fold(tokens, |t, block| block.forward(t, [h, w]));
-        tokens.swap_dims(1, 2).reshape([b, c, h, w])
+        reshape_values(row_major(tokens.swap_dims(1, 2)), [b, c, h, w])
     }
 }

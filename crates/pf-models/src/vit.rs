@@ -8,7 +8,7 @@ use burn::prelude::*;
 use pf_core::exact::LayerNorm;
 use pf_core::macs::{conv_cost, linear_cost};
 use pf_core::{mixer_kind, AttnType, Block, BlockConfig, Cost};
-use pf_kernels::FusedOps;
+use pf_kernels::{broadcast_add, reshape_values, row_major, FusedOps};
 use serde::{Deserialize, Serialize};
 
 use crate::error::ModelError;
@@ -151,8 +151,9 @@ impl<B: FusedOps> Vit<B> {
     pub fn forward_features(&self, x: Tensor<B, 4>) -> Tensor<B, 3> {
         let x = pf_core::conv::conv2d_forward(&self.patch_embed.proj, x);
         let [b, d, gh, gw] = x.dims();
-        let x = x.reshape([b, d, gh * gw]).swap_dims(1, 2);
-        let x = self.pos_drop.forward(x + self.pos_embed.val());
+        // Tokens in row-major order once (the position embedding's sum and every block run over them).
+        let x = row_major(reshape_values(x, [b, d, gh * gw]).swap_dims(1, 2));
+        let x = self.pos_drop.forward(broadcast_add(x, self.pos_embed.val()));
         self.blocks.iter().fold(x, |x, block| block.forward(x, [gh, gw]))
     }
 

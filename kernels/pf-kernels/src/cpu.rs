@@ -30,7 +30,8 @@ fn values(t: &NdArrayTensor) -> Option<Cow<'_, [f32]>> {
             let view = storage.view();
             Some(match view.to_slice() {
                 Some(slice) => Cow::Borrowed(slice),
-                None => Cow::Owned(view.iter().copied().collect()),
+                // Safety: the shape and strides are the view's own, over its elements.
+                None => Cow::Owned(unsafe { kernels::gather_strided(view.as_ptr(), view.shape(), view.strides()) }),
             })
         }
         _ => None,
@@ -439,6 +440,71 @@ mod tests {
         let w = random(&mut rng, [6, 4], 1.0, 0.0);
         let grads = (crate::ops::reshape_values(xa.clone(), [6, 4]) * w.clone()).sum().backward();
         assert_eq!(xa.grad(&grads).unwrap().to_data(), w.inner().reshape([2, 3, 4]).to_data());
+    }
+
+    /// A strided view reaches the kernels as its values in row-major order: transposed,
+    /// permuted, sliced (an offset and gaps), flipped (negative strides) and broadcast (zero
+    /// strides) views, with axes of size 1 and 0, against Burn's own row-major data of the view.
+    #[test]
+    fn strided_views_reach_the_kernels_in_row_major_order() {
+        fn row_major_values<const D: usize>(t: Tensor<NdArray, D>) -> Vec<f32> {
+            super::values(&t.into_primitive().tensor()).expect("f32 values").into_owned()
+        }
+        fn check<const D: usize>(what: &str, t: Tensor<NdArray, D>) {
+            assert_eq!(row_major_values(t.clone()), t.into_data().to_vec::<f32>().unwrap(), "{what}");
+        }
+        let mut rng = Lcg(29);
+        for shape in [[2, 3, 4, 5], [1, 1, 1, 1], [3, 1, 2, 1], [1, 7, 1, 3], [2, 0, 3, 2]] {
+            let x = random(&mut rng, shape, 1.0, 0.0).inner();
+            check("contiguous", x.clone());
+            check("swap 1 3", x.clone().swap_dims(1, 3));
+            check("permute", x.clone().permute([2, 0, 3, 1]));
+            check("flip", x.clone().flip([0, 2]));
+            let [a, b, c, d] = shape;
+            check("slice", x.clone().slice([0..a, 0..b, c / 2..c, 0..d]).swap_dims(0, 2));
+            let y = x.clone().swap_dims(0, 1).flip([3]);
+            check("swap then flip", y);
+        }
+        let row = random(&mut rng, [1, 5], 1.0, 0.0).inner();
+        let broadcast = match row.clone().into_primitive().tensor() {
+            burn::backend::ndarray::NdArrayTensor::F32(storage) => {
+                let view = storage.view();
+                let wide = view.broadcast(vec![4, 5]).expect("a [1, 5] view broadcasts to [4, 5]");
+                // Safety: the broadcast view's own shape and strides over its elements.
+                unsafe { super::kernels::gather_strided(wide.as_ptr(), wide.shape(), wide.strides()) }
+            }
+            _ => panic!("an f32 tensor"),
+        };
+        assert_eq!(broadcast, row.repeat_dim(0, 4).into_data().to_vec::<f32>().unwrap(), "broadcast rows");
+    }
+
+    /// `broadcast_add` on pf's CPU kernels gives exactly `x + y`'s values and gradients, for a
+    /// bias over channels, an embedding shared by the batch, and sizes 1 and above.
+    #[test]
+    fn broadcast_add_is_the_plain_sum() {
+        let mut rng = Lcg(31);
+        let cases: [([usize; 4], [usize; 4]); 6] = [
+            ([2, 3, 4, 5], [1, 3, 1, 1]),
+            ([3, 4, 2, 2], [1, 4, 2, 2]),
+            ([1, 6, 3, 1], [1, 6, 1, 1]),
+            ([2, 1, 1, 1], [1, 1, 1, 1]),
+            ([4, 2, 3, 5], [4, 1, 3, 1]),
+            ([2, 3, 4, 5], [2, 3, 4, 5]),
+        ];
+        for (xs, ys) in cases {
+            let x = random(&mut rng, xs, 1.0, 0.0).require_grad();
+            let y = random(&mut rng, ys, 1.0, 0.0).require_grad();
+            let w = random(&mut rng, xs, 1.0, 0.0);
+            let fused = crate::ops::broadcast_add(x.clone(), y.clone());
+            let plain = x.clone() + y.clone();
+            assert_eq!(fused.to_data(), plain.to_data(), "{xs:?} + {ys:?}");
+            let gf = (fused * w.clone()).sum().backward();
+            let gp = (plain * w).sum().backward();
+            assert_eq!(x.grad(&gf).unwrap().to_data(), x.grad(&gp).unwrap().to_data(), "x gradient of {xs:?} + {ys:?}");
+            let (a, b) = (y.grad(&gf).unwrap(), y.grad(&gp).unwrap());
+            assert_eq!(a.dims(), ys);
+            assert_close("y gradient", a, b, 1e-6);
+        }
     }
 
     /// The convolution kernel and its backward against the gathered-window product of plain

@@ -288,6 +288,25 @@ pub fn row_major<B: FusedOps, const D: usize>(x: Tensor<B, D>) -> Tensor<B, D> {
     reshape_values(x, dims)
 }
 
+/// `x + y` where `y` has size 1 along some of `x`'s axes (a bias, a position embedding shared
+/// by the batch). On pf's CPU kernels `y` is first laid out at `x`'s full shape (Burn's `expand`
+/// over the axes after the first, whole copies over the first) and the sum runs over two
+/// contiguous operands: Burn 0.21's NdArray steps through a broadcast operand element by element
+/// with dynamic-rank indices, 17 ms for ViT-S's position embedding at batch 16 against 3 ms for
+/// the copies and the sum. Other backends broadcast as they are.
+pub fn broadcast_add<B: FusedOps, const D: usize>(x: Tensor<B, D>, y: Tensor<B, D>) -> Tensor<B, D> {
+    let (xd, yd) = (x.dims(), y.dims());
+    if !B::CPU_KERNELS || xd == yd {
+        return x + y;
+    }
+    assert!(xd.iter().zip(&yd).all(|(&a, &b)| a == b || b == 1), "{yd:?} does not broadcast to {xd:?} (size 1 or the same size along every axis)");
+    let mut one_copy = xd;
+    one_copy[0] = yd[0];
+    let y = if yd == one_copy { y } else { y.expand(one_copy) };
+    let y = if yd[0] == xd[0] { y } else { y.repeat_dim(0, xd[0]) };
+    x + y
+}
+
 /// [`FusedOps::reshape_values`] on tensors: `x`'s values in row-major order as a tensor of
 /// `shape`, without a copy where the backend can share them.
 pub fn reshape_values<B: FusedOps, const D1: usize, const D2: usize>(x: Tensor<B, D1>, shape: [usize; D2]) -> Tensor<B, D2> {

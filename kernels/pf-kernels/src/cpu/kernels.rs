@@ -168,6 +168,53 @@ fn written_by(len: usize, write: impl FnOnce(&mut [MaybeUninit<f32>])) -> Vec<f3
     values
 }
 
+/// The elements of a strided view in row-major order: `base` points at its first element,
+/// `shape` and `strides` (in elements, any sign) are the view's. Rows of the last axis are
+/// copied in parallel, each a slice copy where that axis is contiguous. (NdArray's own copy of
+/// a strided view steps through it with dynamic-rank indices: 60-70 million elements a second,
+/// against memory speed here.)
+///
+/// # Safety
+/// Every offset `Σ index[i] · strides[i]` with `index[i] < shape[i]` from `base` is a readable
+/// `f32`, as it is for the elements of a valid ndarray view.
+pub unsafe fn gather_strided(base: *const f32, shape: &[usize], strides: &[isize]) -> Vec<f32> {
+    assert_eq!(shape.len(), strides.len(), "one stride per axis");
+    let len = shape.iter().product::<usize>();
+    let Some((&inner, outer_shape)) = shape.split_last() else {
+        // A scalar: the one element.
+        return vec![unsafe { *base }];
+    };
+    if len == 0 {
+        return Vec::new();
+    }
+    let (inner_stride, outer_strides) = (strides[shape.len() - 1], &strides[..shape.len() - 1]);
+    // The pointer crosses into rayon's threads as an address.
+    let base = base as usize;
+    written_by(len, |dst| {
+        dst.par_chunks_mut(inner).enumerate().for_each(|(row, out)| {
+            // The row's offset: its index over the outer axes, last axis fastest.
+            let (mut rest, mut offset) = (row, 0isize);
+            for (&size, &stride) in outer_shape.iter().zip(outer_strides).rev() {
+                offset += (rest % size) as isize * stride;
+                rest /= size;
+            }
+            let start = (base as *const f32).wrapping_offset(offset);
+            if inner_stride == 1 {
+                // Safety: the row's `inner` elements are contiguous and readable (the caller's contract).
+                let src = unsafe { std::slice::from_raw_parts(start, inner) };
+                for (d, &v) in out.iter_mut().zip(src) {
+                    d.write(v);
+                }
+            } else {
+                for (j, d) in out.iter_mut().enumerate() {
+                    // Safety: an element of the view (the caller's contract).
+                    d.write(unsafe { *start.wrapping_offset(j as isize * inner_stride) });
+                }
+            }
+        })
+    })
+}
+
 #[allow(clippy::too_many_arguments)]
 fn product(
     m: usize,
