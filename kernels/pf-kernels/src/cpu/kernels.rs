@@ -1353,14 +1353,13 @@ pub fn linear(
     gelu_after: bool,
     keep_pre: bool,
 ) -> (Vec<f32>, Option<Vec<f32>>) {
-    let mut z = vec![0.0; rows * outputs];
+    let len = rows * outputs;
     let keep_pre = gelu_after && keep_pre;
-    let mut y = if keep_pre { vec![0.0; rows * outputs] } else { Vec::new() };
     if rows == 0 || outputs == 0 {
-        return if keep_pre { (y, Some(z)) } else { (z, None) };
+        return (vec![0.0; len], keep_pre.then(|| vec![0.0; len]));
     }
     // Bias and GELU of whole rows `z` (into `y` when the pre-activation is kept).
-    let finish = |z: &mut [f32], y: Option<&mut [f32]>| {
+    let finish = |z: &mut [f32], y: Option<&mut [MaybeUninit<f32>]>| {
         wide(
             #[inline(always)]
             || {
@@ -1377,7 +1376,7 @@ pub fn linear(
                 }
                 match (gelu_after, y) {
                     (true, Some(y)) => map_run(
-                        as_uninit(y),
+                        y,
                         z,
                         #[inline(always)]
                         |v| gelu(v),
@@ -1392,22 +1391,33 @@ pub fn linear(
         )
     };
     let blocked = rows >= 2 * LINEAR_ROWS;
-    if !blocked {
-        matmul(rows, outputs, inputs, &mut z, outputs, false, x, [inputs, 1], weight, [outputs, 1], true);
-    }
-    let block = |i: usize, z: &mut [f32], y: Option<&mut [f32]>| {
-        if blocked {
-            let (first, count) = (i * LINEAR_ROWS, z.len() / outputs);
-            matmul(count, outputs, inputs, z, outputs, false, &x[first * inputs..(first + count) * inputs], [inputs, 1], weight, [outputs, 1], false);
-        }
-        finish(z, y);
-    };
     let chunk = LINEAR_ROWS * outputs;
+    // Both buffers are written whole before they are read (the product, then `finish`), so
+    // neither is zeroed first.
+    let mut y = if keep_pre { Vec::with_capacity(len) } else { Vec::new() };
+    let z = written_by(len, |z| {
+        if !blocked {
+            matmul_into(rows, outputs, inputs, z, outputs, x, [inputs, 1], weight, [outputs, 1], true);
+        }
+        let block = |i: usize, z: &mut [MaybeUninit<f32>], y: Option<&mut [MaybeUninit<f32>]>| {
+            if blocked {
+                let (first, count) = (i * LINEAR_ROWS, z.len() / outputs);
+                matmul_into(count, outputs, inputs, z, outputs, &x[first * inputs..(first + count) * inputs], [inputs, 1], weight, [outputs, 1], false);
+            }
+            // Safety: the product wrote every element of `z` (this block's rows, or all of them above).
+            finish(unsafe { assume_written(z) }, y);
+        };
+        if keep_pre {
+            z.par_chunks_mut(chunk).zip(y.spare_capacity_mut()[..len].par_chunks_mut(chunk)).enumerate().for_each(|(i, (z, y))| block(i, z, Some(y)));
+        } else {
+            z.par_chunks_mut(chunk).enumerate().for_each(|(i, z)| block(i, z, None));
+        }
+    });
     if keep_pre {
-        z.par_chunks_mut(chunk).zip(y.par_chunks_mut(chunk)).enumerate().for_each(|(i, (z, y))| block(i, z, Some(y)));
+        // Safety: `finish` wrote every element of `y` (GELU of each block's rows).
+        unsafe { y.set_len(len) };
         (y, Some(z))
     } else {
-        z.par_chunks_mut(chunk).enumerate().for_each(|(i, z)| block(i, z, None));
         (z, None)
     }
 }
@@ -1433,10 +1443,8 @@ pub fn linear_backward(
         )),
         None => Cow::Borrowed(grad),
     };
-    let mut gx = vec![0.0; rows * inputs];
-    matmul(rows, inputs, outputs, &mut gx, inputs, false, &g, [outputs, 1], weight, [1, outputs], true);
-    let mut gw = vec![0.0; inputs * outputs];
-    matmul(inputs, outputs, rows, &mut gw, outputs, false, x, [1, inputs], &g, [outputs, 1], true);
+    let gx = written_by(rows * inputs, |gx| matmul_into(rows, inputs, outputs, gx, inputs, &g, [outputs, 1], weight, [1, outputs], true));
+    let gw = written_by(inputs * outputs, |gw| matmul_into(inputs, outputs, rows, gw, outputs, x, [1, inputs], &g, [outputs, 1], true));
     let gb = column_sums(
         rows,
         outputs,
