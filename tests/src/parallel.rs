@@ -1,7 +1,8 @@
-//! Data-parallel training: the devices' gradients add up to the whole batch's, the running
-//! statistics are the first device's, and the CLI's device lists are checked. Two workers on the
-//! one NdArray device stand in for two GPUs: the threads, the replicas, the record transfer and
-//! the sum are the same code.
+//! Data-parallel training on burn-collective: the devices' all-reduced gradients are the whole
+//! batch's, every replica keeps the same weights bit for bit over steps, a run over several
+//! devices ends where a run over one does, the running statistics are the first device's, and the
+//! CLI's device lists are checked. Peers on the one NdArray device stand in for GPUs: the threads,
+//! the replicas, the collective and the sum are the same code.
 
 use burn::backend::ndarray::NdArrayDevice;
 use burn::module::{AutodiffModule, Module, ModuleVisitor, Param};
@@ -10,8 +11,10 @@ use burn::tensor::Distribution;
 use pf_kernels::FusedAutodiffBackend;
 use pf_models::{Model, ModelConfig};
 use pf_train::backend::{dispatch_on, BackendKind, DevicesJob};
+use pf_train::optim::GroupedOptimizer;
 use pf_train::optim::{GroupedGrads, ParamGroups};
-use pf_train::parallel::{DataParallel, HostBatch};
+use pf_train::parallel::{DataParallel, HostBatch, Replicas};
+use pf_train::recipe::Recipe;
 use pf_train::Error;
 
 use crate::common::{Cpu, CpuAd};
@@ -20,6 +23,14 @@ fn batch(rows: usize, size: usize, classes: usize) -> HostBatch {
     let images = Tensor::<Cpu, 4>::random([rows, 3, size, size], Distribution::Normal(0.0, 1.0), &Default::default());
     let targets = (0..rows).flat_map(|r| (0..classes).map(move |c| if c == (3 * r + 1) % classes { 0.9 } else { 0.1 / (classes - 1) as f32 })).collect();
     HostBatch { images: images.into_data().to_vec().unwrap(), targets, rows, size, classes }
+}
+
+/// A batch that depends on `seed` only (not on the backend's generator).
+fn batch_seeded(rows: usize, size: usize, classes: usize, seed: usize) -> HostBatch {
+    let pixels = rows * 3 * size * size;
+    let images = (0..pixels).map(|i| (((i * 7919 + seed * 104_729) % 1009) as f32 / 504.5) - 1.0).collect();
+    let targets = (0..rows).flat_map(|r| (0..classes).map(move |c| if c == (3 * r + seed) % classes { 0.9 } else { 0.1 / (classes - 1) as f32 })).collect();
+    HostBatch { images, targets, rows, size, classes }
 }
 
 /// A model with its lazy initialisation fixed, and a twin of it (same weights and ids).
@@ -43,6 +54,19 @@ fn values<B: FusedAutodiffBackend>(model: &Model<B>) -> Vec<Vec<f32>> {
     }
     let mut c = Collect(Vec::new());
     model.valid().visit(&mut c);
+    c.0
+}
+
+/// Every float tensor of an inner-backend model, in module order.
+fn values_inner<I: pf_kernels::FusedOps>(model: &Model<I>) -> Vec<Vec<f32>> {
+    struct Collect(Vec<Vec<f32>>);
+    impl<I: Backend> ModuleVisitor<I> for Collect {
+        fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<I, D>>) {
+            self.0.push(param.val().into_data().convert::<f32>().to_vec().unwrap());
+        }
+    }
+    let mut c = Collect(Vec::new());
+    model.visit(&mut c);
     c.0
 }
 
@@ -85,24 +109,91 @@ fn two_devices() -> Vec<NdArrayDevice> {
 /// Without batch norm, the gradient summed over two devices is the whole batch's gradient (5
 /// rows: shards of 3 and 2, weighted 3/5 and 2/5), and so are the loss and the logits.
 fn whole_batch_gradient<B: FusedAutodiffBackend>(devices: Vec<B::Device>) {
-    let config: ModelConfig = serde_json::from_str(
-        r#"{"family": "vit", "config": {"img_size": 32, "patch_size": 8, "embed_dim": 32, "depth": 2, "num_heads": 2, "mlp_ratio": 2.0, "attn_type": "max", "num_classes": 10}}"#,
-    )
-    .unwrap();
+    let config = vit_config();
     let (model, twin) = model_and_twin::<B>(&config, devices[0].clone());
     let groups = ParamGroups::new(&model, true);
     let data = batch(5, 32, 10);
-    let one = DataParallel::<B>::new(&devices[..1], groups.clone()).unwrap().grads(&model, data.clone()).unwrap();
+    let one = DataParallel::<B>::single(devices[0].clone(), groups.clone()).grads(&model, data.clone(), LR).unwrap();
     let other = twin();
-    let two = DataParallel::<B>::new(&devices, groups).unwrap().grads(&other, data).unwrap();
-    assert!((one.loss - two.loss).abs() <= 1e-6 * one.loss.abs(), "loss {} vs {}", one.loss, two.loss);
-    assert_close("logits", &[two.logits], &[one.logits], 1e-5);
-    assert_close("gradients", &grads_of(&other, &two.grads), &grads_of(&model, &one.grads), 1e-5);
+    let several = DataParallel::<B>::new(&devices, &other, replicas(groups)).unwrap().grads(&other, data, LR).unwrap();
+    assert!((one.loss - several.loss).abs() <= 1e-6 * one.loss.abs(), "loss {} vs {}", one.loss, several.loss);
+    assert_close("logits", &[several.logits], &[one.logits], 1e-5);
+    assert_close("gradients", &grads_of(&other, &several.grads), &grads_of(&model, &one.grads), 1e-5);
+}
+
+/// A ViT without batch norm or dropout: its gradient does not depend on how the batch is split.
+fn vit_config() -> ModelConfig {
+    serde_json::from_str(
+        r#"{"family": "vit", "config": {"img_size": 32, "patch_size": 8, "embed_dim": 32, "depth": 2, "num_heads": 2, "mlp_ratio": 2.0, "attn_type": "max", "num_classes": 10}}"#,
+    )
+    .unwrap()
+}
+
+const LR: f64 = 0.05;
+
+fn replicas(groups: ParamGroups) -> Replicas {
+    Replicas { recipe: Recipe::load("digits").unwrap(), groups, resume: None }
 }
 
 #[test]
 fn two_devices_compute_the_whole_batch_gradient() {
     whole_batch_gradient::<CpuAd>(two_devices());
+}
+
+#[test]
+fn four_devices_compute_the_whole_batch_gradient() {
+    whole_batch_gradient::<CpuAd>(vec![Default::default(); 4]);
+}
+
+/// `steps` optimizer steps over `devices` on the same batches; the first device's model and
+/// every worker's replica after them.
+fn train_steps<B: FusedAutodiffBackend>(devices: &[B::Device], model: Model<B>, steps: usize) -> (Model<B>, Vec<Model<B::InnerBackend>>) {
+    let replicas = replicas(ParamGroups::new(&model, true));
+    let mut optim = GroupedOptimizer::with_groups(&replicas.recipe, replicas.groups.clone());
+    let parallel = DataParallel::<B>::new(devices, &model, replicas).unwrap();
+    let mut model = model;
+    for step in 0..steps {
+        // Batches of 7 rows: shards of unequal size on 2 and 4 devices.
+        let data = batch_seeded(7, 32, 10, step);
+        let grads = parallel.grads(&model, data, LR).unwrap();
+        assert!(grads.loss.is_finite());
+        model = optim.step_grouped(LR, model, grads.grads);
+    }
+    let others = parallel.replicas().unwrap();
+    (model, others)
+}
+
+/// DDP's promise: every replica steps its own optimizer on the all-reduced gradient and holds
+/// the same weights as the first device's, bit for bit, without weights being copied per step;
+/// and the run ends where one device's run over the same batches ends (within float rounding).
+fn replicas_agree<B: FusedAutodiffBackend>(devices: Vec<B::Device>) {
+    let config = vit_config();
+    let (model, twin) = model_and_twin::<B>(&config, devices[0].clone());
+    let (first, others) = train_steps::<B>(&devices, model, 3);
+    assert_eq!(others.len(), devices.len() - 1);
+    let mine = values(&first);
+    for (i, other) in others.iter().enumerate() {
+        let theirs = values_inner(other);
+        assert_eq!(theirs.len(), mine.len());
+        for (k, (a, b)) in mine.iter().zip(&theirs).enumerate() {
+            let same = a.len() == b.len() && a.iter().zip(b).all(|(x, y)| x.to_bits() == y.to_bits());
+            assert!(same, "device {}: tensor #{k} differs from the first device's", i + 1);
+        }
+    }
+    let (alone, _) = train_steps::<B>(&devices[..1], twin(), 3);
+    assert_close("weights after 3 steps, several devices vs one", &mine, &values(&alone), 1e-5);
+    let moved = mine.iter().zip(values(&twin())).any(|(a, b)| a.iter().zip(&b).any(|(x, y)| (x - y).abs() > 1e-4));
+    assert!(moved, "the steps did not change the weights: the test cannot tell replicas apart");
+}
+
+#[test]
+fn two_replicas_keep_identical_weights() {
+    replicas_agree::<CpuAd>(two_devices());
+}
+
+#[test]
+fn four_replicas_keep_identical_weights() {
+    replicas_agree::<CpuAd>(vec![Default::default(); 4]);
 }
 
 /// Two wgpu devices (lavapipe's adapter opened twice in CI): the shards, the weights and the
@@ -114,6 +205,13 @@ fn two_wgpu_devices_compute_the_whole_batch_gradient() {
     whole_batch_gradient::<burn::backend::Autodiff<burn::backend::Wgpu>>(vec![WgpuDevice::DefaultDevice, WgpuDevice::Cpu]);
 }
 
+#[cfg(feature = "wgpu")]
+#[test]
+fn two_wgpu_replicas_keep_identical_weights() {
+    use burn::backend::wgpu::WgpuDevice;
+    replicas_agree::<burn::backend::Autodiff<burn::backend::Wgpu>>(vec![WgpuDevice::DefaultDevice, WgpuDevice::Cpu]);
+}
+
 /// With batch norm each device normalises its own shard (as DDP without SyncBatchNorm): the
 /// gradient is the weighted sum of the shards' gradients, and the running statistics are the
 /// first device's, those of its shard alone, not the whole batch's.
@@ -123,14 +221,14 @@ fn batch_norm_runs_per_device_and_keeps_the_first_devices_statistics() {
     let (model, twin) = model_and_twin::<CpuAd>(&config, Default::default());
     let groups = ParamGroups::new(&model, true);
     let data = batch(6, 32, 10);
-    let single = DataParallel::<CpuAd>::new(&[Default::default()], groups.clone()).unwrap();
+    let single = DataParallel::<CpuAd>::single(Default::default(), groups.clone());
     let (first, second) = (twin(), twin());
-    let a = single.grads(&first, data.shard(0, 3)).unwrap();
-    let b = single.grads(&second, data.shard(3, 3)).unwrap();
+    let a = single.grads(&first, data.shard(0, 3), LR).unwrap();
+    let b = single.grads(&second, data.shard(3, 3), LR).unwrap();
     let whole = twin();
-    single.grads(&whole, data.clone()).unwrap();
+    single.grads(&whole, data.clone(), LR).unwrap();
 
-    let two = DataParallel::<CpuAd>::new(&two_devices(), groups).unwrap().grads(&model, data).unwrap();
+    let two = DataParallel::<CpuAd>::new(&two_devices(), &model, replicas(groups)).unwrap().grads(&model, data, LR).unwrap();
     let expected: Vec<Vec<f32>> =
         grads_of(&first, &a.grads).iter().zip(grads_of(&second, &b.grads)).map(|(x, y)| x.iter().zip(&y).map(|(p, q)| 0.5 * p + 0.5 * q).collect()).collect();
     assert_close("gradients", &grads_of(&model, &two.grads), &expected, 1e-5);
@@ -150,11 +248,23 @@ fn a_batch_smaller_than_the_devices_leaves_some_idle() {
     let groups = ParamGroups::new(&model, true);
     let data = batch(2, 32, 10);
     let three = vec![Default::default(); 3];
-    let got = DataParallel::<CpuAd>::new(&three, groups.clone()).unwrap().grads(&model, data.clone()).unwrap();
+    let parallel = DataParallel::<CpuAd>::new(&three, &model, replicas(groups.clone())).unwrap();
+    let got = parallel.grads(&model, data.clone(), LR).unwrap();
     let first = twin();
-    let a = DataParallel::<CpuAd>::new(&[Default::default()], groups).unwrap().grads(&first, data.shard(0, 1)).unwrap();
+    let a = DataParallel::<CpuAd>::single(Default::default(), groups.clone()).grads(&first, data.shard(0, 1), LR).unwrap();
     assert_eq!(got.logits.len(), 2 * 10);
     assert_eq!(got.logits[..10], a.logits[..]);
+    // The idle device stepped its replica on the summed gradient too.
+    let trainable = groups.decay.len() + groups.no_decay.len();
+    let mut optim = GroupedOptimizer::with_groups(&Recipe::load("digits").unwrap(), ParamGroups::new(&model, true));
+    let stepped = optim.step_grouped(LR, model, got.grads);
+    let mine = values(&stepped);
+    for other in parallel.replicas().unwrap() {
+        let theirs = values_inner(&other);
+        let equal = mine.iter().zip(&theirs).filter(|(a, b)| a.iter().zip(b.iter()).all(|(x, y)| x.to_bits() == y.to_bits())).count();
+        // Running statistics are each replica's own; every parameter is the first device's.
+        assert!(equal >= trainable, "{equal} tensors equal the first device's, fewer than its {trainable} parameters");
+    }
 }
 
 struct Devices;

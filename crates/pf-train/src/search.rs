@@ -100,8 +100,8 @@ pub fn search<B: FusedAutodiffBackend>(args: &SearchArgs, device: &B::Device) ->
     groups.decay.retain(|id| !alpha_ids.contains(id));
     groups.no_decay.retain(|id| !alpha_ids.contains(id));
     let mut optim = GroupedOptimizer::with_groups(recipe, groups.clone());
-    let weights_step = DataParallel::<B>::new(std::slice::from_ref(device), groups)?;
-    let alpha_step = DataParallel::<B>::new(std::slice::from_ref(device), ParamGroups { no_decay: alpha_ids, ..Default::default() })?;
+    let weights_step = DataParallel::<B>::single(device.clone(), groups);
+    let alpha_step = DataParallel::<B>::single(device.clone(), ParamGroups { no_decay: alpha_ids, ..Default::default() });
     let mut alpha_optim = AdamConfig::new().with_beta_1(0.5).with_beta_2(0.999).with_weight_decay(Some(WeightDecayConfig::new(1e-3))).init();
     let verbosity = if args.progress { Verbosity::Bar } else { Verbosity::Warnings };
     let mut log = String::from("epoch,stage,block,op,weight\n");
@@ -140,14 +140,14 @@ pub fn search<B: FusedAutodiffBackend>(args: &SearchArgs, device: &B::Device) ->
                 let host = HostBatch { images, targets, rows: b.len(), size: b.size, classes };
                 let current = slot.take().ok_or(Error::ModelLost)?;
                 let next = if step % 2 == 1 {
-                    let grads = weights_step.grads(&current, host)?;
+                    let grads = weights_step.grads(&current, host, lr)?;
                     if !grads.loss.is_finite() {
                         return Err(Error::Diverged { loss: grads.loss, epoch: epoch + 1, step, detail: String::new() });
                     }
                     meter.add(grads.loss, &grads.logits, classes, &b.labels);
                     optim.step_grouped(lr, current, grads.grads)
                 } else {
-                    let grads = alpha_step.grads(&current, host)?;
+                    let grads = alpha_step.grads(&current, host, lr)?;
                     alpha_optim.step(ALPHA_LR, current, grads.grads.no_decay)
                 };
                 slot = Some(next);

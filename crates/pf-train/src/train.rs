@@ -15,7 +15,7 @@ use crate::dashboard::{Dashboard, StoppedByUser};
 use crate::eval::{evaluate, progress_bar, warn_skipped, EvalResult, Verbosity};
 use crate::metrics::Meter;
 use crate::optim::GroupedOptimizer;
-use crate::parallel::{DataParallel, HostBatch};
+use crate::parallel::{DataParallel, HostBatch, Replicas};
 use crate::recipe::Recipe;
 use crate::report;
 use pf_data::mix::mix_batch;
@@ -148,7 +148,11 @@ pub fn train_watched<B: FusedAutodiffBackend>(args: &TrainArgs, devices: &[B::De
         val_set.len(),
         args.out.display()
     );
-    let parallel = DataParallel::<B>::new(devices, optim.groups().clone())?;
+    // The workers' replicas start from the model as it is now, with the optimizer state of the
+    // checkpoint the run resumes from.
+    let resume = if args.resume { latest.clone() } else { None };
+    let replicas = Replicas { recipe: recipe.clone(), groups: optim.groups().clone(), resume };
+    let parallel = DataParallel::<B>::new(devices, &model, replicas)?;
     if parallel.devices() > 1 {
         println!("data-parallel over {} devices {devices:?}: {} images per device and step", devices.len(), recipe.batch_size.div_ceil(devices.len()));
     }
@@ -311,7 +315,7 @@ fn train_epoch<B: FusedAutodiffBackend>(
             let mut rng = sample_rng(recipe.seed, epoch, MIX_STREAM + step);
             let (targets, _) = mix_batch(&mut images, dims, &batch.labels, classes, recipe.label_smoothing, &recipe.mix, &mut rng);
             let model = slot.take().ok_or(Error::ModelLost)?;
-            let step_grads = parallel.grads(&model, HostBatch { images, targets, rows: batch.len(), size: batch.size, classes })?;
+            let step_grads = parallel.grads(&model, HostBatch { images, targets, rows: batch.len(), size: batch.size, classes }, lr)?;
             let value = step_grads.loss;
             if !value.is_finite() {
                 let detail = format!(" (lr {lr:.3e}); training stopped, {}", last_good(out)?);
