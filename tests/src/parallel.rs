@@ -46,15 +46,7 @@ fn model_and_twin<B: FusedAutodiffBackend>(config: &ModelConfig, device: B::Devi
 /// Every float tensor of the model (parameters and running statistics, brought up to date), in
 /// module order.
 fn values<B: FusedAutodiffBackend>(model: &Model<B>) -> Vec<Vec<f32>> {
-    struct Collect(Vec<Vec<f32>>);
-    impl<I: Backend> ModuleVisitor<I> for Collect {
-        fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<I, D>>) {
-            self.0.push(param.val().into_data().convert::<f32>().to_vec().unwrap());
-        }
-    }
-    let mut c = Collect(Vec::new());
-    model.valid().visit(&mut c);
-    c.0
+    values_inner(&model.valid())
 }
 
 /// Every float tensor of an inner-backend model, in module order.

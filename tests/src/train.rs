@@ -193,19 +193,40 @@ fn a_checkpoint_restores_model_and_optimizer_exactly() {
     assert!(moved(&restored) > 100.0 * moved(&fresh), "the momentum was not restored: {} vs {}", moved(&restored), moved(&fresh));
 }
 
-/// The whole run, data-parallel over two workers on the NdArray device: it trains, validates,
-/// checkpoints and saves like a single-device run.
+/// The whole run, data-parallel over two peers on the NdArray device: it trains, validates,
+/// checkpoints and saves like a single-device run, and a run interrupted after its first epoch
+/// and resumed over the two devices ends with the same weights, bit for bit, as the
+/// uninterrupted one (the workers' replicas restart from the checkpoint's weights and optimizer
+/// state; a worker that started afresh would send other gradients in the second epoch).
 #[test]
-fn a_run_trains_data_parallel_over_two_devices() {
+fn a_run_trains_data_parallel_over_two_devices_and_resumes_exactly() {
     let dir = scratch("parallel");
     let data = digits_slice(&dir.join("data"), 8);
-    let out = dir.join("run");
-    let summary = train_on::<CpuAd>(&args(small_recipe(1), &data, &out), &[Default::default(), Default::default()]).unwrap();
-    assert_eq!(summary.history.len(), 1);
+    let recipe = small_recipe(2);
+    let init = dir.join("init");
+    let initial = recipe.model_config(10).unwrap().init::<Cpu>(&Default::default()).unwrap();
+    let init_path = pf_models::weights::save_pf(&initial, &recipe.model_config(10).unwrap(), &init).unwrap();
+    let with_init = |out: &Path| TrainArgs { init: Some(init_path.clone()), ..args(recipe.clone(), &data, out) };
+    let two = [Default::default(), Default::default()];
+
+    let straight = dir.join("straight");
+    let summary = train_on::<CpuAd>(&with_init(&straight), &two).unwrap();
+    assert_eq!(summary.history.len(), 2);
     let epoch = &summary.history[0];
     assert!(epoch.train_loss.is_finite() && epoch.train_loss > 0.0, "train loss {}", epoch.train_loss);
-    assert!(checkpoint::latest(&out).unwrap().is_some(), "no checkpoint");
-    assert!(out.join("model.bpk").is_file(), "no saved model");
+    assert!(checkpoint::latest(&straight).unwrap().is_some(), "no checkpoint");
+
+    let resumed = dir.join("resumed");
+    train_on::<CpuAd>(&TrainArgs { stop_after: Some(1), ..with_init(&resumed) }, &two).unwrap();
+    train_on::<CpuAd>(&TrainArgs { resume: true, ..args(recipe.clone(), &data, &resumed) }, &two).unwrap();
+    let a = weights_of(&straight.join("model.bpk"));
+    let b = weights_of(&resumed.join("model.bpk"));
+    assert!(!a.is_empty() && a.len() == b.len());
+    assert!(a != weights_of(&init_path), "training did not move the weights");
+    for (i, (x, y)) in a.iter().zip(&b).enumerate() {
+        let differing = x.iter().zip(y).filter(|(p, q)| p.to_bits() != q.to_bits()).count();
+        assert!(differing == 0, "parameter {i}: {differing} of {} values differ after the resume over two devices", x.len());
+    }
 }
 
 #[test]

@@ -41,7 +41,7 @@ use burn::module::{AutodiffModule, ModuleMapper, ModuleVisitor, Param, ParamId};
 use burn::optim::GradientsParams;
 use burn::prelude::*;
 use burn::tensor::backend::AutodiffBackend;
-use burn::tensor::{ElementConversion, TensorPrimitive};
+use burn::tensor::ElementConversion;
 use burn_collective::{CollectiveConfig, PeerId, ReduceOperation};
 use pf_kernels::FusedAutodiffBackend;
 use pf_models::Model;
@@ -307,10 +307,7 @@ fn all_reduce<D: std::fmt::Debug>(rank: usize, flat: Vec<f32>, device: &D) -> Re
     let tensor = Tensor::<Host, 1>::from_data(TensorData::new(flat, [len]), &Default::default());
     let summed = burn_collective::all_reduce::<Host>(PeerId::from(rank), tensor.into_primitive().tensor(), ReduceOperation::Sum)
         .map_err(|e| failed(format!("all-reducing the gradients: {e:?}")))?;
-    Tensor::<Host, 1>::from_primitive(TensorPrimitive::Float(summed))
-        .into_data()
-        .into_vec::<f32>()
-        .map_err(|e| failed(format!("reading the summed gradients: {e:?}")))
+    pf_kernels::cpu::f32_values(&summed).ok_or_else(|| failed("the summed gradients are not f32".into()))
 }
 
 /// `f`, with a panic turned into an error that says what was being done.
