@@ -65,6 +65,27 @@ fn weights_of(model_path: &Path) -> Vec<Vec<f32>> {
     weights_in_memory(&load_pf(config.init::<Cpu>(&Default::default()).unwrap(), model_path).unwrap())
 }
 
+/// The recipe's freshly initialised model saved under `dir/init` (for `--init`): runs started
+/// from it start from the same weights whatever concurrent tests draw from the backend's
+/// generator.
+fn saved_init(recipe: &Recipe, dir: &Path) -> PathBuf {
+    let config = recipe.model_config(10).unwrap();
+    let initial = config.init::<Cpu>(&Default::default()).unwrap();
+    pf_models::weights::save_pf(&initial, &config, &dir.join("init")).unwrap()
+}
+
+/// Asserts that two runs' saved weights are equal bit for bit, and moved away from `start`.
+fn assert_same_weights(a: &Path, b: &Path, start: &[Vec<f32>], after: &str) {
+    let (a, b) = (weights_of(a), weights_of(b));
+    assert!(!a.is_empty() && a.len() == b.len() && a.len() == start.len());
+    assert!(a != start, "training did not move the weights");
+    for (i, (x, y)) in a.iter().zip(&b).enumerate() {
+        let differing = x.iter().zip(y).filter(|(p, q)| p.to_bits() != q.to_bits()).count();
+        let worst = x.iter().zip(y).map(|(p, q)| (p - q).abs()).fold(0.0f32, f32::max);
+        assert!(differing == 0, "parameter {i}: {differing} of {} values differ {after}, by up to {worst:e}", x.len());
+    }
+}
+
 #[test]
 fn a_short_run_learns_the_digits() {
     let dir = scratch("learns");
@@ -112,9 +133,7 @@ fn an_interrupted_and_resumed_run_ends_with_the_same_weights() {
     let data = digits_slice(&dir.join("data"), 16);
     let mut recipe = small_recipe(3);
     recipe.lr = 0.02;
-    let init = dir.join("init");
-    let initial = recipe.model_config(10).unwrap().init::<Cpu>(&Default::default()).unwrap();
-    let init_path = pf_models::weights::save_pf(&initial, &recipe.model_config(10).unwrap(), &init).unwrap();
+    let init_path = saved_init(&recipe, &dir);
     let start = weights_of(&init_path);
     let with_init = |out: &Path| TrainArgs { init: Some(init_path.clone()), ..args(recipe.clone(), &data, out) };
 
@@ -140,15 +159,7 @@ fn an_interrupted_and_resumed_run_ends_with_the_same_weights() {
         assert_eq!(numbers(a), numbers(b), "epoch {} logged differently after the resume", a.epoch);
     }
 
-    let a = weights_of(&straight.join("model.bpk"));
-    let b = weights_of(&resumed.join("model.bpk"));
-    assert!(!a.is_empty() && a.len() == b.len() && a.len() == start.len());
-    assert!(a != start, "training did not move the weights");
-    for (i, (x, y)) in a.iter().zip(&b).enumerate() {
-        let differing = x.iter().zip(y).filter(|(p, q)| p.to_bits() != q.to_bits()).count();
-        let worst = x.iter().zip(y).map(|(p, q)| (p - q).abs()).fold(0.0f32, f32::max);
-        assert!(differing == 0, "parameter {i}: {differing} of {} values differ after the resume, by up to {worst:e}", x.len());
-    }
+    assert_same_weights(&straight.join("model.bpk"), &resumed.join("model.bpk"), &start, "after the resume");
 }
 
 /// What a resume loads is what was saved: weights, running statistics and parameter ids byte
@@ -203,9 +214,7 @@ fn a_run_trains_data_parallel_over_two_devices_and_resumes_exactly() {
     let dir = scratch("parallel");
     let data = digits_slice(&dir.join("data"), 8);
     let recipe = small_recipe(2);
-    let init = dir.join("init");
-    let initial = recipe.model_config(10).unwrap().init::<Cpu>(&Default::default()).unwrap();
-    let init_path = pf_models::weights::save_pf(&initial, &recipe.model_config(10).unwrap(), &init).unwrap();
+    let init_path = saved_init(&recipe, &dir);
     let with_init = |out: &Path| TrainArgs { init: Some(init_path.clone()), ..args(recipe.clone(), &data, out) };
     let two = [Default::default(), Default::default()];
 
@@ -219,14 +228,7 @@ fn a_run_trains_data_parallel_over_two_devices_and_resumes_exactly() {
     let resumed = dir.join("resumed");
     train_on::<CpuAd>(&TrainArgs { stop_after: Some(1), ..with_init(&resumed) }, &two).unwrap();
     train_on::<CpuAd>(&TrainArgs { resume: true, ..args(recipe.clone(), &data, &resumed) }, &two).unwrap();
-    let a = weights_of(&straight.join("model.bpk"));
-    let b = weights_of(&resumed.join("model.bpk"));
-    assert!(!a.is_empty() && a.len() == b.len());
-    assert!(a != weights_of(&init_path), "training did not move the weights");
-    for (i, (x, y)) in a.iter().zip(&b).enumerate() {
-        let differing = x.iter().zip(y).filter(|(p, q)| p.to_bits() != q.to_bits()).count();
-        assert!(differing == 0, "parameter {i}: {differing} of {} values differ after the resume over two devices", x.len());
-    }
+    assert_same_weights(&straight.join("model.bpk"), &resumed.join("model.bpk"), &weights_of(&init_path), "after the resume over two devices");
 }
 
 #[test]
