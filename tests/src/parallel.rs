@@ -273,8 +273,17 @@ impl DevicesJob for Devices {
 fn device_lists_are_checked() {
     assert_eq!(dispatch_on(BackendKind::Ndarray, &[], Devices).unwrap(), 1);
     assert_eq!(dispatch_on(BackendKind::Ndarray, &[0], Devices).unwrap(), 1);
-    for (devices, says) in [([0, 0], "lists device 0 twice"), ([0, 1], "1: the ndarray backend has one device (0)")] {
-        match dispatch_on(BackendKind::Ndarray, &devices, Devices) {
+    // Replicas on the CPU: numbered 0 to N-1.
+    assert_eq!(dispatch_on(BackendKind::Ndarray, &[1, 0], Devices).unwrap(), 2);
+    assert_eq!(dispatch_on(BackendKind::Ndarray, &[0, 1, 2, 3], Devices).unwrap(), 4);
+    let cases: [(&[usize], &str); 4] = [
+        (&[0, 0], "lists device 0 twice"),
+        (&[1], "1: the ndarray backend has one device (0); list 0 to N-1 for N replicas on it"),
+        (&[0, 2], "the ndarray backend's replicas are numbered 0 to N-1; 1 is missing"),
+        (&[2, 3], "the ndarray backend's replicas are numbered 0 to N-1; 0 is missing"),
+    ];
+    for (devices, says) in cases {
+        match dispatch_on(BackendKind::Ndarray, devices, Devices) {
             Err(Error::Flag { flag: "--devices", reason }) => assert_eq!(reason, says),
             other => panic!("{devices:?}: {other:?}"),
         }

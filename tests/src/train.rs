@@ -56,6 +56,7 @@ pub(crate) fn args(recipe: Recipe, data: &Path, out: &Path) -> TrainArgs {
         init: None,
         progress: false,
         dashboard: false,
+        nodes: None,
     }
 }
 

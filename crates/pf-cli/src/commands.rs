@@ -16,6 +16,7 @@ use pf_train::checkpoint::write_json;
 use pf_train::eval::{evaluate, Verbosity};
 use pf_train::gradcam::{grid, overlay, peak, CamImage, GradcamArgs};
 use pf_train::load::{check_batch_memory, eval_transform, model_config, skipped_exit, training_summary, warn_skipped, weights_config};
+use pf_train::nodes::NodeSpec;
 use pf_train::predict::PredictArgs;
 use pf_train::recipe::{ModelSpec, Recipe};
 use pf_train::search::{search, SearchArgs};
@@ -75,6 +76,21 @@ pub struct TrainCli {
     /// `q` offers to stop) instead of the progress bar. Needs a terminal.
     #[arg(long, conflicts_with = "quiet")]
     dashboard: bool,
+    /// Machines in the run; each runs this command with the same flags but its own --node-rank.
+    #[arg(long, default_value_t = 1)]
+    nodes: usize,
+    /// This machine's rank, 0 to --nodes - 1; node 0 (the master) validates and writes the
+    /// checkpoints and the final model.
+    #[arg(long, default_value_t = 0)]
+    node_rank: usize,
+    /// The master's HOST:PORT, the same on every node: node 0 listens there, the others connect
+    /// to it. Needed with --nodes above 1.
+    #[arg(long)]
+    master: Option<String>,
+    /// Seconds a machine may stay silent (it sends a heartbeat every quarter of this while
+    /// busy) before the others stop the run with an error naming it.
+    #[arg(long, default_value_t = 60.0)]
+    node_timeout: f64,
 }
 
 pub struct TrainJob {
@@ -108,6 +124,10 @@ impl TrainCli {
             Some(d) => resolve(&d),
             None => bail!("recipe {} names no dataset; pass --data DIR (with DIR/train and DIR/val)", recipe.name),
         };
+        let nodes = NodeSpec::new(self.nodes, self.node_rank, self.master, self.node_timeout)?;
+        if nodes.is_some() && self.dashboard {
+            bail!("--dashboard trains on one machine; leave it out with --nodes");
+        }
         let out = self.out.unwrap_or_else(|| PathBuf::from("runs").join(&recipe.name));
         let args = TrainArgs {
             recipe,
@@ -120,6 +140,7 @@ impl TrainCli {
             init: self.init,
             progress: !self.quiet,
             dashboard: self.dashboard,
+            nodes,
         };
         Ok(TrainJob { args, devices: self.devices })
     }
@@ -136,7 +157,10 @@ impl DevicesJob for TrainJob {
             several => println!("data {}, devices {several:?}", self.args.data.display()),
         }
         let summary = train_on::<B>(&self.args, &devices)?;
-        if summary.history.len() == summary.recipe.epochs {
+        let rank = self.args.nodes.as_ref().map_or(0, |n| n.rank);
+        if rank > 0 {
+            println!("node {rank} done after epoch {} of {}; node 0 holds the checkpoints and the model", summary.history.len(), summary.recipe.epochs);
+        } else if summary.history.len() == summary.recipe.epochs {
             println!(
                 "done: val top-1 {:.2}%, top-5 {:.2}%; model saved as {} (config beside it); logs in {}",
                 summary.final_val.top1,

@@ -7,6 +7,9 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
+#[path = "cli/nodes.rs"]
+mod nodes;
+
 fn repo() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../..")
 }
@@ -110,6 +113,11 @@ fn bad_values_end_in_clean_errors_before_any_work() {
         (train(&["--model", &junk], "mj"), "junk.pth"),
         (train(&["--resume"], "fresh"), "--resume"),
         (train(&["--init", &junk], "init"), "junk.pth"),
+        (train(&["--nodes", "0"], "n0"), "--nodes"),
+        (train(&["--nodes", "2", "--node-rank", "2", "--master", "127.0.0.1:1"], "nr2"), "--node-rank 2"),
+        (train(&["--nodes", "2"], "nm"), "--master"),
+        (train(&["--nodes", "2", "--master", "no-port"], "nmp"), "--master no-port"),
+        (train(&["--nodes", "2", "--master", "127.0.0.1:1", "--node-timeout", "NaN"], "nt"), "--node-timeout"),
         (own(&["train", "--quiet", "--data", &no_such, "--out", &out("nd")]), "no-such-folder"),
         (own(&["train", "--quiet", "--data", &empty, "--out", &out("ed")]), "empty"),
         // eval

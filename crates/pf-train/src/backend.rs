@@ -75,9 +75,16 @@ pub fn dispatch_on<J: DevicesJob>(kind: BackendKind, indices: &[usize], job: J) 
         return Err(Error::flag("--devices", format!("lists device {twice} twice")).into());
     }
     match kind {
-        BackendKind::Ndarray => match indices.iter().find(|&&i| i != 0) {
+        // The CPU is one device; several indices make as many replicas on it (data-parallel
+        // threads, as PyTorch's gloo runs several CPU processes): no faster than one, but the
+        // same run as on as many GPUs, to try or test the data-parallel path.
+        BackendKind::Ndarray if indices.len() <= 1 => match indices.iter().find(|&&i| i != 0) {
             None => job.run::<NdarrayBackend>(vec![Default::default()]),
-            Some(i) => Err(Error::flag("--devices", format!("{i}: the ndarray backend has one device (0)")).into()),
+            Some(i) => Err(Error::flag("--devices", format!("{i}: the ndarray backend has one device (0); list 0 to N-1 for N replicas on it")).into()),
+        },
+        BackendKind::Ndarray => match (0..indices.len()).find(|i| !indices.contains(i)) {
+            None => job.run::<NdarrayBackend>(vec![Default::default(); indices.len()]),
+            Some(i) => Err(Error::flag("--devices", format!("the ndarray backend's replicas are numbered 0 to N-1; {i} is missing")).into()),
         },
         #[cfg(feature = "wgpu")]
         BackendKind::Wgpu if indices.is_empty() => job.run::<WgpuBackend>(vec![Default::default()]),

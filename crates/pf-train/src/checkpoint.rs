@@ -88,6 +88,13 @@ pub fn write<B: FusedAutodiffBackend>(out: &Path, state: &TrainState, model: &Mo
     Ok(done)
 }
 
+/// Writes the model alone into `dir` (created), as a checkpoint holds it: what
+/// [`load_model`] reads.
+pub fn write_model<B: FusedAutodiffBackend>(dir: &Path, model: &Model<B>) -> Result<()> {
+    std::fs::create_dir_all(dir).map_err(Error::io("creating", dir))?;
+    recorder().record(model.clone().into_record(), dir.join("model")).map_err(Error::file(dir, "writing the model"))
+}
+
 /// Writes `value` as pretty JSON to `path` through [`replace_file`]; `what` names it in an
 /// error.
 pub fn write_json(path: &Path, value: &impl Serialize, what: &'static str) -> Result<()> {

@@ -45,6 +45,9 @@ pub enum Error {
     /// The backend or device asked for is not in this build or on this machine.
     #[error("{0}")]
     Backend(String),
+    /// Another machine of the run (or the connection to it) failed; `node` is its rank.
+    #[error("{reason}")]
+    Node { node: usize, reason: String },
     /// A device's worker or the device itself failed while running.
     #[error("device {device}: {reason}")]
     Device { device: String, reason: String },

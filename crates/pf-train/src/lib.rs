@@ -11,6 +11,7 @@ pub mod fixtures;
 pub mod gradcam;
 pub mod load;
 pub mod metrics;
+pub mod nodes;
 pub mod optim;
 pub mod parallel;
 pub mod parity;

@@ -32,7 +32,7 @@ use std::collections::HashSet;
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::path::PathBuf;
 use std::sync::mpsc::{channel, Receiver, Sender};
-use std::sync::{Mutex, MutexGuard};
+use std::sync::{Arc, Mutex, MutexGuard};
 use std::thread::JoinHandle;
 
 use crate::error::{Error, Result};
@@ -48,6 +48,7 @@ use pf_models::Model;
 
 use crate::eval::logits_to_vec;
 use crate::metrics::soft_target_cross_entropy;
+use crate::nodes::NodeGroup;
 use crate::optim::{GroupedGrads, GroupedOptimizer, ParamGroups};
 use crate::recipe::Recipe;
 
@@ -104,6 +105,8 @@ pub struct DataParallel<B: FusedAutodiffBackend> {
     bucket: Bucket,
     workers: Vec<Worker<B>>,
     registered: bool,
+    /// The other machines of the run, if any.
+    group: Option<Mutex<NodeGroup>>,
     _session: Option<MutexGuard<'static, ()>>,
 }
 
@@ -117,9 +120,36 @@ struct Bucket {
 
 enum Order {
     /// Compute the shard (none: this device sits the step out), sum, step at `lr`.
-    Step { shard: Option<HostBatch>, weight: f64, lr: f64 },
+    Step { shard: Option<HostBatch>, weight: f64, lr: f64, place: Option<Place> },
     /// Send the replica's weights back.
     Weights,
+}
+
+/// Where a shard's rows lie in a batch spread over several machines: the summed bucket then
+/// carries, after the gradients, the batch's loss and logits (each device writes its weighted
+/// loss and its rows' logits, zeros elsewhere), so that every node logs the whole batch.
+#[derive(Clone, Copy, Debug)]
+struct Place {
+    /// The shard's first row in the batch.
+    row: usize,
+    /// The batch's rows and classes.
+    rows: usize,
+    classes: usize,
+}
+
+impl Place {
+    /// The values after the gradients: the loss and the logits.
+    fn width(place: Option<Place>) -> usize {
+        place.map_or(0, |p| 1 + p.rows * p.classes)
+    }
+
+    /// Appends the loss (times the shard's weight) and the logits at the shard's rows.
+    fn append(self, flat: &mut Vec<f32>, weighted_loss: f64, logits: &[f32]) {
+        let at = flat.len() + 1 + self.row * self.classes;
+        flat.push(weighted_loss as f32);
+        flat.resize(flat.len() + self.rows * self.classes, 0.0);
+        flat[at..at + logits.len()].copy_from_slice(logits);
+    }
 }
 
 /// A worker's shard: its mean loss and logits.
@@ -136,6 +166,8 @@ enum Answer<B: FusedAutodiffBackend> {
 struct Worker<B: FusedAutodiffBackend> {
     device: B::Device,
     orders: Option<Sender<Order>>,
+    /// Across machines: the whole run's sum, after this node's (none: it failed).
+    global: Option<Sender<Option<Arc<Vec<f32>>>>>,
     answers: Receiver<Answer<B>>,
     thread: Option<JoinHandle<()>>,
 }
@@ -143,22 +175,42 @@ struct Worker<B: FusedAutodiffBackend> {
 impl<B: FusedAutodiffBackend> DataParallel<B> {
     /// One device: the gradients of `groups` for the caller's model, no worker, no collective.
     pub fn single(device: B::Device, groups: ParamGroups) -> Self {
-        Self { main: device, groups, bucket: Bucket::default(), workers: Vec::new(), registered: false, _session: None }
+        Self { main: device, groups, bucket: Bucket::default(), workers: Vec::new(), registered: false, group: None, _session: None }
     }
 
     /// `devices[0]` is the caller's, where `model` is; every other device gets a worker with a
     /// copy of `model` and an optimizer as `replicas` says. Returns once every peer has joined
     /// the collective.
     pub fn new(devices: &[B::Device], model: &Model<B>, replicas: Replicas) -> Result<Self> {
+        Self::across(devices, model, replicas, None)
+    }
+
+    /// [`Self::new`] on one node of a run over several machines (`group`, see [`crate::nodes`]):
+    /// every node passes the same whole batch to [`Self::grads`] and computes its own rows.
+    pub fn across(devices: &[B::Device], model: &Model<B>, replicas: Replicas, group: Option<NodeGroup>) -> Result<Self> {
         let (main, others) = devices.split_first().ok_or_else(|| Error::flag("--devices", "names no device; training needs at least one"))?;
         if others.is_empty() {
-            return Ok(Self::single(main.clone(), replicas.groups));
+            let mut this = Self::single(main.clone(), replicas.groups);
+            if group.is_some() {
+                this.bucket = Bucket::new(model, &this.groups);
+            }
+            this.group = group.map(Mutex::new);
+            return Ok(this);
         }
         let session = SESSION.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
         // Whatever an earlier run left behind (a run that failed while joining) is forgotten.
         burn_collective::reset_collective::<Host>();
         let bucket = Bucket::new(model, &replicas.groups);
-        let mut this = Self { main: main.clone(), groups: replicas.groups.clone(), bucket, workers: Vec::new(), registered: false, _session: Some(session) };
+        let across = group.is_some();
+        let mut this = Self {
+            main: main.clone(),
+            groups: replicas.groups.clone(),
+            bucket,
+            workers: Vec::new(),
+            registered: false,
+            group: group.map(Mutex::new),
+            _session: Some(session),
+        };
         let mut gates = Vec::new();
         let mut readies = Vec::new();
         for (i, device) in others.iter().enumerate() {
@@ -167,15 +219,21 @@ impl<B: FusedAutodiffBackend> DataParallel<B> {
             let (outbox, answers) = channel();
             let (gate, go) = channel::<bool>();
             let (ready, is_ready) = channel::<Result<()>>();
+            let (global, global_inbox) = if across {
+                let (tx, rx) = channel();
+                (Some(tx), Some(rx))
+            } else {
+                (None, None)
+            };
             // A `valid()` per worker, not clones of one: cloning an inner-backend `Param` forgets
             // that it tracks gradients, and the worker's copy would then have none.
             let setup =
                 Setup { rank, devices: devices.len(), device: device.clone(), weights: model.valid(), replicas: replicas.clone(), bucket: this.bucket.clone() };
             let thread = std::thread::Builder::new()
                 .name(format!("pf-device-{device:?}"))
-                .spawn(move || work::<B>(setup, ready, go, inbox, outbox))
+                .spawn(move || work::<B>(setup, ready, go, inbox, outbox, global_inbox))
                 .map_err(|e| Error::Device { device: format!("{device:?}"), reason: format!("starting its worker thread: {e}") })?;
-            this.workers.push(Worker { device: device.clone(), orders: Some(orders), answers, thread: Some(thread) });
+            this.workers.push(Worker { device: device.clone(), orders: Some(orders), global, answers, thread: Some(thread) });
             gates.push(gate);
             readies.push(is_ready);
         }
@@ -199,6 +257,17 @@ impl<B: FusedAutodiffBackend> DataParallel<B> {
         1 + self.workers.len()
     }
 
+    /// `(exchanges, mean time of one, bytes each way per node)` of the exchanges between
+    /// machines so far; `None` on one machine.
+    pub fn node_figures(&self) -> Option<(usize, std::time::Duration, usize)> {
+        self.group.as_ref().map(|g| g.lock().unwrap_or_else(|p| p.into_inner()).figures())
+    }
+
+    /// This node's rank, 0 on one machine.
+    pub fn node_rank(&self) -> usize {
+        self.group.as_ref().map_or(0, |g| g.lock().unwrap_or_else(|p| p.into_inner()).rank())
+    }
+
     /// The loss, logits and gradients of `batch` for the caller's `model` (on the first device),
     /// computed over the devices; every worker's replica steps at `lr` on the same gradients (the
     /// caller steps its own). A batch with fewer rows than devices leaves the last ones idle.
@@ -206,6 +275,9 @@ impl<B: FusedAutodiffBackend> DataParallel<B> {
         let n = batch.rows;
         if n == 0 {
             return Err(Error::Dataset("an empty batch has no gradient".into()));
+        }
+        if let Some(group) = &self.group {
+            return self.grads_across(group, model, batch, lr);
         }
         if self.workers.is_empty() {
             return shard_grads(model, batch, 1.0, &self.groups, &self.main);
@@ -216,7 +288,7 @@ impl<B: FusedAutodiffBackend> DataParallel<B> {
         // The workers' shards first, so that they run while the first device computes its own.
         let mut start = rows[0];
         for (worker, &r) in self.workers.iter().zip(&rows[1..]) {
-            let order = Order::Step { shard: (r > 0).then(|| batch.shard(start, r)), weight: weight(r), lr };
+            let order = Order::Step { shard: (r > 0).then(|| batch.shard(start, r)), weight: weight(r), lr, place: None };
             worker.send(order)?;
             start += r;
         }
@@ -231,15 +303,7 @@ impl<B: FusedAutodiffBackend> DataParallel<B> {
         };
         let summed = all_reduce(0, flat, &self.main);
         // Collect every answer before any error returns, so that none is left for the next step.
-        let answers: Vec<Result<Part>> = self
-            .workers
-            .iter()
-            .map(|w| match w.answers.recv() {
-                Ok(Answer::Step(part)) => part,
-                Ok(Answer::Weights(_)) => Err(Error::Device { device: format!("{:?}", w.device), reason: "answered out of turn".into() }),
-                Err(_) => Err(stopped(&w.device)),
-            })
-            .collect();
+        let answers = self.step_answers();
         let mut total = own?;
         total.loss *= weight(rows[0]);
         for (answer, &r) in answers.into_iter().zip(&rows[1..]) {
@@ -249,6 +313,70 @@ impl<B: FusedAutodiffBackend> DataParallel<B> {
         }
         total.grads = self.bucket.unflatten(model, &summed?, &self.main)?;
         Ok(total)
+    }
+
+    /// Every worker's answer to a step order, in device order.
+    fn step_answers(&self) -> Vec<Result<Part>> {
+        self.workers
+            .iter()
+            .map(|w| match w.answers.recv() {
+                Ok(Answer::Step(part)) => part,
+                Ok(Answer::Weights(_)) => Err(Error::Device { device: format!("{:?}", w.device), reason: "answered out of turn".into() }),
+                Err(_) => Err(stopped(&w.device)),
+            })
+            .collect()
+    }
+
+    /// [`Self::grads`] on one node of several: `batch` is the whole batch, the same on every
+    /// node; this node computes the rows of its devices (devices of all nodes in node order), sums
+    /// them with burn-collective, then over the nodes; the loss and logits are the whole batch's.
+    fn grads_across(&self, group: &Mutex<NodeGroup>, model: &Model<B>, batch: HostBatch, lr: f64) -> Result<StepGrads> {
+        let mut group = group.lock().unwrap_or_else(|p| p.into_inner());
+        let (n, classes) = (batch.rows, batch.classes);
+        let local = self.devices();
+        let all = local * group.nodes();
+        let rows: Vec<usize> = (0..all).map(|i| n / all + usize::from(i < n % all)).collect();
+        let first = group.rank() * local;
+        let weight = |rows: usize| rows as f64 / n as f64;
+        let mut start = rows[..first].iter().sum::<usize>();
+        let own_start = start;
+        start += rows[first];
+        for (worker, &r) in self.workers.iter().zip(&rows[first + 1..]) {
+            let place = Some(Place { row: start, rows: n, classes });
+            worker.send(Order::Step { shard: (r > 0).then(|| batch.shard(start, r)), weight: weight(r), lr, place })?;
+            start += r;
+        }
+        let place = Place { row: own_start, rows: n, classes };
+        let width = self.bucket.len + Place::width(Some(place));
+        let r = rows[first];
+        let own = guarded("computing its shard", || {
+            if r == 0 {
+                return Ok(None);
+            }
+            let mut step = shard_grads(model, batch.shard(own_start, r), weight(r), &self.groups, &self.main)?;
+            let mut flat = self.bucket.flatten(model, &mut step.grads)?;
+            place.append(&mut flat, step.loss * weight(r), &step.logits);
+            Ok(Some(flat))
+        });
+        let (own, flat) = match own {
+            Ok(Some(flat)) => (Ok(()), flat),
+            Ok(None) => (Ok(()), vec![0.0; width]),
+            Err(e) => (Err(e), vec![0.0; width]),
+        };
+        let node_sum = if self.workers.is_empty() { Ok(flat) } else { all_reduce(0, flat, &self.main) };
+        let total = node_sum.and_then(|sum| group.sum(sum)).map(Arc::new);
+        for worker in &self.workers {
+            if let Some(global) = &worker.global {
+                let _ = global.send(total.as_ref().ok().cloned());
+            }
+        }
+        let answers = self.step_answers();
+        let total = total?;
+        own?;
+        answers.into_iter().try_for_each(|a| a.map(|_| ()))?;
+        let len = self.bucket.len;
+        let grads = self.bucket.unflatten(model, &total[..len], &self.main)?;
+        Ok(StepGrads { loss: f64::from(total[len]), logits: total[len + 1..].to_vec(), grads })
     }
 
     /// The weights of every worker's replica, in device order (the first device's is the
@@ -330,7 +458,14 @@ struct Setup<B: FusedAutodiffBackend> {
 
 /// A worker: its replica and optimizer on its device for the whole run; per order, its shard,
 /// its share of the sum and a step.
-fn work<B: FusedAutodiffBackend>(setup: Setup<B>, ready: Sender<Result<()>>, go: Receiver<bool>, orders: Receiver<Order>, answers: Sender<Answer<B>>) {
+fn work<B: FusedAutodiffBackend>(
+    setup: Setup<B>,
+    ready: Sender<Result<()>>,
+    go: Receiver<bool>,
+    orders: Receiver<Order>,
+    answers: Sender<Answer<B>>,
+    global: Option<Receiver<Option<Arc<Vec<f32>>>>>,
+) {
     let Setup { rank, devices, device, weights, replicas, bucket } = setup;
     let replica = guarded("setting up its replica", || {
         let model = Model::<B>::from_inner(weights).map(&mut ToDevice::<B>(&device));
@@ -356,25 +491,38 @@ fn work<B: FusedAutodiffBackend>(setup: Setup<B>, ready: Sender<Result<()>>, go:
     for order in orders {
         let answer = match order {
             Order::Weights => Answer::Weights(replica.as_ref().map(|(m, _)| Box::new(m.valid())).ok_or_else(|| lost(&device))),
-            Order::Step { shard, weight, lr } => {
+            Order::Step { shard, weight, lr, place } => {
+                let width = bucket.len + Place::width(place);
                 let part = match (&replica, shard) {
                     (None, _) => Err(lost(&device)),
-                    (Some(_), None) => Ok((Part { loss: 0.0, logits: Vec::new() }, vec![0.0; bucket.len])),
+                    (Some(_), None) => Ok((Part { loss: 0.0, logits: Vec::new() }, vec![0.0; width])),
                     (Some((model, _)), Some(shard)) => guarded("computing its shard", || {
                         let mut step = shard_grads(model, shard, weight, &replicas.groups, &device)?;
-                        let flat = bucket.flatten(model, &mut step.grads)?;
+                        let mut flat = bucket.flatten(model, &mut step.grads)?;
+                        if let Some(place) = place {
+                            place.append(&mut flat, step.loss * weight, &step.logits);
+                        }
                         Ok((Part { loss: step.loss, logits: step.logits }, flat))
                     }),
                 };
                 let (part, flat) = match part {
                     Ok((part, flat)) => (Ok(part), flat),
-                    Err(e) => (Err(e), vec![0.0; bucket.len]),
+                    Err(e) => (Err(e), vec![0.0; width]),
                 };
-                let summed = all_reduce(rank, flat, &device);
+                let mut summed = all_reduce(rank, flat, &device).map(Arc::new);
+                // Across machines the step waits for the whole run's sum, which the first
+                // device's thread gets.
+                if let Some(global) = &global {
+                    summed = match global.recv() {
+                        Ok(Some(total)) => Ok(total),
+                        _ => Err(Error::Device { device: format!("{device:?}"), reason: "the sum over the machines failed (see the message above)".into() }),
+                    };
+                }
                 Answer::Step(part.and_then(|part| {
                     let (model, mut optim) = replica.take().ok_or_else(|| lost(&device))?;
                     let stepped = guarded("stepping its optimizer", || {
-                        let grads = bucket.unflatten(&model, &summed?, &device)?;
+                        let summed = summed?;
+                        let grads = bucket.unflatten(&model, summed.get(..bucket.len).unwrap_or(&summed), &device)?;
                         Ok(optim.step_grouped(lr, model, grads))
                     })?;
                     replica = Some((stepped, optim));

@@ -109,6 +109,7 @@ pub fn study<B: FusedAutodiffBackend>(args: &StudyArgs, device: &B::Device, mut 
             init: None,
             progress: args.progress,
             dashboard: false,
+            nodes: None,
         };
         let summary = train::<B>(&run, device)?;
         let row = measure::<B>(op, &summary, device)?;

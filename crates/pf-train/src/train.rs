@@ -14,6 +14,7 @@ use crate::checkpoint::{self, EpochRecord, TrainState};
 use crate::dashboard::{Dashboard, StoppedByUser};
 use crate::eval::{evaluate, progress_bar, warn_skipped, EvalResult, Verbosity};
 use crate::metrics::Meter;
+use crate::nodes::{NodeGroup, NodeSpec};
 use crate::optim::GroupedOptimizer;
 use crate::parallel::{DataParallel, HostBatch, Replicas};
 use crate::recipe::Recipe;
@@ -42,6 +43,8 @@ pub struct TrainArgs {
     pub progress: bool,
     /// Burn's terminal dashboard instead of the progress bars (standard output must be a terminal).
     pub dashboard: bool,
+    /// This machine's place in a run over several (see [`crate::nodes`]); `None` on one.
+    pub nodes: Option<NodeSpec>,
 }
 
 /// What `train.json` beside the final model records: enough for `eval` to reproduce the number.
@@ -107,7 +110,27 @@ pub fn train_watched<B: FusedAutodiffBackend>(args: &TrainArgs, devices: &[B::De
     B::seed(device, recipe.seed);
     let mut model = config.init::<B>(device)?;
     let mut state = TrainState { epoch: 0, recipe: recipe.clone(), config: config.clone(), classes: classes.clone(), history: Vec::new() };
-    let latest = checkpoint::latest(&args.out)?;
+    // Across machines every node must run the same thing; the master's weights (or checkpoint)
+    // are every node's start.
+    let mut group = match &args.nodes {
+        Some(spec) => {
+            let run = (recipe, &config, &classes, train_set.len(), val_set.len(), devices.len(), args.resume, args.stop_after);
+            Some(NodeGroup::connect(spec.clone(), &run)?)
+        }
+        None => None,
+    };
+    let master = group.as_ref().is_none_or(NodeGroup::is_master);
+    let latest = match &mut group {
+        Some(group) if !master => {
+            let dir = group.start_files(None, &args.out.join(format!("node-{}", group.rank())))?;
+            if !args.resume {
+                model = checkpoint::load_model(model, &dir, device)?;
+                println!("starting from the master's weights");
+            }
+            args.resume.then_some(dir)
+        }
+        _ => checkpoint::latest(&args.out)?,
+    };
     let mut optim = match (&latest, args.resume) {
         (Some(dir), true) => {
             let saved = checkpoint::read_state(dir)?;
@@ -132,12 +155,28 @@ pub fn train_watched<B: FusedAutodiffBackend>(args: &TrainArgs, devices: &[B::De
         (None, true) => return Err(Error::Resume(format!("{} holds no checkpoint to resume from", args.out.display()))),
         (None, false) => {
             if let Some(path) = &args.init {
-                model = load_any(model, path)?;
-                println!("starting from the weights of {}", path.display());
+                if master {
+                    model = load_any(model, path)?;
+                    println!("starting from the weights of {}", path.display());
+                }
             }
             GroupedOptimizer::new(recipe, &model)
         }
     };
+    if let Some(group) = group.as_mut().filter(|g| g.is_master()) {
+        match latest.as_ref().filter(|_| args.resume) {
+            Some(dir) => {
+                group.start_files(Some(dir), dir)?;
+            }
+            None => {
+                let start = args.out.join(".node-start");
+                checkpoint::write_model(&start, &model)?;
+                let sent = group.start_files(Some(&start), &start);
+                std::fs::remove_dir_all(&start).map_err(Error::io("removing", &start))?;
+                sent?;
+            }
+        }
+    }
     println!(
         "training {} ({} parameters, {} without weight decay) on {} images of {} classes, validating on {}; output in {}",
         config.family(),
@@ -152,9 +191,17 @@ pub fn train_watched<B: FusedAutodiffBackend>(args: &TrainArgs, devices: &[B::De
     // checkpoint the run resumes from.
     let resume = if args.resume { latest.clone() } else { None };
     let replicas = Replicas { recipe: recipe.clone(), groups: optim.groups().clone(), resume };
-    let parallel = DataParallel::<B>::new(devices, &model, replicas)?;
-    if parallel.devices() > 1 {
-        println!("data-parallel over {} devices {devices:?}: {} images per device and step", devices.len(), recipe.batch_size.div_ceil(devices.len()));
+    let nodes = group.as_ref().map_or(1, NodeGroup::nodes);
+    let parallel = DataParallel::<B>::across(devices, &model, replicas, group)?;
+    if parallel.devices() * nodes > 1 {
+        let all = parallel.devices() * nodes;
+        let per_step = recipe.batch_size.div_ceil(all);
+        if nodes > 1 {
+            let each = if devices.len() == 1 { "1 device".to_string() } else { format!("{} devices", devices.len()) };
+            println!("data-parallel over {nodes} machines of {each} each (here {devices:?}): {per_step} images per device and step");
+        } else {
+            println!("data-parallel over {} devices {devices:?}: {per_step} images per device and step", devices.len());
+        }
     }
 
     let mut dashboard = match dashboard {
@@ -176,7 +223,13 @@ pub fn train_watched<B: FusedAutodiffBackend>(args: &TrainArgs, devices: &[B::De
                 Err(e) => return Err(e),
             };
         model = next;
-        let val = evaluate(&model.valid(), &val_set, &recipe.eval_transform, recipe.batch_size, recipe.workers, device, verbosity)?;
+        // Across machines the master validates; the other nodes go on to the next epoch and
+        // wait for it at its first step.
+        let val = if master {
+            evaluate(&model.valid(), &val_set, &recipe.eval_transform, recipe.batch_size, recipe.workers, device, verbosity)?
+        } else {
+            EvalResult { loss: f64::NAN, top1: f64::NAN, top5: f64::NAN, ..Default::default() }
+        };
         let seconds = started.elapsed().as_secs_f64();
         let record = EpochRecord {
             epoch: epoch + 1,
@@ -191,16 +244,18 @@ pub fn train_watched<B: FusedAutodiffBackend>(args: &TrainArgs, devices: &[B::De
             seconds,
             images_per_second: train_meter.images as f64 / seconds,
         };
+        let validated = if master {
+            format!("val loss {:.4} top-1 {:.2}% top-5 {:.2}%", record.val_loss, record.val_top1, record.val_top5)
+        } else {
+            "(validated on node 0)".to_string()
+        };
         let line = format!(
-            "epoch {:>3}/{}  lr {:.3e}  train loss {:.4} top-1 {:.2}%  val loss {:.4} top-1 {:.2}% top-5 {:.2}%  {:.0} s{}",
+            "epoch {:>3}/{}  lr {:.3e}  train loss {:.4} top-1 {:.2}%  {validated}  {:.0} s{}",
             record.epoch,
             recipe.epochs,
             lr,
             record.train_loss,
             record.train_top1,
-            record.val_loss,
-            record.val_top1,
-            record.val_top5,
             seconds,
             if record.skipped > 0 { format!("  ({} unreadable images skipped)", record.skipped) } else { String::new() }
         );
@@ -213,9 +268,19 @@ pub fn train_watched<B: FusedAutodiffBackend>(args: &TrainArgs, devices: &[B::De
         }
         state.epoch += 1;
         state.history.push(record);
-        report::write_logs(&args.out, &state.history)?;
-        checkpoint::write(&args.out, &state, &model, &optim)?;
+        if master {
+            report::write_logs(&args.out, &state.history)?;
+            checkpoint::write(&args.out, &state, &model, &optim)?;
+        }
         epochs_run += 1;
+    }
+    if let Some((exchanges, mean, bytes)) = parallel.node_figures() {
+        println!(
+            "node {}: {exchanges} sums over the machines, {:.1} MB up and down per step, {:.1} ms each on average (computing included while the slowest node finishes its shard)",
+            parallel.node_rank(),
+            bytes as f64 / 1e6,
+            mean.as_secs_f64() * 1e3
+        );
     }
     // Dropping the dashboard gives the terminal back and prints the lines it kept: here, before
     // the final model is saved; on an error return, as the function unwinds its locals.
@@ -226,6 +291,18 @@ pub fn train_watched<B: FusedAutodiffBackend>(args: &TrainArgs, devices: &[B::De
         Some(r) => EvalResult { images: val_set.len(), loss: r.val_loss, top1: r.val_top1, top5: r.val_top5, ..Default::default() },
         None => EvalResult::default(),
     };
+    if !master {
+        let history = state.history;
+        return Ok(TrainSummary {
+            recipe: recipe.clone(),
+            data: args.data.clone(),
+            classes,
+            params: num_parameters(&model),
+            history,
+            final_val,
+            model: PathBuf::new(),
+        });
+    }
     let weights = save_pf(&model, &config, &model_path)?;
     let summary = TrainSummary {
         recipe: recipe.clone(),
