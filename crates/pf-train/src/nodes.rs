@@ -18,7 +18,7 @@
 //! `--init` file or the checkpoints.
 
 use std::io::{Read, Write};
-use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream, ToSocketAddrs};
+use std::net::{SocketAddr, TcpListener, TcpStream, ToSocketAddrs};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
@@ -427,6 +427,13 @@ impl NodeGroup {
                 let node = self.links[i].node;
                 let received = match self.links[i].recv_head() {
                     Ok((Tag::Sum, bytes)) if bytes == 4 * len => self.links[i].recv_values(&mut values, true),
+                    Ok((Tag::Abort, bytes)) => {
+                        let mut reason = vec![0u8; bytes];
+                        let _ = self.links[i].reader.read_exact(&mut reason);
+                        let error = Error::Node { node, reason: format!("node {node} stopped the run: {}", String::from_utf8_lossy(&reason)) };
+                        abort_all(self.links.iter().filter(|l| l.node != node), &error);
+                        return Err(error);
+                    }
                     Ok((tag, bytes)) => Err(invalid(format!("sent {tag:?} of {bytes} bytes where {len} gradient values were due"))),
                     Err(e) => Err(e),
                 };
@@ -455,6 +462,12 @@ impl NodeGroup {
         Ok(values)
     }
 
+    /// What tells the other machines that this one's run failed, for use after the group has
+    /// been handed to the data-parallel engine.
+    pub fn aborter(&self) -> Aborter {
+        Aborter { writers: self.links.iter().map(|l| l.writer.clone()).collect() }
+    }
+
     /// `(exchanges, mean time of one, bytes each way per node and exchange)`.
     pub fn figures(&self) -> (usize, Duration, usize) {
         (self.exchanges, self.exchanging / self.exchanges.max(1) as u32, 4 * self.values)
@@ -467,8 +480,27 @@ impl Drop for NodeGroup {
         if let Some(heartbeat) = self.heartbeat.take() {
             let _ = heartbeat.join();
         }
-        for link in &self.links {
-            let _ = link.reader.shutdown(Shutdown::Both);
+        // The connections close when their last handle goes: an `Aborter` may still have to
+        // say why the run ended.
+    }
+}
+
+/// Tells the other machines that this one's run failed and why: node 0 tells every node, a node
+/// tells node 0 (which tells the others).
+pub struct Aborter {
+    writers: Vec<Arc<Mutex<TcpStream>>>,
+}
+
+impl Aborter {
+    pub fn tell(&self, error: &Error) {
+        // An error about another machine came from that machine or was already told.
+        if matches!(error, Error::Node { .. }) {
+            return;
+        }
+        let reason = error.to_string();
+        for writer in &self.writers {
+            let mut w = writer.lock().unwrap_or_else(|p| p.into_inner());
+            let _ = send_on(&mut w, Tag::Abort, reason.as_bytes());
         }
     }
 }
@@ -617,6 +649,27 @@ mod tests {
         let (e, waited) = master.join().unwrap().unwrap();
         assert!(matches!(&e, Error::Node { node: 1, reason } if reason.contains("sent nothing for 1 s")), "{e:?}");
         assert!(waited >= Duration::from_millis(900) && waited < Duration::from_secs(5), "{waited:?}");
+    }
+
+    /// A node's own failure reaches the master in words, and from it every other node.
+    #[test]
+    fn a_nodes_error_reaches_the_master_and_the_others() {
+        let port = free_port();
+        let nodes: Vec<_> = (0..3)
+            .map(|rank| {
+                std::thread::spawn(move || -> Result<Error> {
+                    let mut group = NodeGroup::connect(spec(rank, port), &"run")?;
+                    if rank == 1 {
+                        group.aborter().tell(&Error::Dataset("the disk is full".into()));
+                        return Ok(Error::ModelLost);
+                    }
+                    Ok(group.sum(vec![1.0; 10]).expect_err("a sum without node 1"))
+                })
+            })
+            .collect();
+        let errors: Vec<String> = nodes.into_iter().map(|n| n.join().unwrap().unwrap().to_string()).collect();
+        assert!(errors[0].starts_with("node 1 stopped the run: the disk is full"), "{}", errors[0]);
+        assert!(errors[2].contains("the master stopped the run: node 1 stopped the run: the disk is full"), "{}", errors[2]);
     }
 
     #[test]

@@ -14,7 +14,7 @@ use crate::checkpoint::{self, EpochRecord, TrainState};
 use crate::dashboard::{Dashboard, StoppedByUser};
 use crate::eval::{evaluate, progress_bar, warn_skipped, EvalResult, Verbosity};
 use crate::metrics::Meter;
-use crate::nodes::{NodeGroup, NodeSpec};
+use crate::nodes::{Aborter, NodeGroup, NodeSpec};
 use crate::optim::GroupedOptimizer;
 use crate::parallel::{DataParallel, HostBatch, Replicas};
 use crate::recipe::Recipe;
@@ -74,6 +74,16 @@ pub fn train_on<B: FusedAutodiffBackend>(args: &TrainArgs, devices: &[B::Device]
 /// [`train_on`], reporting to `dashboard` if one is given; without one, `args.dashboard` opens
 /// Burn's on the terminal once the run is set up.
 pub fn train_watched<B: FusedAutodiffBackend>(args: &TrainArgs, devices: &[B::Device], dashboard: Option<Dashboard>) -> Result<TrainSummary> {
+    // Across machines, an error that ends the run here is told to the others, which end with it.
+    let mut aborter = None;
+    let result = run::<B>(args, devices, dashboard, &mut aborter);
+    if let (Err(e), Some(aborter)) = (&result, &aborter) {
+        aborter.tell(e);
+    }
+    result
+}
+
+fn run<B: FusedAutodiffBackend>(args: &TrainArgs, devices: &[B::Device], dashboard: Option<Dashboard>, aborter: &mut Option<Aborter>) -> Result<TrainSummary> {
     if args.dashboard && dashboard.is_none() {
         Dashboard::check_terminal()?;
     }
@@ -120,6 +130,7 @@ pub fn train_watched<B: FusedAutodiffBackend>(args: &TrainArgs, devices: &[B::De
         None => None,
     };
     let master = group.as_ref().is_none_or(NodeGroup::is_master);
+    *aborter = group.as_ref().map(NodeGroup::aborter);
     let latest = match &mut group {
         Some(group) if !master => {
             let dir = group.start_files(None, &args.out.join(format!("node-{}", group.rank())))?;

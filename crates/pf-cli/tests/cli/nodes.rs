@@ -187,3 +187,19 @@ fn a_killed_node_stops_the_master_by_name() {
 fn a_killed_master_stops_the_nodes_by_name() {
     kill_one(0);
 }
+
+/// An error on node 0 before the first step (here `--resume` with no checkpoint) reaches the
+/// other node in words, not as a lost connection.
+#[test]
+fn the_masters_error_reaches_the_nodes() {
+    let dir = scratch("refused");
+    let port = free_port();
+    let (master, other) = (dir.join("node0"), dir.join("node1"));
+    let mut a = start(&master, &node(0, port, &["--epochs", "2", "--resume"]));
+    let mut b = start(&other, &node(1, port, &["--epochs", "2", "--resume"]));
+    let limit = Duration::from_secs(120);
+    assert_eq!((finish(&mut a, limit), finish(&mut b, limit)), (Some(1), Some(1)));
+    let log = log_of(&other);
+    assert!(log.contains("the master stopped the run: --resume:") && log.contains("holds no checkpoint"), "{log}");
+    std::fs::remove_dir_all(&dir).unwrap();
+}
