@@ -89,11 +89,13 @@ enum Tag {
     /// The master stops the run; the payload says why.
     Abort = 4,
     Heartbeat = 5,
+    /// The master is ready for the nodes' buckets.
+    Go = 6,
 }
 
 impl Tag {
     fn from_byte(byte: u8) -> Option<Self> {
-        [Tag::Hello, Tag::Start, Tag::Sum, Tag::Abort, Tag::Heartbeat].into_iter().find(|t| *t as u8 == byte)
+        [Tag::Hello, Tag::Start, Tag::Sum, Tag::Abort, Tag::Heartbeat, Tag::Go].into_iter().find(|t| *t as u8 == byte)
     }
 }
 
@@ -146,6 +148,15 @@ impl Link {
                 return Ok((tag, len as usize));
             }
             // A heartbeat has no payload.
+        }
+    }
+
+    /// The payload of an `Abort` of `bytes` bytes: why the other side stopped.
+    fn read_reason(&mut self, bytes: usize) -> Vec<u8> {
+        let mut reason = vec![0u8; bytes];
+        match self.reader.read_exact(&mut reason) {
+            Ok(()) => reason,
+            Err(e) => format!("(its reason was lost: {e})").into_bytes(),
         }
     }
 
@@ -422,14 +433,19 @@ impl NodeGroup {
         let started = Instant::now();
         let len = values.len();
         if self.is_master() {
+            // The nodes send once the master is here to read: a node that sent at once would
+            // block in its write for as long as the master validates or writes a checkpoint,
+            // and its write timeout would end the run.
+            for link in &self.links {
+                link.send(Tag::Go, &[]).map_err(|e| self.failed(link.node, &e))?;
+            }
             // Node by node in rank order, each added as it arrives.
             for i in 0..self.links.len() {
                 let node = self.links[i].node;
                 let received = match self.links[i].recv_head() {
                     Ok((Tag::Sum, bytes)) if bytes == 4 * len => self.links[i].recv_values(&mut values, true),
                     Ok((Tag::Abort, bytes)) => {
-                        let mut reason = vec![0u8; bytes];
-                        let _ = self.links[i].reader.read_exact(&mut reason);
+                        let reason = self.links[i].read_reason(bytes);
                         let error = Error::Node { node, reason: format!("node {node} stopped the run: {}", String::from_utf8_lossy(&reason)) };
                         abort_all(self.links.iter().filter(|l| l.node != node), &error);
                         return Err(error);
@@ -443,12 +459,21 @@ impl NodeGroup {
                 link.send_values(Tag::Sum, &values).map_err(|e| self.failed(link.node, &e))?;
             }
         } else {
+            // Waiting for the master reads its heartbeats: a master that validates is alive.
+            match self.links[0].recv_head() {
+                Ok((Tag::Go, 0)) => {}
+                Ok((Tag::Abort, bytes)) => {
+                    let reason = self.links[0].read_reason(bytes);
+                    return Err(Self::aborted(&reason));
+                }
+                Ok((tag, bytes)) => return Err(self.failed(0, &invalid(format!("sent {tag:?} of {bytes} bytes where the go was due")))),
+                Err(e) => return Err(self.failed(0, &e)),
+            }
             self.links[0].send_values(Tag::Sum, &values).map_err(|e| self.failed(0, &e))?;
             let received = match self.links[0].recv_head() {
                 Ok((Tag::Sum, bytes)) if bytes == 4 * len => self.links[0].recv_values(&mut values, false),
                 Ok((Tag::Abort, bytes)) => {
-                    let mut reason = vec![0u8; bytes];
-                    let _ = self.links[0].reader.read_exact(&mut reason);
+                    let reason = self.links[0].read_reason(bytes);
                     return Err(Self::aborted(&reason));
                 }
                 Ok((tag, bytes)) => Err(invalid(format!("sent {tag:?} of {bytes} bytes where {len} summed values were due"))),
@@ -649,6 +674,30 @@ mod tests {
         let (e, waited) = master.join().unwrap().unwrap();
         assert!(matches!(&e, Error::Node { node: 1, reason } if reason.contains("sent nothing for 1 s")), "{e:?}");
         assert!(waited >= Duration::from_millis(900) && waited < Duration::from_secs(5), "{waited:?}");
+    }
+
+    /// A master busy for longer than the timeout (validating, writing a checkpoint) while a node
+    /// already has its next bucket, larger than the sockets' buffers: the node waits for the
+    /// master's go reading its heartbeats, and neither side gives the other up.
+    #[test]
+    fn a_busy_master_is_waited_for() {
+        let port = free_port();
+        let len = 8 << 20;
+        let nodes: Vec<_> = (0..2)
+            .map(|rank| {
+                std::thread::spawn(move || -> Result<f32> {
+                    let spec = NodeSpec { nodes: 2, rank, master: format!("127.0.0.1:{port}"), timeout: Duration::from_secs(1) };
+                    let mut group = NodeGroup::connect(spec, &"run")?;
+                    if rank == 0 {
+                        std::thread::sleep(Duration::from_millis(2500));
+                    }
+                    Ok(group.sum(vec![1.0; len])?[len - 1])
+                })
+            })
+            .collect();
+        for (rank, node) in nodes.into_iter().enumerate() {
+            assert_eq!(node.join().unwrap().unwrap(), 2.0, "node {rank}");
+        }
     }
 
     /// A node's own failure reaches the master in words, and from it every other node.
