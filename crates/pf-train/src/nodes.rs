@@ -115,14 +115,11 @@ impl Link {
         send_on(&mut writer, tag, payload)
     }
 
-    /// Sends `values` as one `tag` message, converted a slice at a time (no copy of the
-    /// whole bucket).
+    /// Sends `values` as one `tag` message: on a little-endian machine their own bytes, without
+    /// a copy.
     fn send_values(&self, tag: Tag, values: &[f32]) -> std::io::Result<()> {
         let mut writer = self.writer.lock().unwrap_or_else(|p| p.into_inner());
-        let mut head = [0u8; 9];
-        head[0] = tag as u8;
-        head[1..].copy_from_slice(&(4 * values.len() as u64).to_le_bytes());
-        writer.write_all(&head)?;
+        writer.write_all(&head(tag, 4 * values.len()))?;
         #[cfg(target_endian = "little")]
         writer.write_all(wire(values))?;
         #[cfg(not(target_endian = "little"))]
@@ -168,9 +165,13 @@ impl Link {
         Ok((tag, payload))
     }
 
-    /// Reads the payload of a message of `values.len()` f32s, a slice at a time, and adds it to
-    /// `values` (`add`) or stores it there.
+    /// Reads the payload of a message of `values.len()` f32s and adds it to `values` (`add`,
+    /// a slice at a time) or stores it there.
     fn recv_values(&mut self, values: &mut [f32], add: bool) -> std::io::Result<()> {
+        #[cfg(target_endian = "little")]
+        if !add {
+            return self.reader.read_exact(wire_mut(values));
+        }
         let mut incoming = vec![0f32; CHUNK];
         for chunk in values.chunks_mut(CHUNK) {
             let incoming = &mut incoming[..chunk.len()];
@@ -213,11 +214,16 @@ fn wire_mut(values: &mut [f32]) -> &mut [u8] {
 /// Values per slice of a bucket on the wire (1 MiB).
 const CHUNK: usize = 1 << 18;
 
-fn send_on(stream: &mut TcpStream, tag: Tag, payload: &[u8]) -> std::io::Result<()> {
+/// A message's head: its kind, then its payload's length in bytes (u64, little-endian).
+fn head(tag: Tag, len: usize) -> [u8; 9] {
     let mut head = [0u8; 9];
     head[0] = tag as u8;
-    head[1..].copy_from_slice(&(payload.len() as u64).to_le_bytes());
-    stream.write_all(&head)?;
+    head[1..].copy_from_slice(&(len as u64).to_le_bytes());
+    head
+}
+
+fn send_on(stream: &mut TcpStream, tag: Tag, payload: &[u8]) -> std::io::Result<()> {
+    stream.write_all(&head(tag, payload.len()))?;
     stream.write_all(payload)?;
     stream.flush()
 }

@@ -139,8 +139,8 @@ struct Place {
 
 impl Place {
     /// The values after the gradients: the loss and the logits.
-    fn width(place: Option<Place>) -> usize {
-        place.map_or(0, |p| 1 + p.rows * p.classes)
+    fn width(self) -> usize {
+        1 + self.rows * self.classes
     }
 
     /// Appends the loss (times the shard's weight) and the logits at the shard's rows.
@@ -263,11 +263,6 @@ impl<B: FusedAutodiffBackend> DataParallel<B> {
         self.group.as_ref().map(|g| g.lock().unwrap_or_else(|p| p.into_inner()).figures())
     }
 
-    /// This node's rank, 0 on one machine.
-    pub fn node_rank(&self) -> usize {
-        self.group.as_ref().map_or(0, |g| g.lock().unwrap_or_else(|p| p.into_inner()).rank())
-    }
-
     /// The loss, logits and gradients of `batch` for the caller's `model` (on the first device),
     /// computed over the devices; every worker's replica steps at `lr` on the same gradients (the
     /// caller steps its own). A batch with fewer rows than devices leaves the last ones idle.
@@ -347,7 +342,7 @@ impl<B: FusedAutodiffBackend> DataParallel<B> {
             start += r;
         }
         let place = Place { row: own_start, rows: n, classes };
-        let width = self.bucket.len + Place::width(Some(place));
+        let width = self.bucket.len + place.width();
         let r = rows[first];
         let own = guarded("computing its shard", || {
             if r == 0 {
@@ -492,7 +487,7 @@ fn work<B: FusedAutodiffBackend>(
         let answer = match order {
             Order::Weights => Answer::Weights(replica.as_ref().map(|(m, _)| Box::new(m.valid())).ok_or_else(|| lost(&device))),
             Order::Step { shard, weight, lr, place } => {
-                let width = bucket.len + Place::width(place);
+                let width = bucket.len + place.map_or(0, Place::width);
                 let part = match (&replica, shard) {
                     (None, _) => Err(lost(&device)),
                     (Some(_), None) => Ok((Part { loss: 0.0, logits: Vec::new() }, vec![0.0; width])),

@@ -288,7 +288,7 @@ fn run<B: FusedAutodiffBackend>(args: &TrainArgs, devices: &[B::Device], dashboa
     if let Some((exchanges, mean, bytes)) = parallel.node_figures() {
         println!(
             "node {}: {exchanges} sums over the machines, {:.1} MB up and down per step, {:.1} ms each on average (computing included while the slowest node finishes its shard)",
-            parallel.node_rank(),
+            args.nodes.as_ref().map_or(0, |n| n.rank),
             bytes as f64 / 1e6,
             mean.as_secs_f64() * 1e3
         );
@@ -302,19 +302,8 @@ fn run<B: FusedAutodiffBackend>(args: &TrainArgs, devices: &[B::Device], dashboa
         Some(r) => EvalResult { images: val_set.len(), loss: r.val_loss, top1: r.val_top1, top5: r.val_top5, ..Default::default() },
         None => EvalResult::default(),
     };
-    if !master {
-        let history = state.history;
-        return Ok(TrainSummary {
-            recipe: recipe.clone(),
-            data: args.data.clone(),
-            classes,
-            params: num_parameters(&model),
-            history,
-            final_val,
-            model: PathBuf::new(),
-        });
-    }
-    let weights = save_pf(&model, &config, &model_path)?;
+    // Across machines only the master saves; the others' summaries name no model.
+    let weights = if master { save_pf(&model, &config, &model_path)? } else { PathBuf::new() };
     let summary = TrainSummary {
         recipe: recipe.clone(),
         data: args.data.clone(),
@@ -324,8 +313,9 @@ fn run<B: FusedAutodiffBackend>(args: &TrainArgs, devices: &[B::Device], dashboa
         final_val,
         model: weights,
     };
-    let path = args.out.join("train.json");
-    checkpoint::write_json(&path, &summary, "writing the training summary")?;
+    if master {
+        checkpoint::write_json(&args.out.join("train.json"), &summary, "writing the training summary")?;
+    }
     Ok(summary)
 }
 
