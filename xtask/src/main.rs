@@ -4,6 +4,9 @@
 //! (Burn, CubeCL, ndarray) at level 3, which is where the time goes, so `bench` measures the same
 //! code a release build would run without a second full build of Burn.
 
+mod serve;
+mod web;
+
 use std::io::{BufRead, BufReader};
 use std::process::{Command, ExitCode, Stdio};
 
@@ -13,8 +16,18 @@ fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().skip(1).collect();
     if args.is_empty() {
         eprintln!("usage: cargo xtask <train|eval|predict|gradcam|bench|study|search|parity|models|inspect|check>  [--backend ndarray|wgpu|cuda] [args..]");
+        eprintln!("       cargo xtask web [--out DIR] [--no-serve] [--port N]   (the page: predict and Grad-CAM in the browser)");
         eprintln!("       cargo xtask help   (lists pf's commands)");
         return ExitCode::FAILURE;
+    }
+    if args[0] == "web" {
+        return match web::run(&args[1..]) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("error: {e}");
+                ExitCode::FAILURE
+            }
+        };
     }
     let backend = match backend_of(&args) {
         Ok(b) => b,
@@ -23,7 +36,7 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+    let cargo = cargo();
     match build(&cargo, backend) {
         Ok(true) => {}
         Ok(false) => return ExitCode::FAILURE,
@@ -44,11 +57,25 @@ fn main() -> ExitCode {
     }
 }
 
+/// The cargo that runs this.
+fn cargo() -> String {
+    std::env::var("CARGO").unwrap_or_else(|_| "cargo".into())
+}
+
 /// Builds `pf` with cargo's own messages passed through while anything compiles (a first build
 /// compiles Burn for many minutes, and a silent terminal looks hung); an up-to-date build says
 /// nothing. Returns whether the build succeeded.
 fn build(cargo: &str, backend: &str) -> std::io::Result<bool> {
-    let mut child = Command::new(cargo).args(["build", "--package", "pf-cli", "--bin", "pf", "--features", backend]).stderr(Stdio::piped()).spawn()?;
+    passthrough(
+        Command::new(cargo).args(["build", "--package", "pf-cli", "--bin", "pf", "--features", backend]),
+        &format!("pf with the {backend} backend (a first build compiles Burn: 10 to 15 minutes on two cores)"),
+    )
+}
+
+/// Runs a cargo build, saying `building {what}` and passing cargo's messages through once
+/// anything compiles; silent when all is up to date. Returns whether it succeeded.
+fn passthrough(command: &mut Command, what: &str) -> std::io::Result<bool> {
+    let mut child = command.stderr(Stdio::piped()).spawn()?;
     let mut compiling = false;
     let mut held = Vec::new();
     if let Some(stderr) = child.stderr.take() {
@@ -57,7 +84,7 @@ fn build(cargo: &str, backend: &str) -> std::io::Result<bool> {
             let status = line.trim_start();
             if !compiling && status.starts_with("Compiling") {
                 compiling = true;
-                eprintln!("building pf with the {backend} backend (a first build compiles Burn: 10 to 15 minutes on two cores)");
+                eprintln!("building {what}");
                 held.drain(..).for_each(|l: String| eprintln!("{l}"));
             }
             if compiling || !(status.starts_with("Finished") || status.starts_with("Blocking")) {

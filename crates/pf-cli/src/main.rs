@@ -7,7 +7,7 @@ use std::process::ExitCode;
 use anyhow::{Context, Result};
 use clap::{CommandFactory, FromArgMatches, Parser, Subcommand};
 use pf_kernels::FusedAutodiffBackend;
-use pf_models::weights::{inspect_pytorch, load_pf, num_parameters, read_pf_config};
+use pf_models::weights::{config_path, inspect_pytorch, load_pf, load_pytorch, num_parameters, read_pf_config, save_pf};
 use pf_models::ModelName;
 use pf_train::backend::{dispatch, dispatch_on, BackendKind, Job};
 use pf_train::load::model_config;
@@ -76,6 +76,10 @@ enum Command {
         weights: PathBuf,
         #[arg(long)]
         num_classes: Option<usize>,
+        /// Also save the loaded model as a pf model (`.bpk` with its `.json` beside it), the form
+        /// the browser page (`cargo xtask web`) reads.
+        #[arg(long, value_name = "MODEL.bpk")]
+        save: Option<PathBuf>,
     },
     /// Train a model with a recipe (default: the built-in digits run, on CPU in minutes).
     Train(TrainCli),
@@ -207,7 +211,7 @@ fn command(cli: Cli) -> Result<ExitCode> {
     match cli.command {
         Command::Parity { fixtures, verbose } => dispatch(backend, Parity { dir: fixtures.unwrap_or_else(fixtures::default_dir), backend, verbose }),
         Command::Models { json } => models(json),
-        Command::Inspect { model, weights, num_classes } => inspect(&model, &weights, num_classes),
+        Command::Inspect { model, weights, num_classes, save } => inspect(&model, &weights, num_classes, save.as_deref()),
         Command::Train(args) => {
             let job = args.into_job()?;
             dispatch_on(backend, &job.devices.clone(), job)
@@ -263,7 +267,7 @@ fn models(json: bool) -> Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
-fn inspect(name: &str, weights: &std::path::Path, num_classes: Option<usize>) -> Result<ExitCode> {
+fn inspect(name: &str, weights: &std::path::Path, num_classes: Option<usize>, save: Option<&std::path::Path>) -> Result<ExitCode> {
     type B = burn::backend::NdArray;
     let device = Default::default();
     let mut config = model_config(name)?;
@@ -283,9 +287,9 @@ fn inspect(name: &str, weights: &std::path::Path, num_classes: Option<usize>) ->
             return Ok(ExitCode::FAILURE);
         }
         return match load_pf(model, weights) {
-            Ok(_) => {
+            Ok(model) => {
                 println!("OK: pf checkpoint loaded strictly");
-                Ok(ExitCode::SUCCESS)
+                save_model(&model, &config, save)
             }
             Err(e) => {
                 println!("FAILED: {e}");
@@ -306,11 +310,24 @@ fn inspect(name: &str, weights: &std::path::Path, num_classes: Option<usize>) ->
     print!("{report}");
     if report.is_ok() {
         println!("OK: the checkpoint loads strictly");
-        Ok(ExitCode::SUCCESS)
+        if save.is_none() {
+            return Ok(ExitCode::SUCCESS);
+        }
+        let (model, _) = load_pytorch(model, weights).with_context(|| format!("loading {}", weights.display()))?;
+        save_model(&model, &config, save)
     } else {
         println!("FAILED: the checkpoint does not fit {name}");
         Ok(ExitCode::FAILURE)
     }
+}
+
+/// `inspect --save`: the loaded model as a pf model.
+fn save_model(model: &pf_models::Model<burn::backend::NdArray>, config: &pf_models::ModelConfig, save: Option<&std::path::Path>) -> Result<ExitCode> {
+    if let Some(path) = save {
+        let written = save_pf(model, config, path)?;
+        println!("saved {} (config {})", written.display(), config_path(&written).display());
+    }
+    Ok(ExitCode::SUCCESS)
 }
 
 struct Check {

@@ -9,6 +9,8 @@ use std::time::{Duration, Instant};
 
 #[path = "cli/nodes.rs"]
 mod nodes;
+#[path = "cli/web.rs"]
+mod web;
 
 fn repo() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../..")

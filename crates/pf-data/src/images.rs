@@ -152,6 +152,12 @@ pub fn load_rgb(path: &Path) -> Result<RgbImage, String> {
     Ok(reader.decode().map_err(|e| e.to_string())?.to_rgb8())
 }
 
+/// [`load_rgb`] of a file's bytes already in memory (the browser's).
+pub fn decode_rgb(bytes: &[u8]) -> Result<RgbImage, String> {
+    let reader = image::ImageReader::new(std::io::Cursor::new(bytes)).with_guessed_format().map_err(|e| e.to_string())?;
+    Ok(reader.decode().map_err(|e| e.to_string())?.to_rgb8())
+}
+
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Interpolation {

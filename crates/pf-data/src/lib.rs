@@ -5,6 +5,7 @@
 
 mod images;
 pub mod mix;
+pub mod picture;
 pub mod randaugment;
 
 pub use images::*;

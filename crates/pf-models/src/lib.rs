@@ -11,6 +11,8 @@
 // out, so its size costs nothing worth a box.
 #![allow(clippy::result_large_err)]
 
+pub mod cam;
+pub mod classes;
 pub mod error;
 pub mod pit;
 pub mod presets;

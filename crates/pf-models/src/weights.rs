@@ -8,6 +8,7 @@ use std::sync::LazyLock;
 
 use burn::module::ParamId;
 use burn::prelude::*;
+#[cfg(feature = "pytorch")]
 use burn_store::pytorch::PytorchReader;
 use burn_store::{BurnpackStore, ModuleSnapshot, TensorSnapshot};
 use pf_kernels::FusedOps;
@@ -122,11 +123,7 @@ impl Checkpoint {
         if !path.is_file() {
             return Err(read_err("no such file".into()));
         }
-        // The pickle reader is third-party code fed with user files: a panic is an error too.
-        let reader = std::panic::catch_unwind(|| PytorchReader::new(path))
-            .map_err(|_| read_err("not a readable PyTorch checkpoint (the reader panicked)".into()))?
-            .map_err(|e| read_err(format!("not a PyTorch checkpoint ({e})")))?;
-        let mut tensors: BTreeMap<String, TensorSnapshot> = reader.into_tensors().into_iter().collect();
+        let mut tensors = read_pytorch(path).map_err(read_err)?;
         if tensors.is_empty() {
             return Err(read_err("it holds no tensors".into()));
         }
@@ -145,6 +142,24 @@ impl Checkpoint {
         }
         Ok(Self { path: path.to_path_buf(), wrapper, module_prefix, tensors })
     }
+}
+
+/// The tensors of a `torch.save` file, as saved.
+#[cfg(feature = "pytorch")]
+fn read_pytorch(path: &Path) -> Result<BTreeMap<String, TensorSnapshot>, String> {
+    // The pickle reader is third-party code fed with user files: a panic is an error too.
+    let reader = std::panic::catch_unwind(|| PytorchReader::new(path))
+        .map_err(|_| "not a readable PyTorch checkpoint (the reader panicked)".to_string())?
+        .map_err(|e| format!("not a PyTorch checkpoint ({e})"))?;
+    Ok(reader.into_tensors().into_iter().collect())
+}
+
+/// Without the `pytorch` feature (pf-web, the browser build) no `.pth` can be read.
+#[cfg(not(feature = "pytorch"))]
+fn read_pytorch(_path: &Path) -> Result<BTreeMap<String, TensorSnapshot>, String> {
+    Err("this build of pf reads no PyTorch checkpoints; convert it to a pf model first: \
+         pf inspect --model PRESET --weights FILE.pth --save MODEL.bpk"
+        .into())
 }
 
 /// What loading a checkpoint into a model did or would do.
@@ -303,12 +318,24 @@ pub fn read_pf_config(weights: &Path) -> Result<ModelConfig, WeightsError> {
 }
 
 /// Loads a pf checkpoint strictly into a model of the same config.
-pub fn load_pf<B: FusedOps>(mut model: Model<B>, path: &Path) -> Result<Model<B>, WeightsError> {
+pub fn load_pf<B: FusedOps>(model: Model<B>, path: &Path) -> Result<Model<B>, WeightsError> {
     let read_err = |reason: String| WeightsError::Read { path: path.to_path_buf(), reason };
     if !path.is_file() {
         return Err(read_err("no such file".into()));
     }
-    let mut store = BurnpackStore::from_file(path).allow_partial(false).validate(true);
+    load_burnpack(model, BurnpackStore::from_file(path), path)
+}
+
+/// [`load_pf`] of a file's bytes already in memory (the browser's); `name` names the file in
+/// errors.
+pub fn load_pf_bytes<B: FusedOps>(model: Model<B>, bytes: Vec<u8>, name: &str) -> Result<Model<B>, WeightsError> {
+    let store = BurnpackStore::from_bytes(Some(burn::tensor::Bytes::from_bytes_vec(bytes)));
+    load_burnpack(model, store, Path::new(name))
+}
+
+fn load_burnpack<B: FusedOps>(mut model: Model<B>, store: BurnpackStore, path: &Path) -> Result<Model<B>, WeightsError> {
+    let read_err = |reason: String| WeightsError::Read { path: path.to_path_buf(), reason };
+    let mut store = store.allow_partial(false).validate(true);
     // burn-store and the backend panic on some malformed files (a tensor whose bytes do not
     // match its dtype, found by fuzzing): a panic is an error too.
     let result = match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| model.load_from(&mut store))) {

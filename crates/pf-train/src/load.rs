@@ -99,13 +99,7 @@ pub fn eval_transform(config: &ModelConfig, summary: Option<&TrainSummary>, imag
 /// Names of the model's classes: the training run's class folders, ImageNet-1k's for a
 /// 1000-class model without them, else the indices.
 pub fn class_names(summary: Option<&TrainSummary>, num_classes: usize) -> Vec<String> {
-    if let Some(s) = summary.filter(|s| s.classes.len() == num_classes) {
-        return s.classes.clone();
-    }
-    if num_classes == IMAGENET_CLASSES.lines().count() {
-        return IMAGENET_CLASSES.lines().map(|l| l.split_once('\t').map_or(l, |(_, name)| name).to_string()).collect();
-    }
-    (0..num_classes).map(|i| i.to_string()).collect()
+    pf_models::classes::class_names(summary.map(|s| s.classes.as_slice()), num_classes)
 }
 
 /// Warns about every unreadable image a command skipped; an error when none could be read.
@@ -127,9 +121,6 @@ pub fn skipped_exit(skipped: usize, read: usize) -> ExitCode {
     eprintln!("{skipped} of {} images skipped (unreadable)", skipped + read);
     ExitCode::FAILURE
 }
-
-/// ImageNet-1k in class-index order: `synset<TAB>first WordNet lemma` per line.
-const IMAGENET_CLASSES: &str = include_str!("imagenet_classes.txt");
 
 /// Memory a batch keeps per input byte, by measurement: R50-hybrid's training step at batch 16
 /// peaks at 1.73 GB for the whole process, about 180 times its input (`pf bench`, ndarray,
@@ -231,12 +222,5 @@ mod tests {
             }
             other => panic!("{other:?}"),
         }
-    }
-
-    #[test]
-    fn class_names_fall_back_to_imagenet_then_indices() {
-        let imagenet = class_names(None, 1000);
-        assert_eq!((imagenet[0].as_str(), imagenet[207].as_str(), imagenet[999].as_str()), ("tench", "golden retriever", "toilet tissue"));
-        assert_eq!(class_names(None, 3), ["0", "1", "2"]);
     }
 }

@@ -5,6 +5,7 @@ use std::path::PathBuf;
 use crate::error::{Error, Result};
 use burn::prelude::*;
 use pf_kernels::FusedAutodiffBackend;
+pub use pf_models::classes::{top_k, Ranked};
 use pf_models::weights::load_any;
 use pf_models::Model;
 use serde::Serialize;
@@ -13,34 +14,11 @@ use crate::eval::logits_to_vec;
 use crate::load::{class_names, eval_transform, training_summary, weights_config};
 use pf_data::{image_files, load_rgb, EvalTransform};
 
-/// One of an image's top classes.
-#[derive(Clone, Debug, PartialEq, Serialize)]
-pub struct Ranked {
-    pub class: usize,
-    pub label: String,
-    /// Softmax probability.
-    pub prob: f64,
-}
-
 /// An image's top classes, most probable first.
 #[derive(Clone, Debug, PartialEq, Serialize)]
 pub struct Prediction {
     pub image: PathBuf,
     pub top: Vec<Ranked>,
-}
-
-/// The `k` most probable classes of one row of logits (ties: the lower class first).
-pub fn top_k(logits: &[f32], k: usize, labels: &[String]) -> Vec<Ranked> {
-    let max = logits.iter().fold(f64::NEG_INFINITY, |m, &v| m.max(v as f64));
-    let exp = logits.iter().map(|&v| (v as f64 - max).exp()).collect::<Vec<_>>();
-    let sum = exp.iter().sum::<f64>();
-    let mut order = (0..logits.len()).collect::<Vec<_>>();
-    order.sort_by(|&a, &b| exp[b].total_cmp(&exp[a]).then(a.cmp(&b)));
-    order
-        .into_iter()
-        .take(k)
-        .map(|class| Ranked { class, label: labels.get(class).cloned().unwrap_or_else(|| class.to_string()), prob: exp[class] / sum })
-        .collect()
 }
 
 /// Images per forward pass.
@@ -113,21 +91,5 @@ impl PredictArgs {
             }
         }
         Ok(PredictRun { predictions, skipped, transform })
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn top_k_is_sorted_softmax_with_labels() {
-        let labels = ["a", "b", "c"].map(String::from);
-        let top = top_k(&[1.0, 3.0, 1.0], 5, &labels);
-        assert_eq!(top.iter().map(|r| (r.class, r.label.as_str())).collect::<Vec<_>>(), [(1, "b"), (0, "a"), (2, "c")]);
-        let e = 2f64.exp();
-        assert!((top[0].prob - e / (e + 2.0)).abs() < 1e-12);
-        assert!((top.iter().map(|r| r.prob).sum::<f64>() - 1.0).abs() < 1e-12);
-        assert_eq!(top_k(&[0.0, 1000.0], 1, &labels)[0].prob, 1.0);
     }
 }

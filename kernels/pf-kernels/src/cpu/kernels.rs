@@ -1043,6 +1043,8 @@ impl PoolWindow {
     /// [`PoolWindow::max_by_rows`].
     #[inline(always)]
     fn max(&self, plane: &[f32], padded: &mut [f32], out: &mut [f32], winners: &mut [i32]) {
+        #[cfg(not(target_arch = "x86_64"))]
+        let _ = padded; // only the AVX2 scan reads the padded copy
         #[cfg(target_arch = "x86_64")]
         if self.vector_scan() {
             assert!(plane.len() == self.hw[0] * self.hw[1] && padded.len() == self.hw[0] * self.padded_row(), "plane or scratch of the wrong size");
@@ -1858,6 +1860,7 @@ pub fn gelu_max_pool_gelu(tokens: &[f32], grid: [usize; 2], c: usize, with_indic
 #[inline(always)]
 fn window_max_gelu(tokens: &[f32], c: usize, window: &[usize], out: &mut [f32], idx: &mut [i64]) {
     assert!(window.iter().all(|&t| (t + 1) * c <= tokens.len()) && out.len() == c && idx.len() == c, "window outside the tokens");
+    #[cfg_attr(not(target_arch = "x86_64"), allow(unused_mut))]
     let mut done = 0;
     #[cfg(target_arch = "x86_64")]
     if std::arch::is_x86_feature_detected!("avx2") {
