@@ -309,3 +309,30 @@ fn the_page_predicts_and_draws_grad_cam_as_the_command_line_does() {
     assert!(result["error"].as_str().is_some_and(|e| e.contains("broken.bpk")), "{result}");
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// `pf inspect --save` turns a PyTorch checkpoint into the pf model the page reads: the saved
+/// model predicts what the checkpoint predicts, to the last bit of its JSON.
+#[test]
+fn inspect_save_converts_a_pytorch_checkpoint_into_a_pf_model() {
+    let dir = std::env::temp_dir().join(format!("pf-web-save-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    let model = dir.join("model.json");
+    std::fs::write(&model, r#"{"family": "resnet", "config": {"block": "plain", "layers": [2, 2, 2, 2], "width_mult": 0.25, "num_classes": 10}}"#).unwrap();
+    let (model, pth, saved) =
+        (model.display().to_string(), repo().join("tests/fixtures/resnet_plain_eval.pth").display().to_string(), dir.join("converted.bpk"));
+    let out = pf(&own(&["inspect", "--model", &model, "--weights", &pth, "--save", &saved.display().to_string()]));
+    assert!(out.contains("saved") && saved.is_file() && saved.with_extension("json").is_file(), "{out}");
+    let image = repo().join("data/mnist10k/val/7");
+    let image = std::fs::read_dir(&image).unwrap().map(|e| e.unwrap().path()).min().unwrap().display().to_string();
+    let predict = |weights: &[&str], json: &Path| {
+        pf(&[own(&["predict", "--json", &json.display().to_string()]), own(weights), vec![image.clone()]].concat());
+        let value: Value = serde_json::from_str(&std::fs::read_to_string(json).unwrap()).unwrap();
+        value[0]["top"].clone()
+    };
+    let from_pth = predict(&["--model", &model, "--weights", &pth], &dir.join("a.json"));
+    let from_bpk = predict(&["--weights", &saved.display().to_string()], &dir.join("b.json"));
+    assert_eq!(from_pth, from_bpk);
+    assert_eq!(from_pth.as_array().map(Vec::len), Some(5));
+    let _ = std::fs::remove_dir_all(&dir);
+}
