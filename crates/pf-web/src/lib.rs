@@ -197,7 +197,7 @@ impl Classifier {
 
     /// The preset names, for the page's model menu.
     pub fn presets() -> Vec<String> {
-        ModelName::known().split(", ").map(String::from).collect()
+        ModelName::ALL.iter().map(|n| n.as_str().to_string()).collect()
     }
 
     /// WebGPU against the CPU on the operations of pf's models (see [`check`]): JSON,
@@ -231,11 +231,10 @@ impl Classifier {
                 // first image, and checked: the GPU must give the CPU's results on a probe image.
                 let size = transform.size;
                 let probe = check::values(3 * size * size, 7);
-                let reference = Loaded::<Cpu>::new(&config, weights.clone(), name, Default::default())?.probe(probe.clone(), size).await?;
-                let weights_copy = weights.clone();
+                let cpu = Loaded::<Cpu>::new(&config, weights.clone(), name, Default::default())?;
+                let reference = cpu.probe(probe.clone(), size).await?;
                 let loaded = Loaded::<Gpu>::new(&config, weights, name, device)?;
                 if let Err(worst) = settle(&reference, || loaded.probe(probe.clone(), size)).await {
-                    let cpu = Loaded::<Cpu>::new(&config, weights_copy, name, Default::default())?;
                     let stages = first_difference(&cpu, &loaded, probe, size).await?;
                     return Err(WebError::Disagree { worst, stages });
                 }
