@@ -4,6 +4,9 @@ use burn::prelude::*;
 
 pub type Cpu = burn::backend::NdArray;
 pub type CpuAd = burn::backend::Autodiff<Cpu>;
+/// Burn's wgpu backend without its fusion layer: the browser's backend (crates/pf-web).
+#[cfg(feature = "wgpu")]
+pub type WgpuUnfused = burn::backend::Autodiff<burn::backend::wgpu::CubeBackend<burn::backend::wgpu::WgpuRuntime, f32, i32, u32>>;
 
 /// The fixtures: `$PF_FIXTURES` or the copy in the repository.
 pub fn fixtures_dir() -> PathBuf {
@@ -74,7 +77,8 @@ pub fn assert_close<B: Backend, const D: usize>(what: &str, got: Tensor<B, D>, e
 
 /// A backend-generic test, `fn name<B: FusedAutodiffBackend>(device: B::Device, ..)`, run on every
 /// backend: `name::ndarray` (NdArray with autodiff, pf's CPU kernels) and, with the `wgpu`
-/// feature, `name::wgpu` (Mesa's lavapipe in CI); further arguments are passed to both. A new
+/// feature, `name::wgpu` (Mesa's lavapipe in CI) and `name::wgpu_unfused` (the same without
+/// Burn's fusion, as in the browser); further arguments are passed to each. A new
 /// backend is one more function here, and every such test runs on it.
 macro_rules! backend_tests {
     ($generic:ident $(, $arg:expr)*) => {
@@ -88,6 +92,14 @@ macro_rules! backend_tests {
             #[test]
             fn wgpu() {
                 super::$generic::<burn::backend::Autodiff<burn::backend::Wgpu>>(Default::default() $(, $arg)*);
+            }
+
+            /// wgpu without Burn's fusion: every operation its own kernel, as in the browser
+            /// (crates/pf-web).
+            #[cfg(feature = "wgpu")]
+            #[test]
+            fn wgpu_unfused() {
+                super::$generic::<$crate::common::WgpuUnfused>(Default::default() $(, $arg)*);
             }
         }
     };

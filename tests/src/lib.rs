@@ -2,6 +2,8 @@
 //! loading and bad input. One test binary for the whole workspace's integration tests.
 
 #[cfg(test)]
+mod agree;
+#[cfg(test)]
 mod blocks;
 #[cfg(test)]
 mod common;

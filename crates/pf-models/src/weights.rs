@@ -305,6 +305,10 @@ pub fn save_pf<B: FusedOps>(model: &Model<B>, config: &ModelConfig, path: &Path)
     }
     let json = serde_json::to_string_pretty(config).map_err(|e| write_err(e.to_string()))?;
     std::fs::write(config_path(&weights), json).map_err(|e| write_err(e.to_string()))?;
+    // Burn's batch-norm running statistics keep the last update pending until something syncs
+    // them, and the store reads them without syncing: it saved the statistics of one step
+    // before. Turning a clone (which shares them) into a record syncs them.
+    let _ = model.clone().into_record();
     let mut store = BurnpackStore::from_file(&weights).overwrite(true);
     model.save_into(&mut store).map_err(|e| write_err(e.to_string()))?;
     Ok(weights)

@@ -18,6 +18,9 @@ use serde::Serialize;
 pub struct OpCheck {
     pub op: &'static str,
     pub relative: f64,
+    /// Burn's operation in a form pf's models avoid (named `Burn: ...`): shown, so that a
+    /// browser where it goes wrong can be seen, but not what the models compute.
+    pub upstream: bool,
 }
 
 /// Deterministic inputs in [-1, 1).
@@ -47,6 +50,11 @@ async fn outputs<B: FusedOps>(device: &B::Device) -> Result<Vec<(&'static str, V
         ("matmul 1x64 by 64x10 (a head)", tensor::<B, 3>([1, 1, 64], 17, device).matmul(tensor([1, 64, 10], 18, device))),
         ("matmul 3x512 by 512x1000", tensor::<B, 3>([1, 3, 512], 19, device).matmul(tensor([1, 512, 1000], 20, device))),
         ("matmul 10x1 by 1x64 (a head's gradient)", tensor::<B, 3>([1, 10, 1], 21, device).matmul(tensor([1, 1, 64], 22, device))),
+        ("Burn: matmul 512x128 by 128x1", tensor::<B, 3>([1, 512, 128], 40, device).matmul(tensor([1, 128, 1], 41, device))),
+        ("Burn: matmul 512x256 by 256x1", tensor::<B, 3>([1, 512, 256], 42, device).matmul(tensor([1, 256, 1], 43, device))),
+        ("matmul 128x64 by 64x1", tensor::<B, 3>([1, 128, 64], 44, device).matmul(tensor([1, 64, 1], 45, device))),
+        ("matmul 512x128 by 128x4", tensor::<B, 3>([1, 512, 128], 46, device).matmul(tensor([1, 128, 4], 47, device))),
+        ("matmul 1x128 by 128x512", tensor::<B, 3>([1, 1, 128], 48, device).matmul(tensor([1, 128, 512], 49, device))),
     ];
     let flat = |t: Tensor<B, 4>| t.flatten::<3>(0, 1);
     let plain = B::conv2d_plain(x.clone().into_primitive().tensor(), tensor::<B, 4>([16, 8, 3, 3], 23, device).into_primitive().tensor(), [1, 1], [1, 1]);
@@ -61,6 +69,10 @@ async fn outputs<B: FusedOps>(device: &B::Device) -> Result<Vec<(&'static str, V
     out.push(("pf: conv 1x1, stride 2, 2x2 map to 1x1", flat(pointwise)));
     let pointwise = pf_kernels::reference::conv2d_as_matmul(tensor::<B, 4>([1, 64, 1, 1], 28, device), tensor([128, 64, 1, 1], 29, device), [1, 1], [0, 0]);
     out.push(("pf: conv 1x1 on a 1x1 map", flat(pointwise)));
+    let pointwise = pf_kernels::reference::conv2d_as_matmul(tensor::<B, 4>([1, 128, 1, 1], 36, device), tensor([512, 128, 1, 1], 37, device), [1, 1], [0, 0]);
+    out.push(("pf: conv 1x1 on a 1x1 map, 128 to 512 channels", flat(pointwise)));
+    let pointwise = pf_kernels::reference::conv2d_as_matmul(tensor::<B, 4>([1, 256, 2, 2], 38, device), tensor([512, 256, 1, 1], 39, device), [2, 2], [0, 0]);
+    out.push(("pf: conv 1x1, stride 2, 2x2 map to 1x1, 256 to 512 channels", flat(pointwise)));
     let strided = tensor::<B, 4>([1, 64, 2, 2], 26, device).slice(burn::tensor::s![.., .., 0..1;2, 0..1;2]);
     out.push(("strided slice 2x2 to 1x1", flat(strided)));
     for (name, hw) in [("pf: batch norm + residual + ReLU, 1x1 map", 1), ("pf: batch norm + residual + ReLU, 3x3 map", 3)] {
@@ -103,19 +115,35 @@ async fn outputs<B: FusedOps>(device: &B::Device) -> Result<Vec<(&'static str, V
 pub async fn compare(gpu: &burn::backend::wgpu::WgpuDevice) -> Result<Vec<OpCheck>, crate::WebError> {
     type G = <crate::Gpu as burn::tensor::backend::AutodiffBackend>::InnerBackend;
     type C = <crate::Cpu as burn::tensor::backend::AutodiffBackend>::InnerBackend;
-    let cpu = outputs::<C>(&Default::default()).await?;
+    let mut cpu = outputs::<C>(&Default::default()).await?;
     // The GPU's results once CubeCL's autotuning has settled (see `crate::settle`); a GPU that
     // never agrees is reported as it is.
     let reference: Vec<f32> = cpu.iter().flat_map(|(_, v)| v.iter().copied()).collect();
     let _ = crate::settle(&reference, || async { Ok(outputs::<G>(gpu).await?.into_iter().flat_map(|(_, v)| v).collect()) }).await;
-    let gpu = outputs::<G>(gpu).await?;
-    Ok(gpu
+    let mut gpu_out = outputs::<G>(gpu).await?;
+    // CubeCL's matmul without autotuning (its default kernel), on the shape that goes wrong.
+    let cube = |shape: [usize; 3], seed: u32| tensor::<G, 3>(shape, seed, gpu).into_primitive().tensor();
+    let direct = burn_cubecl::kernel::matmul::matmul(
+        cube([1, 512, 128], 40),
+        cube([1, 128, 1], 41),
+        None,
+        burn_cubecl::kernel::matmul::MatmulStrategy::Cube,
+        burn::tensor::DType::F32,
+    );
+    let untuned = match direct {
+        Ok(t) => read(Tensor::<G, 3>::from_primitive(TensorPrimitive::Float(t))).await?,
+        Err(_) => Vec::new(),
+    };
+    let index = cpu.iter().position(|(op, _)| *op == "Burn: matmul 512x128 by 128x1").expect("listed");
+    cpu.push(("Burn: CubeCL's untuned matmul 512x128 by 128x1", cpu[index].1.clone()));
+    gpu_out.push(("Burn: CubeCL's untuned matmul 512x128 by 128x1", untuned));
+    Ok(gpu_out
         .into_iter()
         .zip(cpu)
         .map(|((op, g), (_, c))| {
             let scale = c.iter().fold(1e-12f64, |m, &v| m.max(v.abs() as f64));
             let worst = if g.len() != c.len() { f64::INFINITY } else { g.iter().zip(&c).map(|(a, b)| (a - b).abs() as f64).fold(0.0, f64::max) };
-            OpCheck { op, relative: worst / scale }
+            OpCheck { op, relative: worst / scale, upstream: op.starts_with("Burn: ") }
         })
         .collect())
 }

@@ -175,6 +175,14 @@ pub fn channel_matmul<B: Backend>(weight: Tensor<B, 2>, columns: Tensor<B, 3>, m
     let [o, _] = weight.dims();
     let [h, w] = map;
     assert_eq!(l, h * w, "{l} columns per image for a {h}x{w} map");
+    if cfg!(target_family = "wasm") && n * l == 1 {
+        // One column (a 1×1 map, one image) in the browser: CubeCL's autotuned matrix-vector
+        // kernels give wrong values on WebGPU (SwiftShader: `[512, 128] × [128, 1]` off by
+        // 2.6 of its largest value, while smaller and wider products and CubeCL's untuned
+        // kernel are right; crates/pf-web's `?check` lists them), so the column is taken as
+        // products and a sum over `k`.
+        return (weight * columns.reshape([1, k])).sum_dim(1).reshape([1, o, 1, 1]);
+    }
     if l >= 32 || n == 1 {
         return reshape(weight.reshape([1, o, k]).expand([n, o, k]).matmul(columns), [n, o, h, w]);
     }
