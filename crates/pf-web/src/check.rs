@@ -23,6 +23,11 @@ pub struct OpCheck {
     pub upstream: bool,
 }
 
+/// The matrix-vector product that CubeCL's autotuned kernels get wrong on SwiftShader's WebGPU:
+/// listed once through Burn's `matmul` and once through CubeCL's untuned kernel, same inputs.
+const MATVEC: &str = "Burn: matmul 512x128 by 128x1";
+const MATVEC_SHAPES: [[usize; 3]; 2] = [[1, 512, 128], [1, 128, 1]];
+
 /// Deterministic inputs in [-1, 1).
 pub fn values(n: usize, seed: u32) -> Vec<f32> {
     let mut state = seed.wrapping_mul(2654435761).wrapping_add(12345);
@@ -50,7 +55,7 @@ async fn outputs<B: FusedOps>(device: &B::Device) -> Result<Vec<(&'static str, V
         ("matmul 1x64 by 64x10 (a head)", tensor::<B, 3>([1, 1, 64], 17, device).matmul(tensor([1, 64, 10], 18, device))),
         ("matmul 3x512 by 512x1000", tensor::<B, 3>([1, 3, 512], 19, device).matmul(tensor([1, 512, 1000], 20, device))),
         ("matmul 10x1 by 1x64 (a head's gradient)", tensor::<B, 3>([1, 10, 1], 21, device).matmul(tensor([1, 1, 64], 22, device))),
-        ("Burn: matmul 512x128 by 128x1", tensor::<B, 3>([1, 512, 128], 40, device).matmul(tensor([1, 128, 1], 41, device))),
+        (MATVEC, tensor::<B, 3>(MATVEC_SHAPES[0], 40, device).matmul(tensor(MATVEC_SHAPES[1], 41, device))),
         ("Burn: matmul 512x256 by 256x1", tensor::<B, 3>([1, 512, 256], 42, device).matmul(tensor([1, 256, 1], 43, device))),
         ("matmul 128x64 by 64x1", tensor::<B, 3>([1, 128, 64], 44, device).matmul(tensor([1, 64, 1], 45, device))),
         ("matmul 512x128 by 128x4", tensor::<B, 3>([1, 512, 128], 46, device).matmul(tensor([1, 128, 4], 47, device))),
@@ -124,8 +129,8 @@ pub async fn compare(gpu: &burn::backend::wgpu::WgpuDevice) -> Result<Vec<OpChec
     // CubeCL's matmul without autotuning (its default kernel), on the shape that goes wrong.
     let cube = |shape: [usize; 3], seed: u32| tensor::<G, 3>(shape, seed, gpu).into_primitive().tensor();
     let direct = burn_cubecl::kernel::matmul::matmul(
-        cube([1, 512, 128], 40),
-        cube([1, 128, 1], 41),
+        cube(MATVEC_SHAPES[0], 40),
+        cube(MATVEC_SHAPES[1], 41),
         None,
         burn_cubecl::kernel::matmul::MatmulStrategy::Cube,
         burn::tensor::DType::F32,
@@ -134,7 +139,7 @@ pub async fn compare(gpu: &burn::backend::wgpu::WgpuDevice) -> Result<Vec<OpChec
         Ok(t) => read(Tensor::<G, 3>::from_primitive(TensorPrimitive::Float(t))).await?,
         Err(_) => Vec::new(),
     };
-    let index = cpu.iter().position(|(op, _)| *op == "Burn: matmul 512x128 by 128x1").expect("listed");
+    let index = cpu.iter().position(|(op, _)| *op == MATVEC).expect("listed");
     cpu.push(("Burn: CubeCL's untuned matmul 512x128 by 128x1", cpu[index].1.clone()));
     gpu_out.push(("Burn: CubeCL's untuned matmul 512x128 by 128x1", untuned));
     Ok(gpu_out

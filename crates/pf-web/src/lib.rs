@@ -363,8 +363,9 @@ async fn first_difference(cpu: &Loaded<Cpu>, gpu: &Loaded<Gpu>, probe: Vec<f32>,
         let mut x = if m.fused { m.conv1.forward_max_pool(x, m.maxpool.window()) } else { m.maxpool.window().max_pool(conv) };
         out.push(("stem + max-pool".to_string(), read(x.clone()).await?));
         for (i, block) in [&m.layer1, &m.layer2, &m.layer3, &m.layer4].into_iter().flatten().enumerate() {
-            let spatial = block.conv_block.forward(block.reduction_block.forward(x.clone()));
-            out.push((format!("block {i} reduction"), read(block.reduction_block.forward(x.clone())).await?));
+            let reduced = block.reduction_block.forward(x.clone());
+            let spatial = block.conv_block.forward(reduced.clone());
+            out.push((format!("block {i} reduction"), read(reduced).await?));
             out.push((format!("block {i} spatial"), read(spatial.clone()).await?));
             out.push((format!("block {i} expansion conv"), read(block.expansion_block.conv_forward(spatial.clone())).await?));
             out.push((format!("block {i} expansion conv-BN"), read(block.expansion_block.forward(spatial)).await?));
