@@ -18,7 +18,7 @@
 //! `--init` file or the checkpoints.
 
 use std::io::{Read, Write};
-use std::net::{SocketAddr, TcpListener, TcpStream, ToSocketAddrs};
+use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream, ToSocketAddrs};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
@@ -349,8 +349,7 @@ impl NodeGroup {
             };
             if let Some(reason) = refused {
                 let error = Error::Node { node: hello.rank, reason };
-                let _ = link.send(Tag::Abort, error.to_string().as_bytes());
-                abort_all(links.iter().flatten(), &error);
+                abort_all(std::iter::once(&link).chain(links.iter().flatten()), &error);
                 return Err(error);
             }
             println!("node {} joined from {from}", hello.rank);
@@ -528,17 +527,47 @@ impl Aborter {
         if matches!(error, Error::Node { .. }) {
             return;
         }
-        let reason = error.to_string();
-        for writer in &self.writers {
-            let mut w = writer.lock().unwrap_or_else(|p| p.into_inner());
-            let _ = send_on(&mut w, Tag::Abort, reason.as_bytes());
-        }
+        abort_and_close(&self.writers, &error.to_string());
     }
 }
 
 fn abort_all<'a>(links: impl Iterator<Item = &'a Link>, error: &Error) {
-    for link in links {
-        let _ = link.send(Tag::Abort, error.to_string().as_bytes());
+    let writers: Vec<_> = links.map(|l| l.writer.clone()).collect();
+    abort_and_close(&writers, &error.to_string());
+}
+
+/// How long a connection that was told why the run stopped stays open for the other side to
+/// read it.
+const LINGER: Duration = Duration::from_secs(3);
+
+/// Sends `reason` as an `Abort` on every connection and ends them so that it arrives. A socket
+/// closed while the other side's data lies unread in it (a gradient bucket, a heartbeat) resets
+/// the connection, and the reset can discard the abort before the other side reads it; so this
+/// side ends its half (nothing more is sent, not even a heartbeat), then reads and drops what
+/// still comes until the other side closes too, for at most [`LINGER`] in all.
+fn abort_and_close(writers: &[Arc<Mutex<TcpStream>>], reason: &str) {
+    let mut ended = Vec::new();
+    for writer in writers {
+        let mut w = writer.lock().unwrap_or_else(|p| p.into_inner());
+        let _ = send_on(&mut w, Tag::Abort, reason.as_bytes());
+        let _ = w.shutdown(Shutdown::Write);
+        if let Ok(stream) = w.try_clone() {
+            ended.push(stream);
+        }
+    }
+    let deadline = Instant::now() + LINGER;
+    let mut sink = vec![0u8; 1 << 16];
+    for mut stream in ended {
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() || stream.set_read_timeout(Some(left)).is_err() {
+                return;
+            }
+            match stream.read(&mut sink) {
+                Ok(0) | Err(_) => break,
+                Ok(_) => {}
+            }
+        }
     }
 }
 
