@@ -19,18 +19,22 @@ fn assert_close(what: &str, got: Vec<f32>, expected: Vec<f32>) {
     }
 }
 
-/// `(input shape, kernel, stride, padding)`: 1×1 kernels on 1×1, 2×2, 3×3 and 6×6 / 8×8 maps
-/// (36 and 64 pixels: one product per image), with stride 2 too; 3×3 and 7×7 windows likewise.
-fn cases() -> Vec<([usize; 4], usize, usize, usize)> {
+/// `(input shape, kernel, stride, padding, output channels)`: 1×1 kernels on 1×1, 2×2, 3×3 and
+/// 6×6 / 8×8 maps (36 and 64 pixels: one product per image), with stride 2 too; 3×3 and 7×7
+/// windows likewise; and more output channels than the CPU kernel's weight gradient computes
+/// turned (128), on a small map (one product for the batch) and a larger one.
+fn cases() -> Vec<([usize; 4], usize, usize, usize, usize)> {
     let mut cases = Vec::new();
     for batch in [1, 3] {
         for hw in [1, 2, 3, 6, 8] {
             for stride in [1, 2] {
-                cases.push(([batch, 5, hw, hw], 1, stride, 0));
-                cases.push(([batch, 4, hw, hw], 3, stride, 1));
+                cases.push(([batch, 5, hw, hw], 1, stride, 0, 6));
+                cases.push(([batch, 4, hw, hw], 3, stride, 1, 6));
             }
         }
-        cases.push(([batch, 3, 13, 9], 7, 2, 3));
+        cases.push(([batch, 3, 13, 9], 7, 2, 3, 6));
+        cases.push(([batch, 4, 3, 3], 3, 1, 1, 130));
+        cases.push(([batch, 3, 9, 9], 3, 1, 1, 130));
     }
     cases
 }
@@ -54,23 +58,23 @@ fn run<B: FusedAutodiffBackend>(
 
 fn conv_helpers_match_direct_convolution<B: FusedAutodiffBackend>(device: B::Device) {
     let cpu = Default::default();
-    for (shape, kernel, stride, padding) in cases() {
-        let case = format!("{shape:?} kernel {kernel} stride {stride} padding {padding}");
+    for (shape, kernel, stride, padding, out) in cases() {
+        let case = format!("{shape:?} kernel {kernel} stride {stride} padding {padding} out {out}");
         let direct = |x, w| conv2d(x, w, None, ConvOptions::new([stride; 2], [padding; 2], [1, 1], 1));
-        let expected = run::<CpuAd>(direct, shape, kernel, 6, &cpu);
+        let expected = run::<CpuAd>(direct, shape, kernel, out, &cpu);
 
-        let gathered = run::<B>(|x, w| conv2d_as_matmul(x, w, [stride; 2], [padding; 2]), shape, kernel, 6, &device);
+        let gathered = run::<B>(|x, w| conv2d_as_matmul(x, w, [stride; 2], [padding; 2]), shape, kernel, out, &device);
         // The module path: what the models run (a kernel, Burn's conv or the gathered product).
         let module = run::<B>(
             |x, w| {
-                let config = ConvBnConfig::new([shape[1], 6], kernel).with_stride(stride).with_padding(Some(padding));
+                let config = ConvBnConfig::new([shape[1], out], kernel).with_stride(stride).with_padding(Some(padding));
                 let mut block: ConvBn<B> = config.init(&x.device());
                 block.conv.weight = Param::from_tensor(w);
                 block.conv_forward(x)
             },
             shape,
             kernel,
-            6,
+            out,
             &device,
         );
         for (path, got) in [("conv2d_as_matmul", gathered), ("ConvBn::conv_forward", module)] {
