@@ -552,11 +552,9 @@ pub fn conv2d_weight_grad(x: &[f32], grad: &[f32], g: &ConvGeometry) -> Vec<f32>
         let mut gw = vec![0.0; o * k];
         if turn_it {
             // `[batch · l, out]`: image `i`'s gradient turned, in rows `i·l..(i+1)·l`.
-            let grad_t = written_by(n * l * o, |dst| {
-                dst.par_chunks_mut((l * o).max(1)).enumerate().for_each(|(i, dst)| turn(&grad[i * o * l..(i + 1) * o * l], o, l, dst));
-            });
+            let grad_t = turned(grad, n, o, l);
             matmul(k, o, n * l, &mut gw, o, false, &cols, [n * l, 1], &grad_t, [o, 1], true);
-            return turned(&gw, k, o);
+            return turned(&gw, 1, k, o);
         }
         let grad = swap_batch(grad, n, o, l, false);
         matmul(o, k, n * l, &mut gw, k, false, &grad, [n * l, 1], &cols, [1, n * l], true);
@@ -568,7 +566,6 @@ pub fn conv2d_weight_grad(x: &[f32], grad: &[f32], g: &ConvGeometry) -> Vec<f32>
         .map(|part| {
             let mut gw = vec![0.0; o * k];
             let mut cols = if g.pointwise() { Vec::new() } else { vec![0.0; k * l] };
-            let mut grad_t = if turn_it { vec![0.0; l * o] } else { Vec::new() };
             for (j, i) in (part * part_len..((part + 1) * part_len).min(n)).enumerate() {
                 let x = &x[i * g.image_len()..(i + 1) * g.image_len()];
                 let grad = &grad[i * o * l..(i + 1) * o * l];
@@ -579,8 +576,7 @@ pub fn conv2d_weight_grad(x: &[f32], grad: &[f32], g: &ConvGeometry) -> Vec<f32>
                     &cols[..]
                 };
                 if turn_it {
-                    turn(grad, o, l, as_uninit(&mut grad_t));
-                    matmul(k, o, l, &mut gw, o, j > 0, cols, [l, 1], &grad_t, [o, 1], false);
+                    matmul(k, o, l, &mut gw, o, j > 0, cols, [l, 1], &turned(grad, 1, o, l), [o, 1], false);
                 } else {
                     matmul(o, k, l, &mut gw, k, j > 0, grad, [l, 1], cols, [1, l], false);
                 }
@@ -594,30 +590,18 @@ pub fn conv2d_weight_grad(x: &[f32], grad: &[f32], g: &ConvGeometry) -> Vec<f32>
         gw.iter_mut().zip(part).for_each(|(a, b)| *a += b);
     }
     if turn_it {
-        turned(&gw, k, o)
+        turned(&gw, 1, k, o)
     } else {
         gw
     }
 }
 
-/// Writes the `[rows, cols]` matrix `src` turned, as `[cols, rows]`, into `dst`.
-fn turn(src: &[f32], rows: usize, cols: usize, dst: &mut [MaybeUninit<f32>]) {
-    // Blocks of 16 × 16, so that both sides are read and written a cache line at a time.
-    const BLOCK: usize = 16;
-    for r0 in (0..rows).step_by(BLOCK) {
-        for c0 in (0..cols).step_by(BLOCK) {
-            for r in r0..(r0 + BLOCK).min(rows) {
-                for c in c0..(c0 + BLOCK).min(cols) {
-                    dst[c * rows + r].write(src[r * cols + c]);
-                }
-            }
-        }
-    }
-}
-
-/// The `[rows, cols]` matrix `src` as `[cols, rows]`.
-fn turned(src: &[f32], rows: usize, cols: usize) -> Vec<f32> {
-    written_by(rows * cols, |dst| turn(src, rows, cols, dst))
+/// `n` matrices `[rows, cols]`, one after the other in `src`, each turned: `[n, cols, rows]`.
+fn turned(src: &[f32], n: usize, rows: usize, cols: usize) -> Vec<f32> {
+    assert_eq!(src.len(), n * rows * cols, "{n} matrices of {rows}x{cols}");
+    // Safety: the view `[n, cols, rows]` with strides `[rows · cols, 1, cols]` reaches offsets
+    // up to `n · rows · cols − 1`, inside `src` (asserted above).
+    unsafe { gather_strided(src.as_ptr(), &[n, cols, rows], &[(rows * cols) as isize, 1, cols as isize]) }
 }
 
 /// A grouped convolution, computed directly (no gathered windows, no product): the grouped
