@@ -628,7 +628,7 @@ mod tests {
     #[test]
     fn batch_norm_matches_the_reference() {
         let mut rng = Lcg(5);
-        for shape in [[2, 3, 5, 4], [1, 4, 1, 1], [5, 2, 1, 1], [3, 6, 7, 7], [1, 1, 2, 3]] {
+        for shape in [[2, 3, 5, 4], [1, 4, 1, 1], [5, 2, 1, 1], [3, 6, 7, 7], [1, 1, 2, 3], [3, 19, 2, 2], [4, 21, 1, 1]] {
             for (residual, relu, training) in [(false, false, true), (true, true, true), (false, true, true), (false, false, false), (true, true, false)] {
                 let case = format!("{shape:?} residual {residual} relu {relu} training {training}");
                 let c = shape[1];
