@@ -535,6 +535,8 @@ mod tests {
                     ([batch, 3, hw + 2, hw], 3, 2, 1),
                 ]);
             }
+            // One output pixel from several taps, or from one tap of a strided pointwise kernel.
+            cases.extend([([batch, 3, 2, 2], 3, 2, 1), ([batch, 2, 2, 2], 7, 2, 3), ([batch, 5, 2, 2], 1, 2, 0), ([batch, 4, 3, 3], 3, 1, 0)]);
         }
         for (shape, kernel, stride, padding) in cases {
             let case = format!("{shape:?} k{kernel} s{stride} p{padding}");

@@ -136,7 +136,7 @@ fn matmul(
     b_strides: [usize; 2],
     parallel: bool,
 ) {
-    product(m, n, k, as_uninit(dst), dst_rs, accumulate, a, a_strides, b, b_strides, parallel);
+    product(m, n, k, as_uninit(dst), [dst_rs, 1], accumulate, a, a_strides, b, b_strides, parallel);
 }
 
 /// `values` as memory to write into: every write through it puts an initialized `f32` (a
@@ -163,7 +163,7 @@ fn matmul_into(
     b_strides: [usize; 2],
     parallel: bool,
 ) {
-    product(m, n, k, dst, dst_rs, false, a, a_strides, b, b_strides, parallel);
+    product(m, n, k, dst, [dst_rs, 1], false, a, a_strides, b, b_strides, parallel);
 }
 
 /// A vector of `len` values that `write` writes, every one of them (with [`matmul_into`]),
@@ -230,7 +230,7 @@ fn product(
     n: usize,
     k: usize,
     dst: &mut [MaybeUninit<f32>],
-    dst_rs: usize,
+    dst_strides: [usize; 2],
     accumulate: bool,
     a: &[f32],
     a_strides: [usize; 2],
@@ -244,12 +244,14 @@ fn product(
     if k == 0 {
         if !accumulate {
             for row in 0..m {
-                dst[row * dst_rs..row * dst_rs + n].fill(MaybeUninit::new(0.0));
+                for column in 0..n {
+                    dst[row * dst_strides[0] + column * dst_strides[1]] = MaybeUninit::new(0.0);
+                }
             }
         }
         return;
     }
-    assert!(dst.len() >= (m - 1) * dst_rs + n, "gemm destination too short");
+    assert!(dst.len() > (m - 1) * dst_strides[0] + (n - 1) * dst_strides[1], "gemm destination too short");
     assert!(a.len() > (m - 1) * a_strides[0] + (k - 1) * a_strides[1], "gemm lhs too short");
     assert!(b.len() > (k - 1) * b_strides[0] + (n - 1) * b_strides[1], "gemm rhs too short");
     let parallelism = if parallel && rayon::current_num_threads() > 1 { Parallelism::Rayon(0) } else { Parallelism::None };
@@ -260,8 +262,8 @@ fn product(
             n,
             k,
             dst.as_mut_ptr() as *mut f32,
-            1,
-            dst_rs as isize,
+            dst_strides[1] as isize,
+            dst_strides[0] as isize,
             accumulate,
             a.as_ptr(),
             a_strides[1] as isize,
@@ -518,6 +520,11 @@ pub fn conv2d_then(x: &[f32], weight: &[f32], g: &ConvGeometry, epilogue: Option
     }
     assert_eq!(x.len(), n * g.image_len(), "conv input size");
     assert_eq!(weight.len(), o * k, "conv weight size");
+    if l == 1 {
+        let mut out = one_pixel::conv2d(x, weight, g);
+        planes_after(&mut out);
+        return out;
+    }
     if g.whole_batch() {
         let cols = batch_columns(x, g);
         let product = written_by(o * n * l, |dst| matmul_into(o, n * l, k, dst, n * l, weight, [k, 1], &cols, [n * l, 1], true));
@@ -563,6 +570,9 @@ pub fn conv2d_input_grad(weight: &[f32], grad: &[f32], g: &ConvGeometry) -> Vec<
     }
     let (n, o, k, l) = (g.batch, g.out_channels, g.k(), g.l());
     assert_eq!(grad.len(), n * o * l, "conv output gradient size");
+    if l == 1 {
+        return one_pixel::input_grad(weight, grad, g);
+    }
     let mut gx = vec![0.0; n * g.image_len()];
     if g.whole_batch() {
         let grad = swap_batch(grad, n, o, l, false);
@@ -605,6 +615,9 @@ pub fn conv2d_weight_grad(x: &[f32], grad: &[f32], g: &ConvGeometry) -> Vec<f32>
     }
     let (n, o, k, l) = (g.batch, g.out_channels, g.k(), g.l());
     assert_eq!(grad.len(), n * o * l, "conv output gradient size");
+    if l == 1 {
+        return one_pixel::weight_grad(x, grad, g);
+    }
     let turn_it = o <= TURNED_WEIGHT_GRADIENT;
     if g.whole_batch() {
         let cols = batch_columns(x, g);
@@ -651,6 +664,54 @@ pub fn conv2d_weight_grad(x: &[f32], grad: &[f32], g: &ConvGeometry) -> Vec<f32>
     if turn_it {
         turned(&gw, 1, k, o)
     } else {
+        gw
+    }
+}
+
+/// Convolutions whose output is one pixel per image (`l = 1`: the digits model's last stage at
+/// 32 px, a 3×3 convolution on a 1×1 map and a strided 1×1 from 2×2): one product per tap that
+/// reaches inside the image, reading and writing the tensors in place through strides. The
+/// gathered windows would be a copy of the input and mostly zeros (8 of a 3×3 kernel's 9 rows
+/// on a 1×1 map), the products nine times the work. With one output pixel, each tap reads one
+/// input element per channel (`at` in the plane), a different one for every tap.
+mod one_pixel {
+    use super::*;
+
+    /// The taps inside the image, with the input element each reads.
+    fn taps(g: &ConvGeometry) -> impl Iterator<Item = (usize, usize)> {
+        g.window_taps().into_iter().enumerate().filter(|(_, tap)| !tap.is_outside()).map(|(t, tap)| (t, tap.offset))
+    }
+
+    /// `out[i, o] = Σ_tap Σ_c x[i, c, at] · w[o, c, tap]`, the taps' products summed in order.
+    pub(super) fn conv2d(x: &[f32], weight: &[f32], g: &ConvGeometry) -> Vec<f32> {
+        let (n, o, c, t, hw) = (g.batch, g.out_channels, g.channels, g.kernel[0] * g.kernel[1], g.height * g.width);
+        let mut out = vec![0.0; n * o];
+        for (tap, at) in taps(g) {
+            // `[n, o] += x_at [n, c] · w_tapᵀ [c, o]`.
+            matmul(n, o, c, &mut out, o, true, &x[at..], [c * hw, hw], &weight[tap..], [t, c * t], true);
+        }
+        out
+    }
+
+    /// `gx[i, c, at] = Σ_o grad[i, o] · w[o, c, tap]`; zero where no tap reads.
+    pub(super) fn input_grad(weight: &[f32], grad: &[f32], g: &ConvGeometry) -> Vec<f32> {
+        let (n, o, c, t, hw) = (g.batch, g.out_channels, g.channels, g.kernel[0] * g.kernel[1], g.height * g.width);
+        let mut gx = vec![0.0; n * c * hw];
+        for (tap, at) in taps(g) {
+            // `gx_at [n, c] = grad [n, o] · w_tap [o, c]`, written through the input's strides.
+            product(n, c, o, as_uninit(&mut gx[at..]), [c * hw, hw], false, grad, [o, 1], &weight[tap..], [c * t, t], true);
+        }
+        gx
+    }
+
+    /// `gw[o, c, tap] = Σ_i grad[i, o] · x[i, c, at]`; zero for the taps outside the image.
+    pub(super) fn weight_grad(x: &[f32], grad: &[f32], g: &ConvGeometry) -> Vec<f32> {
+        let (n, o, c, t, hw) = (g.batch, g.out_channels, g.channels, g.kernel[0] * g.kernel[1], g.height * g.width);
+        let mut gw = vec![0.0; o * c * t];
+        for (tap, at) in taps(g) {
+            // `gw_tap [o, c] = gradᵀ [o, n] · x_at [n, c]`, written through the weight's strides.
+            product(o, c, n, as_uninit(&mut gw[tap..]), [c * t, t], false, grad, [1, o], &x[at..], [c * hw, hw], true);
+        }
         gw
     }
 }
