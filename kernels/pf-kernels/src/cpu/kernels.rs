@@ -1878,9 +1878,6 @@ impl LaneSums {
         let (a_rest, b_rest) = (a_chunks.remainder(), b_chunks.remainder());
         let [first, second] = &mut self.lanes;
         for (a, b) in a_chunks.zip(b_chunks) {
-            // The pairs first, then each sum's lanes in a loop of their own: written as one loop,
-            // LLVM kept each lane's pair in a register of two and added lane by lane (scalar code,
-            // a third of the speed).
             for l in 0..Self::LANES {
                 let (s0, s1) = f(a[l], b[l]);
                 first[l] += s0;
@@ -1895,7 +1892,11 @@ impl LaneSums {
 
     #[inline(always)]
     fn total(&self) -> (f64, f64) {
-        let [first, second] = &self.lanes;
+        // The lanes pass through `black_box`: where LLVM saw them summed here, it split them into
+        // sixteen scalar sums and kept each lane's pair in a register of two, adding lane by lane
+        // (scalar code, 0.65 ns an element); kept whole, each sum's eight lanes are one vector
+        // (0.17 ns; measured on 2^20 elements, AVX-512). The same additions either way.
+        let [first, second] = &std::hint::black_box(self.lanes);
         (first.iter().sum::<f64>() + self.rest.0, second.iter().sum::<f64>() + self.rest.1)
     }
 }
