@@ -95,7 +95,7 @@ pub fn evaluate<B: FusedOps>(
     let mut meter = Meter::default();
     let mut skipped = 0;
     let mut warnings = Vec::new();
-    loader.run(&order, batch_size, false, &|image, _| transform.apply(image), transform.size, |mut batch| -> Result<()> {
+    loader.run(&order, batch_size, false, &|image, _| transform.apply_picture(image), transform.size, |mut batch| -> Result<()> {
         bar.inc(1);
         skipped += warn_skipped(&bar, &batch, verbosity, &mut warnings);
         if batch.is_empty() {

@@ -126,7 +126,7 @@ pub fn search<B: FusedAutodiffBackend>(args: &SearchArgs, device: &B::Device) ->
             &order,
             batch,
             true,
-            &|image, position| transform.apply(image, &mut sample_rng(recipe.seed, epoch, position)),
+            &|image, position| transform.apply_picture(image, &mut sample_rng(recipe.seed, epoch, position)),
             transform.size,
             |mut b| -> Result<()> {
                 step += 1;

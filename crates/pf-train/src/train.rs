@@ -375,7 +375,7 @@ fn train_epoch<B: FusedAutodiffBackend>(
         &order,
         recipe.batch_size,
         true,
-        &|image, position| transform.apply(image, &mut sample_rng(recipe.seed, epoch, position)),
+        &|image, position| transform.apply_picture(image, &mut sample_rng(recipe.seed, epoch, position)),
         transform.size,
         |mut batch| -> Result<()> {
             step += 1;
