@@ -148,8 +148,13 @@ fn has_image_extension(path: &Path) -> bool {
 
 /// Decodes a JPEG or PNG file into RGB (grayscale, RGBA and CMYK are converted).
 pub fn load_rgb(path: &Path) -> Result<RgbImage, String> {
+    Ok(decode_file(path)?.to_rgb8())
+}
+
+/// An image file decoded as it is stored.
+fn decode_file(path: &Path) -> Result<image::DynamicImage, String> {
     let reader = image::ImageReader::open(path).map_err(|e| e.to_string())?.with_guessed_format().map_err(|e| e.to_string())?;
-    Ok(reader.decode().map_err(|e| e.to_string())?.to_rgb8())
+    reader.decode().map_err(|e| e.to_string())
 }
 
 /// A decoded image for the data pipeline. A grayscale file stays one channel through cropping,
@@ -165,8 +170,7 @@ pub enum Picture {
 /// Decodes an image file for the data pipeline: 8-bit grayscale as [`Picture::Gray`], anything
 /// else converted to RGB as [`load_rgb`] does.
 pub fn load_picture(path: &Path) -> Result<Picture, String> {
-    let reader = image::ImageReader::open(path).map_err(|e| e.to_string())?.with_guessed_format().map_err(|e| e.to_string())?;
-    Ok(match reader.decode().map_err(|e| e.to_string())? {
+    Ok(match decode_file(path)? {
         image::DynamicImage::ImageLuma8(gray) => Picture::Gray(gray),
         other => Picture::Rgb(other.to_rgb8()),
     })

@@ -434,6 +434,12 @@ fn col2im(cols: &[f32], ld: usize, g: &ConvGeometry, gx: &mut [f32]) {
     });
 }
 
+/// How many of `channels` one parallel task takes where each task reads every image's block of
+/// its channels (small maps): about four tasks per thread.
+fn channels_per_task(channels: usize) -> usize {
+    channels.div_ceil(4 * rayon::current_num_threads()).max(1)
+}
+
 /// The whole batch's gathered windows side by side: `[k, batch · l]`, image `i` in columns
 /// `i·l..(i+1)·l`; a block of input channels' rows per parallel task, the images one after the
 /// other within it (reading each image's channels in order: on small maps a task per channel
@@ -441,7 +447,7 @@ fn col2im(cols: &[f32], ld: usize, g: &ConvGeometry, gx: &mut [f32]) {
 fn batch_columns(x: &[f32], g: &ConvGeometry) -> Vec<f32> {
     let (k, l, n) = (g.k(), g.l(), g.batch);
     let taps = g.window_taps();
-    let per_task = g.channels.div_ceil(4 * rayon::current_num_threads()).max(1);
+    let per_task = channels_per_task(g.channels);
     let task_rows = per_task * taps.len() * n * l;
     written_by(k * n * l, |cols| {
         cols.par_chunks_mut(task_rows.max(1)).enumerate().for_each(|(task, cols)| {
@@ -638,6 +644,7 @@ pub fn conv2d_weight_grad(x: &[f32], grad: &[f32], g: &ConvGeometry) -> Vec<f32>
         .map(|part| {
             let mut gw = vec![0.0; o * k];
             let mut cols = if g.pointwise() { Vec::new() } else { vec![0.0; k * l] };
+            let mut grad_t = if turn_it { vec![0.0; l * o] } else { Vec::new() };
             for (j, i) in (part * part_len..((part + 1) * part_len).min(n)).enumerate() {
                 let x = &x[i * g.image_len()..(i + 1) * g.image_len()];
                 let grad = &grad[i * o * l..(i + 1) * o * l];
@@ -648,7 +655,8 @@ pub fn conv2d_weight_grad(x: &[f32], grad: &[f32], g: &ConvGeometry) -> Vec<f32>
                     &cols[..]
                 };
                 if turn_it {
-                    matmul(k, o, l, &mut gw, o, j > 0, cols, [l, 1], &turned(grad, 1, o, l), [o, 1], false);
+                    turn_into(grad, o, l, as_uninit(&mut grad_t));
+                    matmul(k, o, l, &mut gw, o, j > 0, cols, [l, 1], &grad_t, [o, 1], false);
                 } else {
                     matmul(o, k, l, &mut gw, k, j > 0, grad, [l, 1], cols, [1, l], false);
                 }
@@ -744,32 +752,36 @@ mod few_pixels {
     }
 }
 
-/// `n` matrices `[rows, cols]`, one after the other in `src`, each turned: `[n, cols, rows]`.
-/// Tiles of [`TURN_TILE`]² elements, a block of the destination's rows per parallel task: a
-/// strided copy ([`gather_strided`]) reads a new cache line for every element of a long column
-/// (it took 4% of a digits epoch, turning the weight gradient's operands).
+/// `n` matrices `[rows, cols]`, one after the other in `src`, each turned: `[n, cols, rows]`,
+/// a matrix per parallel task (see [`turn_into`]).
 fn turned(src: &[f32], n: usize, rows: usize, cols: usize) -> Vec<f32> {
     assert_eq!(src.len(), n * rows * cols, "{n} matrices of {rows}x{cols}");
     if src.is_empty() {
         return Vec::new();
     }
     written_by(src.len(), |dst| {
-        dst.par_chunks_mut(rows * cols).zip(src.par_chunks(rows * cols)).for_each(|(dst, src)| {
-            dst.par_chunks_mut(TURN_TILE * rows).enumerate().for_each(|(block, dst)| {
-                // Destination rows `j0..j0 + width`: source columns.
-                let (j0, width) = (block * TURN_TILE, dst.len() / rows);
-                for i0 in (0..rows).step_by(TURN_TILE) {
-                    for j in 0..width {
-                        let column = src[i0 * cols + j0 + j..].iter().step_by(cols);
-                        let dst = &mut dst[j * rows + i0..j * rows + (i0 + TURN_TILE).min(rows)];
-                        for (d, &v) in dst.iter_mut().zip(column) {
-                            d.write(v);
-                        }
-                    }
-                }
-            })
-        })
+        dst.par_chunks_mut(rows * cols).zip(src.par_chunks(rows * cols)).for_each(|(dst, src)| turn_into(src, rows, cols, dst));
     })
+}
+
+/// Writes the `[rows, cols]` matrix `src` turned, as `[cols, rows]`, into `dst`, in tiles of
+/// [`TURN_TILE`]² elements: a strided copy ([`gather_strided`]) reads a new cache line for every
+/// element of a long column (it took 4% of a digits epoch, turning the weight gradient's
+/// operands).
+fn turn_into(src: &[f32], rows: usize, cols: usize, dst: &mut [MaybeUninit<f32>]) {
+    for (block, dst) in dst.chunks_mut(TURN_TILE * rows).enumerate() {
+        // Destination rows `j0..j0 + width`: source columns.
+        let (j0, width) = (block * TURN_TILE, dst.len() / rows);
+        for i0 in (0..rows).step_by(TURN_TILE) {
+            for j in 0..width {
+                let column = src[i0 * cols + j0 + j..].iter().step_by(cols);
+                let dst = &mut dst[j * rows + i0..j * rows + (i0 + TURN_TILE).min(rows)];
+                for (d, &v) in dst.iter_mut().zip(column) {
+                    d.write(v);
+                }
+            }
+        }
+    }
 }
 
 /// The side of [`turned`]'s tiles: 16 rows of 16 elements, a 64-byte cache line each.
@@ -872,7 +884,7 @@ fn for_rows<T: Send>(dst: &mut [T], len: usize, f: impl Fn(usize, &mut [T]) + Sy
 /// run. (A task per channel read a few elements per image, far apart: on the digits model's
 /// 1×1 maps of 512 channels the sums took 0.3 ms.)
 fn small_map_channel_sums(a: &[f32], b: &[f32], n: usize, c: usize, hw: usize, f: impl Fn(f32, f32, usize) -> (f64, f64) + Sync) -> Vec<(f64, f64)> {
-    let per_task = c.div_ceil(4 * rayon::current_num_threads()).max(1);
+    let per_task = channels_per_task(c);
     let mut sums = vec![(0.0, 0.0); c];
     sums.par_chunks_mut(per_task).enumerate().for_each(|(task, sums)| {
         let first = task * per_task;
