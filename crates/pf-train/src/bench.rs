@@ -7,17 +7,19 @@ use std::time::{Duration, Instant};
 use crate::error::{Error, Result};
 use burn::module::AutodiffModule;
 use burn::optim::adaptor::OptimizerAdaptor;
-use burn::optim::{GradientsParams, Optimizer, Sgd, SgdConfig};
+use burn::optim::{GradientsParams, Optimizer};
 use burn::prelude::*;
 use burn::tensor::Distribution;
 use pf_kernels::{
     fused_bn_relu_max_pool, fused_gelu_max_pool_gelu, reference_bn_relu_max_pool, reference_gelu_max_pool_gelu, FusedAutodiffBackend, FusedOps, Pool2d,
+    SgdMomentum,
 };
 use pf_models::weights::num_parameters;
 use pf_models::{Model, ModelName};
 use serde::{Deserialize, Serialize};
 
 use crate::metrics::soft_target_cross_entropy;
+use crate::optim::FusedSgd;
 use pf_data::mix::smoothed_one_hot;
 
 /// How long to measure one case.
@@ -243,11 +245,12 @@ pub fn bench_model<B: FusedAutodiffBackend>(name: ModelName, batch: usize, devic
     })
 }
 
-/// A training step of the model table (forward, cross-entropy against class 0, backward, SGD),
-/// shared by `pf bench` and the criterion benches.
+/// A training step of the model table (forward, cross-entropy against class 0, backward, SGD
+/// with Nesterov momentum 0.9, the step of PyTorch's side of the comparison), shared by
+/// `pf bench` and the criterion benches.
 pub struct TrainStep<B: FusedAutodiffBackend> {
     model: Option<Model<B>>,
-    optim: OptimizerAdaptor<Sgd<B::InnerBackend>, Model<B>, B>,
+    optim: OptimizerAdaptor<FusedSgd, Model<B>, B>,
     /// One-hot, class 0.
     targets: Tensor<B, 2>,
 }
@@ -256,7 +259,8 @@ impl<B: FusedAutodiffBackend> TrainStep<B> {
     pub fn new(model: Model<B>, batch: usize, device: &B::Device) -> Self {
         let classes = model.num_classes();
         let targets = Tensor::from_data(TensorData::new(smoothed_one_hot(&vec![0; batch], classes, 0.0), [batch, classes]), device);
-        Self { model: Some(model), optim: SgdConfig::new().init(), targets }
+        let momentum = SgdMomentum { momentum: 0.9, dampening: 0.0, nesterov: true };
+        Self { model: Some(model), optim: OptimizerAdaptor::from(FusedSgd::new(Some(momentum), None)), targets }
     }
 
     /// One step on `images` (`[batch, 3, s, s]`); the caller synchronises the device.
@@ -264,7 +268,7 @@ impl<B: FusedAutodiffBackend> TrainStep<B> {
         let model = self.model.take().ok_or(Error::ModelLost)?;
         let logits = model.forward(images)?;
         let grads = GradientsParams::from_grads(soft_target_cross_entropy(logits, self.targets.clone()).backward(), &model);
-        self.model = Some(self.optim.step(1e-3, model, grads));
+        self.model = Some(self.optim.step(0.01, model, grads));
         Ok(())
     }
 }

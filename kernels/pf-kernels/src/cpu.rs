@@ -17,8 +17,8 @@ use burn::tensor::{Shape, TensorData, TensorMetadata};
 use crate::ops::{
     attention_backward_by_reference, attention_by_reference, avg_pool_backward_by_reference, avg_pool_by_reference, batch_norm_backward_by_reference,
     batch_norm_by_reference, conv2d_backward_by_burn, conv2d_batch_norm_by_composition, conv2d_by_reference, layer_norm_backward_by_reference,
-    layer_norm_by_reference, linear_backward_by_reference, linear_by_reference, max_pool_backward_by_reference, softmax_backward_by_reference,
-    softmax_by_reference, FusedOps,
+    layer_norm_by_reference, linear_backward_by_reference, linear_by_reference, max_pool_backward_by_reference, sgd_step_by_reference,
+    softmax_backward_by_reference, softmax_by_reference, FusedOps, SgdStep,
 };
 use crate::reference::Pool2d;
 
@@ -349,6 +349,23 @@ impl FusedOps for NdArray {
             }
             x => <NdArray as FloatTensorOps<NdArray>>::float_reshape(x, shape),
         }
+    }
+
+    fn sgd_step(
+        param: FloatTensor<Self>,
+        grad: FloatTensor<Self>,
+        velocity: Option<FloatTensor<Self>>,
+        step: SgdStep,
+    ) -> (FloatTensor<Self>, Option<FloatTensor<Self>>) {
+        let last = velocity.as_ref().map(values);
+        let (Some(ps), Some(gs), true) = (values(&param), values(&grad), !matches!(last, Some(None))) else {
+            return sgd_step_by_reference::<Self>(param, grad, velocity, step);
+        };
+        let shape = param.shape();
+        // The scalars as Burn's NdArray applies them: rounded to `f32`.
+        let momentum = step.momentum.map(|m| (m.momentum, (1.0 - m.dampening) as f32, m.nesterov));
+        let (p, v) = kernels::sgd_step(&ps, &gs, last.flatten().as_deref(), step.lr as f32, step.weight_decay, momentum);
+        (tensor(p, shape.clone()), v.map(|v| tensor(v, shape)))
     }
 
     fn max_pool_backward_of(x_shape: [usize; 4], indices: IntTensor<Self>, grad: FloatTensor<Self>) -> FloatTensor<Self> {
@@ -832,5 +849,56 @@ mod tests {
             // Evaluation (no autodiff: the kernel without winners) gives the same values.
             fused_gelu_max_pool_gelu(x.clone().inner(), [h, w]).into_data().assert_eq(&fused_gelu_max_pool_gelu(x, [h, w]).inner().into_data(), true);
         }
+    }
+
+    /// The SGD kernel gives the plain ops' bits (Burn's `Sgd`): with and without weight decay,
+    /// momentum, dampening and Nesterov, at the first step and after it, on tensors of one value,
+    /// of an odd count, and of several of the kernel's blocks; a strided gradient too.
+    #[test]
+    fn sgd_step_matches_its_reference_to_the_bit() {
+        use crate::ops::{sgd_step_by_reference, FusedOps, SgdMomentum, SgdStep};
+        let mut rng = Lcg(23);
+        let bits = |t: &burn::tensor::ops::FloatTensor<NdArray>| {
+            Tensor::<NdArray, 1>::from_primitive(burn::tensor::TensorPrimitive::Float(t.clone()))
+                .into_data()
+                .to_vec::<f32>()
+                .unwrap()
+                .iter()
+                .map(|v| v.to_bits())
+                .collect::<Vec<_>>()
+        };
+        let momenta = [
+            None,
+            Some(SgdMomentum { momentum: 0.9, dampening: 0.0, nesterov: true }),
+            Some(SgdMomentum { momentum: 0.9, dampening: 0.0, nesterov: false }),
+            Some(SgdMomentum { momentum: 0.85, dampening: 0.1, nesterov: false }),
+        ];
+        for len in [1usize, 37, 3 * (1 << 14) + 5] {
+            for weight_decay in [None, Some(5e-5f32), Some(0.3)] {
+                for momentum in momenta {
+                    let step = SgdStep { lr: 0.1 / 3.0, weight_decay, momentum };
+                    let param = random(&mut rng, [len], 1.0, 0.0).inner().into_primitive().tensor();
+                    let mut velocity = None;
+                    let (mut fused, mut plain) = (param.clone(), param);
+                    for _ in 0..3 {
+                        // A transposed gradient: a strided view.
+                        let grad = random(&mut rng, [1, len], 0.5, 0.1).inner().transpose().reshape([len]).into_primitive().tensor();
+                        let (f, fv) = NdArray::sgd_step(fused, grad.clone(), velocity.clone(), step);
+                        let (p, pv) = sgd_step_by_reference::<NdArray>(plain, grad, velocity, step);
+                        assert_eq!(bits(&f), bits(&p), "parameter, {len} values, {step:?}");
+                        assert_eq!(fv.is_some(), momentum.is_some(), "a velocity exactly with momentum");
+                        if let (Some(fv), Some(pv)) = (&fv, &pv) {
+                            assert_eq!(bits(fv), bits(pv), "velocity, {len} values, {step:?}");
+                        }
+                        (fused, plain, velocity) = (f, p, fv);
+                    }
+                }
+            }
+        }
+        // A rank-4 parameter keeps its shape.
+        let param = random(&mut rng, [2, 3, 1, 5], 1.0, 0.0).inner();
+        let grad = random(&mut rng, [2, 3, 1, 5], 1.0, 0.0).inner();
+        let (p, v) = crate::ops::sgd_step(param, grad, None, SgdStep { lr: 0.1, weight_decay: None, momentum: momenta[1] });
+        assert_eq!((p.dims(), v.map(|v| v.dims())), ([2, 3, 1, 5], Some([2, 3, 1, 5])));
     }
 }

@@ -272,6 +272,82 @@ pub trait FusedOps: Backend {
     fn reshape_values(x: FloatTensor<Self>, shape: Shape) -> FloatTensor<Self> {
         Self::float_reshape(x, shape)
     }
+
+    /// One SGD step of a parameter (see [`SgdStep`]): the new parameter and, with momentum, the
+    /// new velocity. `velocity` is the last step's, `None` at the first. A backend's kernel gives
+    /// the bits of the plain ops, which are Burn's `Sgd` (its optimizer state stays readable by
+    /// both).
+    fn sgd_step(
+        param: FloatTensor<Self>,
+        grad: FloatTensor<Self>,
+        velocity: Option<FloatTensor<Self>>,
+        step: SgdStep,
+    ) -> (FloatTensor<Self>, Option<FloatTensor<Self>>) {
+        sgd_step_by_reference::<Self>(param, grad, velocity, step)
+    }
+}
+
+/// The hyperparameters of one step of SGD, PyTorch's `torch.optim.SGD` as Burn's `Sgd` computes
+/// it, in `f32` (each scalar rounded to `f32` where it is applied):
+///
+/// - `d = grad + weight_decay · param` (just `grad` without weight decay)
+/// - `v = d` at the first step, else `d · (1 − dampening) + v · momentum`
+/// - `u = v · momentum + d` with Nesterov, else `u = v` (`u = d` without momentum)
+/// - `param − u · lr`
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct SgdStep {
+    pub lr: f64,
+    pub weight_decay: Option<f32>,
+    pub momentum: Option<SgdMomentum>,
+}
+
+/// The momentum of an [`SgdStep`].
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct SgdMomentum {
+    pub momentum: f32,
+    pub dampening: f64,
+    pub nesterov: bool,
+}
+
+/// [`FusedOps::sgd_step`] in plain ops, in the order of Burn's `Sgd`.
+pub(crate) fn sgd_step_by_reference<B: Backend>(
+    param: FloatTensor<B>,
+    grad: FloatTensor<B>,
+    velocity: Option<FloatTensor<B>>,
+    step: SgdStep,
+) -> (FloatTensor<B>, Option<FloatTensor<B>>) {
+    let scaled = |t: FloatTensor<B>, by: f64| {
+        let dtype = burn::tensor::TensorMetadata::dtype(&t);
+        B::float_mul_scalar(t, burn::tensor::Scalar::new(by, &dtype))
+    };
+    let d = match step.weight_decay {
+        Some(penalty) => B::float_add(scaled(param.clone(), penalty as f64), grad),
+        None => grad,
+    };
+    let (u, velocity) = match step.momentum {
+        None => (d, None),
+        Some(m) => {
+            let v = match velocity {
+                Some(last) => B::float_add(scaled(d.clone(), 1.0 - m.dampening), scaled(last, m.momentum as f64)),
+                None => d.clone(),
+            };
+            let u = if m.nesterov { B::float_add(scaled(v.clone(), m.momentum as f64), d) } else { v.clone() };
+            (u, Some(v))
+        }
+    };
+    (B::float_sub(param, scaled(u, step.lr)), velocity)
+}
+
+/// [`FusedOps::sgd_step`] on tensors.
+pub fn sgd_step<B: FusedOps, const D: usize>(
+    param: Tensor<B, D>,
+    grad: Tensor<B, D>,
+    velocity: Option<Tensor<B, D>>,
+    step: SgdStep,
+) -> (Tensor<B, D>, Option<Tensor<B, D>>) {
+    let primitive = |t: Tensor<B, D>| t.into_primitive().tensor();
+    let (param, velocity) = B::sgd_step(primitive(param), primitive(grad), velocity.map(primitive), step);
+    (float(param), velocity.map(float))
 }
 
 /// `x` with its values in row-major order on pf's CPU kernels: a strided view (a transposition)
