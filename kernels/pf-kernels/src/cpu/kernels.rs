@@ -168,7 +168,7 @@ fn matmul_into(
 
 /// A vector of `len` values that `write` writes, every one of them (with [`matmul_into`]),
 /// allocated without zeroing.
-fn written_by(len: usize, write: impl FnOnce(&mut [MaybeUninit<f32>])) -> Vec<f32> {
+fn written_by<T>(len: usize, write: impl FnOnce(&mut [MaybeUninit<T>])) -> Vec<T> {
     let mut values = Vec::with_capacity(len);
     write(&mut values.spare_capacity_mut()[..len]);
     // Safety: callers pass a `write` that writes every one of the `len` elements (products
@@ -492,6 +492,13 @@ fn swap_batch(src: &[f32], n: usize, o: usize, l: usize, to_batch_major: bool) -
 unsafe fn assume_written(values: &mut [MaybeUninit<f32>]) -> &mut [f32] {
     // Safety: `MaybeUninit<f32>` has the layout of `f32`; the caller vouches for the values.
     unsafe { &mut *(values as *mut [MaybeUninit<f32>] as *mut [f32]) }
+}
+
+/// `values` filled with zeros, as the initialized slice they now are.
+fn zero_filled<T: Copy + Default>(values: &mut [MaybeUninit<T>]) -> &mut [T] {
+    values.fill(MaybeUninit::new(T::default()));
+    // Safety: every element was just written.
+    unsafe { &mut *(values as *mut [MaybeUninit<T>] as *mut [T]) }
 }
 
 /// `dst = src`, element for element.
@@ -1158,7 +1165,6 @@ pub fn max_pool(
     let [h, w] = hw;
     let window = PoolWindow::new(hw, pool);
     let plane_out = window.out[0] * window.out[1];
-    let mut out = vec![0.0; planes * plane_out];
     let scratch = || (vec![0i32; plane_out], if affine.is_some() { vec![0.0; h * w] } else { Vec::new() }, window.padded_plane());
     let pool_plane = |(winners, activated, padded): &mut (Vec<i32>, Vec<f32>, Vec<f32>), p: usize, out: &mut [f32]| {
         let plane = &x[p * h * w..(p + 1) * h * w];
@@ -1182,15 +1188,25 @@ pub fn max_pool(
         };
         window.max(plane, padded, out, winners);
     };
+    // Each task zeroes its own plane, in cache, instead of a pass over all the memory first.
     if !with_indices {
-        out.par_chunks_mut(plane_out.max(1)).enumerate().for_each_init(scratch, |scratch, (p, out)| pool_plane(scratch, p, out));
+        let out = written_by(planes * plane_out, |out| {
+            out.par_chunks_mut(plane_out.max(1)).enumerate().for_each_init(scratch, |scratch, (p, out)| pool_plane(scratch, p, zero_filled(out)))
+        });
         return (out, None);
     }
-    let mut idx = vec![0i64; planes * plane_out];
-    out.par_chunks_mut(plane_out.max(1)).zip(idx.par_chunks_mut(plane_out.max(1))).enumerate().for_each_init(scratch, |scratch, (p, (out, idx))| {
-        pool_plane(scratch, p, out);
-        widen(&scratch.0, idx);
+    let mut idx = Vec::with_capacity(planes * plane_out);
+    let out = written_by(planes * plane_out, |out| {
+        out.par_chunks_mut(plane_out.max(1)).zip(idx.spare_capacity_mut()[..planes * plane_out].par_chunks_mut(plane_out.max(1))).enumerate().for_each_init(
+            scratch,
+            |scratch, (p, (out, idx))| {
+                pool_plane(scratch, p, zero_filled(out));
+                widen(&scratch.0, zero_filled(idx));
+            },
+        )
     });
+    // Safety: every plane's winners were written above (`zero_filled`, then `widen`).
+    unsafe { idx.set_len(planes * plane_out) };
     (out, Some(idx))
 }
 
