@@ -317,9 +317,7 @@ impl TrainTransform {
                 if self.randaugment.is_some() {
                     return self.finish(image::DynamicImage::ImageLuma8(out).to_rgb8(), rng);
                 }
-                let mut data = self.normalize.apply_pixels(&out);
-                self.erase(&mut data, rng);
-                data
+                self.normalize_and_erase(&out, rng)
             }
         }
     }
@@ -342,15 +340,16 @@ impl TrainTransform {
         if let Some(ra) = &self.randaugment {
             out = ra.apply(out, rng);
         }
-        let mut data = self.normalize.apply(&out);
-        self.erase(&mut data, rng);
-        data
+        self.normalize_and_erase(&out, rng)
     }
 
-    fn erase(&self, data: &mut [f32], rng: &mut ChaCha8Rng) {
+    /// The normalisation and random erasing, of an RGB or a grayscale image.
+    fn normalize_and_erase<P: Pixel<Subpixel = u8>>(&self, image: &ImageBuffer<P, Vec<u8>>, rng: &mut ChaCha8Rng) -> Vec<f32> {
+        let mut data = self.normalize.apply_pixels(image);
         if rng.random::<f64>() < self.random_erasing {
-            random_erase(data, self.size, self.size, rng);
+            random_erase(&mut data, self.size, self.size, rng);
         }
+        data
     }
 }
 

@@ -47,7 +47,6 @@ pub fn f32_values(t: &NdArrayTensor) -> Option<Vec<f32>> {
     values(t).map(Cow::into_owned)
 }
 
-/// The values of an `i64` index tensor in row-major order.
 /// An index tensor's values in row-major order: borrowed where they already are (the pooling
 /// kernels' own winners are), else copied. (A copy through ndarray's element iterator took
 /// 1% of a digits training step, for the max-pool winners its backward reads.)
