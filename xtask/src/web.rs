@@ -59,7 +59,10 @@ pub fn run(args: &[String]) -> Result<(), String> {
     if !status.success() {
         return Err(format!("wasm-bindgen failed on {}", wasm.display()));
     }
-    let page = Path::new(env!("CARGO_MANIFEST_DIR")).join("../crates/pf-web/page");
+    // The checkout `cargo xtask` runs in (cargo sets the variable for the process): one build
+    // folder serves every clone on the machine, so the path compiled in may be another clone's.
+    let xtask = std::env::var_os("CARGO_MANIFEST_DIR").unwrap_or_else(|| env!("CARGO_MANIFEST_DIR").into());
+    let page = Path::new(&xtask).join("../crates/pf-web/page");
     for entry in std::fs::read_dir(&page).map_err(|e| format!("{}: {e}", page.display()))? {
         let path = entry.map_err(|e| e.to_string())?.path();
         let target = out.join(path.file_name().unwrap_or_default());

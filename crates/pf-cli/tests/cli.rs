@@ -12,8 +12,10 @@ mod nodes;
 #[path = "cli/web.rs"]
 mod web;
 
+/// The checkout under test: cargo sets the variable when it runs the tests, and the path compiled
+/// in may be another clone's (one build folder serves every clone on the machine).
 fn repo() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../..")
+    Path::new(&std::env::var_os("CARGO_MANIFEST_DIR").unwrap_or_else(|| env!("CARGO_MANIFEST_DIR").into())).join("../..")
 }
 
 /// Runs `pf args`; `(exit code, stderr)`, the code `None` when a signal ended it or it ran past

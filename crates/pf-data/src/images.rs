@@ -244,6 +244,12 @@ pub struct EvalTransform {
 }
 
 impl EvalTransform {
+    /// timm's default for a model that takes `size × size` images (the paper's evaluation):
+    /// bicubic, crop 0.875, ImageNet normalisation.
+    pub fn timm(size: usize) -> Self {
+        Self { size, crop_pct: 0.875, interpolation: Interpolation::Bicubic, normalize: Normalize::default() }
+    }
+
     /// `[3, size, size]`, channel-major, normalised: [`Self::crop`], then the normalisation.
     pub fn apply(&self, image: &RgbImage) -> Vec<f32> {
         self.normalize.apply(&self.crop(image))
@@ -555,7 +561,7 @@ mod tests {
                 assert_eq!(from_gray.len(), 3 * size * size);
                 assert!(from_gray.iter().zip(&from_rgb).all(|(a, b)| a.to_bits() == b.to_bits()), "size {size}, sample {position}");
             }
-            let eval = EvalTransform { size, crop_pct: 0.875, interpolation, normalize: Normalize::default() };
+            let eval = EvalTransform { interpolation, ..EvalTransform::timm(size) };
             assert_eq!(eval.apply_picture(&Picture::Gray(gray.clone())), eval.apply(&rgb), "eval at {size}");
         }
     }

@@ -10,7 +10,7 @@ use pf_models::weights::read_pf_config;
 use pf_models::{ModelConfig, ModelName};
 
 use crate::train::TrainSummary;
-use pf_data::{EvalTransform, Interpolation, Normalize};
+use pf_data::EvalTransform;
 
 /// A preset name, or the path of a model file `{"family": ..., "config": {...}}` (the form of the
 /// fixture manifest's cases and of a recipe's `model`).
@@ -79,7 +79,7 @@ pub const MAX_IMAGE_SIZE: usize = 4096;
 pub fn eval_transform(config: &ModelConfig, summary: Option<&TrainSummary>, image_size: Option<usize>, crop_pct: Option<f64>) -> Result<EvalTransform> {
     let mut transform = match summary {
         Some(s) => s.recipe.eval_transform.clone(),
-        None => EvalTransform { size: config.image_size(), crop_pct: 0.875, interpolation: Interpolation::Bicubic, normalize: Normalize::default() },
+        None => EvalTransform::timm(config.image_size()),
     };
     transform.size = image_size.unwrap_or(transform.size);
     transform.crop_pct = crop_pct.unwrap_or(transform.crop_pct);

@@ -30,18 +30,12 @@ function reason(e) {
 }
 
 // Loads the model on `backend`. Chosen automatically, WebGPU that does not give the CPU's
-// results on the probe image (the module checks) gives way to the CPU, and the result says why.
+// results on the probe image (the module checks) gives way to the CPU model the module loaded
+// to check it, and the result says why.
 async function load({ backend, auto, weights, name, config, summary }) {
   const started = performance.now();
-  try {
-    const classifier = await Classifier.load(backend, weights, name, config, summary);
-    return { classifier, ms: performance.now() - started };
-  } catch (e) {
-    const why = reason(e);
-    if (!(auto && backend === "webgpu" && why.includes("WebGPU gives other results than the CPU"))) throw e;
-    const classifier = await Classifier.load("cpu", weights, name, config, summary);
-    return { classifier, ms: performance.now() - started, fallback: why };
-  }
+  const classifier = await Classifier.load(backend, weights, name, config, summary, auto);
+  return { classifier, ms: performance.now() - started, fallback: classifier.fallback };
 }
 
 function show(outcome, loadMs, fallback) {

@@ -19,7 +19,7 @@ use std::io::Cursor;
 
 use burn::module::AutodiffModule;
 use burn::prelude::*;
-use pf_data::{decode_rgb, EvalTransform, Interpolation, Normalize};
+use pf_data::{decode_rgb, EvalTransform};
 use pf_kernels::FusedAutodiffBackend;
 use pf_models::cam::{grad_cam_async, read, CamMap};
 use pf_models::classes::{class_names, top_k, Ranked};
@@ -86,7 +86,7 @@ pub fn labels_and_transform(config: &ModelConfig, summary: Option<&str>) -> Resu
     let summary = summary.map(|text| serde_json::from_str::<Summary>(text).map_err(|e| WebError::Summary(e.to_string()))).transpose()?;
     let transform = match &summary {
         Some(s) => s.recipe.eval_transform.clone(),
-        None => EvalTransform { size: config.image_size(), crop_pct: 0.875, interpolation: Interpolation::Bicubic, normalize: Normalize::default() },
+        None => EvalTransform::timm(config.image_size()),
     };
     Ok((class_names(summary.as_ref().map(|s| s.classes.as_slice()), config.num_classes()), transform))
 }
@@ -176,6 +176,8 @@ pub struct Classifier {
     backends: Backends,
     labels: Vec<String>,
     transform: EvalTransform,
+    /// Why WebGPU was refused when the CPU took over (see [`Classifier::load`]).
+    fallback: Option<String>,
 }
 
 #[wasm_bindgen]
@@ -183,10 +185,25 @@ impl Classifier {
     /// `backend`: `webgpu` or `cpu` (the page asks the browser for a WebGPU adapter first: Burn
     /// cannot report a missing one but by aborting). `weights`: a `.bpk` file's bytes, `name` its
     /// name; `config`: a preset name or the model file beside it; `summary`: the run's
-    /// `train.json`, for class names and eval transform.
-    pub async fn load(backend: String, weights: Vec<u8>, name: String, config: String, summary: Option<String>) -> Result<Classifier, JsError> {
+    /// `train.json`, for class names and eval transform. `fall_back`: when WebGPU does not give
+    /// the CPU's results, run on the CPU (the model already loaded there to check it) and say why
+    /// in [`Classifier::fallback`], instead of failing.
+    pub async fn load(
+        backend: String,
+        weights: Vec<u8>,
+        name: String,
+        config: String,
+        summary: Option<String>,
+        fall_back: bool,
+    ) -> Result<Classifier, JsError> {
         keep_panics();
-        Ok(Self::load_inner(&backend, weights, &name, &config, summary.as_deref()).await?)
+        Ok(Self::load_inner(&backend, weights, &name, &config, summary.as_deref(), fall_back).await?)
+    }
+
+    /// Why WebGPU was refused, when the CPU took over from it.
+    #[wasm_bindgen(getter)]
+    pub fn fallback(&self) -> Option<String> {
+        self.fallback.clone()
     }
 
     /// The backend that runs the model: `webgpu` or `cpu`.
@@ -217,12 +234,13 @@ impl Classifier {
 }
 
 impl Classifier {
-    async fn load_inner(backend: &str, weights: Vec<u8>, name: &str, config: &str, summary: Option<&str>) -> Result<Self, WebError> {
+    async fn load_inner(backend: &str, weights: Vec<u8>, name: &str, config: &str, summary: Option<&str>, fall_back: bool) -> Result<Self, WebError> {
         if !name.ends_with(".bpk") {
             return Err(WebError::Pytorch { name: name.to_string() });
         }
         let config = parse_config(config)?;
         let (labels, transform) = labels_and_transform(&config, summary)?;
+        let mut fallback = None;
         let backends = match backend {
             "webgpu" => {
                 let device = burn::backend::wgpu::WgpuDevice::default();
@@ -234,16 +252,23 @@ impl Classifier {
                 let cpu = Loaded::<Cpu>::new(&config, weights.clone(), name, Default::default())?;
                 let reference = cpu.probe(probe.clone(), size).await?;
                 let loaded = Loaded::<Gpu>::new(&config, weights, name, device)?;
-                if let Err(worst) = settle(&reference, || loaded.probe(probe.clone(), size)).await {
-                    let stages = first_difference(&cpu, &loaded, probe, size).await?;
-                    return Err(WebError::Disagree { worst, stages });
+                match settle(&reference, || loaded.probe(probe.clone(), size)).await {
+                    Ok(_) => Backends::WebGpu(Box::new(loaded)),
+                    Err(worst) => {
+                        let stages = first_difference(&cpu, &loaded, probe, size).await?;
+                        let refused = WebError::Disagree { worst, stages };
+                        if !fall_back {
+                            return Err(refused);
+                        }
+                        fallback = Some(refused.to_string());
+                        Backends::Cpu(Box::new(cpu))
+                    }
                 }
-                Backends::WebGpu(Box::new(loaded))
             }
             "cpu" => Backends::Cpu(Box::new(Loaded::new(&config, weights, name, Default::default())?)),
             other => return Err(WebError::Backend(other.to_string())),
         };
-        Ok(Self { backends, labels, transform })
+        Ok(Self { backends, labels, transform, fallback })
     }
 
     async fn run_inner(&self, bytes: &[u8]) -> Result<Outcome, WebError> {
@@ -413,6 +438,7 @@ fn now() -> f64 {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use pf_data::Interpolation;
 
     #[test]
     fn configs_are_presets_or_model_files() {
