@@ -6,11 +6,11 @@
 use burn::module::AutodiffModule;
 use burn::prelude::*;
 use pf_kernels::FusedAutodiffBackend;
+use pf_models::cam::{cam_terms, CamTerms};
 use pf_models::weights::{load_pf, save_pf};
 use pf_models::Model;
-use pf_train::gradcam::grad_cam;
 
-use crate::common::{backend_tests, model_config, scratch, tensor, Cpu, CpuAd};
+use crate::common::{backend_tests, model_config, scratch, tensor, CpuAd};
 
 const CASES: [(&str, [usize; 2]); 6] = [
     // The digits recipe's model at its size: `layer4` turns a 2×2 map into 1×1 through the
@@ -36,27 +36,17 @@ fn relative(got: &[f32], expected: &[f32]) -> f64 {
     got.iter().zip(expected).map(|(&g, &e)| (g - e).abs() as f64).fold(0.0, f64::max) / scale
 }
 
-fn logits_and_cam<B: FusedAutodiffBackend>(model: &Model<B>, x: Tensor<B::InnerBackend, 4>) -> (Vec<f32>, Vec<f32>) {
+/// The logits of `x`, and the Grad-CAM terms of class 1 for its first image.
+fn logits_and_cam<B: FusedAutodiffBackend>(model: &Model<B>, x: Tensor<B::InnerBackend, 4>) -> (Vec<f32>, CamTerms) {
     let eval = model.valid();
     let logits = eval.forward(x.clone()).expect("forward").into_data().to_vec::<f32>().expect("logits");
     let features = eval.forward_features(x.narrow(0, 0, 1)).expect("features");
-    let cam = grad_cam(model, features, Some(1)).expect("grad-cam");
-    (logits, cam.map.iter().flatten().map(|&v| v as f32).collect())
+    (logits, cam_terms(model, features, Some(1)).expect("grad-cam"))
 }
 
-/// The largest `Σ_k |α_k a_k|` over the map's pixels: the size of the terms Grad-CAM sums at a
-/// pixel. Where they cancel (one token: a 1×1 map) the map's value is far below them and carries
-/// their rounding, which is relative to them, not to it.
-fn cam_terms(model: &Model<CpuAd>, x: Tensor<Cpu, 4>, class: usize) -> f32 {
-    let features = model.valid().forward_features(x.narrow(0, 0, 1)).expect("features");
-    let [_, channels, h, w] = features.dims();
-    let a = Tensor::<CpuAd, 4>::from_inner(features.clone()).require_grad();
-    let grads = model.forward_head(a.clone()).slice([0..1, class..class + 1]).sum().backward();
-    let grad = a.grad(&grads).expect("gradient").into_data().to_vec::<f32>().expect("gradient");
-    let a = features.into_data().to_vec::<f32>().expect("features");
-    let plane = h * w;
-    let alpha = (0..channels).map(|k| grad[k * plane..(k + 1) * plane].iter().sum::<f32>() / plane as f32).collect::<Vec<_>>();
-    (0..plane).map(|p| alpha.iter().enumerate().map(|(k, alpha)| (alpha * a[k * plane + p]).abs()).sum::<f32>()).fold(0.0, f32::max)
+/// A map's values as f32, row after row.
+fn flat(terms: &CamTerms) -> Vec<f32> {
+    terms.map().iter().flatten().map(|&v| v as f32).collect()
 }
 
 fn agrees_with_the_cpu<B: FusedAutodiffBackend>(device: B::Device) {
@@ -71,15 +61,16 @@ fn agrees_with_the_cpu<B: FusedAutodiffBackend>(device: B::Device) {
         let path = save_pf(&model, &config, &dir.join(format!("case{i}"))).expect("save");
         let other = load_pf(config.init::<B>(&device).expect("model"), &path).expect("load");
         for batch in [1, 3] {
-            let (cpu_logits, cpu_cam) = logits_and_cam(&model, tensor([batch, 3, h, w], batch as u64, &cpu_device));
-            let (logits, cam) = logits_and_cam(&other, tensor([batch, 3, h, w], batch as u64, &device));
+            let (cpu_logits, cpu_terms) = logits_and_cam(&model, tensor([batch, 3, h, w], batch as u64, &cpu_device));
+            let (logits, terms) = logits_and_cam(&other, tensor([batch, 3, h, w], batch as u64, &device));
+            let (cpu_cam, cam) = (flat(&cpu_terms), flat(&terms));
             let dl = relative(&logits, &cpu_logits);
             // The map within 1e-3 of its peak (the Grad-CAM fixtures' bound), or, where its terms
             // cancel and leave the peak near zero (a 1×1 token grid), within 1e-4 of the terms:
             // the logits' bound, as each term is a product of the backends' features and
             // gradients.
             let peak = cpu_cam.iter().fold(0f32, |m, &v| m.max(v.abs()));
-            let terms = cam_terms(&model, tensor([batch, 3, h, w], batch as u64, &cpu_device), 1);
+            let terms = cpu_terms.magnitude() as f32;
             let bound = 1e-3 * peak + 1e-4 * terms;
             let dc = cam.iter().zip(&cpu_cam).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
             assert!(

@@ -47,8 +47,7 @@ pub enum GradCamError {
 /// `model.valid()`, so that batch norm uses its running statistics); `model`'s head is
 /// differentiated. Blocks until the device is done; [`grad_cam_async`] awaits instead.
 pub fn grad_cam<B: FusedAutodiffBackend>(model: &Model<B>, features: Tensor<B::InnerBackend, 4>, class: Option<usize>) -> Result<CamMap, GradCamError> {
-    burn::tensor::try_read_sync(grad_cam_async(model, features, class))
-        .unwrap_or_else(|| Err(GradCamError::Read("this platform cannot block on the device: use grad_cam_async".into())))
+    cam_terms(model, features, class).map(CamTerms::into_cam)
 }
 
 /// [`grad_cam`] as a future, for platforms that cannot block on the device (WebGPU).
@@ -57,6 +56,35 @@ pub async fn grad_cam_async<B: FusedAutodiffBackend>(
     features: Tensor<B::InnerBackend, 4>,
     class: Option<usize>,
 ) -> Result<CamMap, GradCamError> {
+    Ok(cam_terms_async(model, features, class).await?.into_cam())
+}
+
+/// What Grad-CAM weighs, read back for one image: the feature map and the gradient of the class
+/// logit with respect to it.
+#[derive(Clone, Debug)]
+pub struct CamTerms {
+    pub class: usize,
+    pub logits: Vec<f32>,
+    /// `a`, `[channels, h, w]`.
+    pub features: Vec<f32>,
+    /// `d logit_class / d a`, `[channels, h, w]`.
+    pub grad: Vec<f32>,
+    /// `[channels, h, w]`.
+    pub dims: [usize; 3],
+}
+
+/// [`grad_cam`]'s inputs to the map, without the map: the same arguments and checks.
+pub fn cam_terms<B: FusedAutodiffBackend>(model: &Model<B>, features: Tensor<B::InnerBackend, 4>, class: Option<usize>) -> Result<CamTerms, GradCamError> {
+    burn::tensor::try_read_sync(cam_terms_async(model, features, class))
+        .unwrap_or_else(|| Err(GradCamError::Read("this platform cannot block on the device: use grad_cam_async".into())))
+}
+
+/// [`cam_terms`] as a future.
+pub async fn cam_terms_async<B: FusedAutodiffBackend>(
+    model: &Model<B>,
+    features: Tensor<B::InnerBackend, 4>,
+    class: Option<usize>,
+) -> Result<CamTerms, GradCamError> {
     let [batch, channels, h, w] = features.dims();
     if batch != 1 {
         return Err(GradCamError::Batch(batch));
@@ -72,15 +100,36 @@ pub async fn grad_cam_async<B: FusedAutodiffBackend>(
     };
     let grads = logits.slice([0..1, class..class + 1]).sum().backward();
     let grad = a.grad(&grads).ok_or(GradCamError::NoGradient)?;
-    let (a, grad) = (read(features).await?, read(grad).await?);
-    Ok(CamMap { class, logit: values[class] as f64, logits: values, map: weighted_map(&a, &grad, [channels, h, w]) })
+    let (features, grad) = (read(features).await?, read(grad).await?);
+    Ok(CamTerms { class, logits: values, features, grad, dims: [channels, h, w] })
 }
 
-/// `relu(sum_k alpha_k a[k])` with `alpha_k` the mean of `grad[k]`, both `[channels, h, w]`.
-fn weighted_map(a: &[f32], grad: &[f32], [channels, h, w]: [usize; 3]) -> Vec<Vec<f64>> {
-    let plane = h * w;
-    let alpha = (0..channels).map(|k| grad[k * plane..(k + 1) * plane].iter().map(|&g| g as f64).sum::<f64>() / plane as f64).collect::<Vec<_>>();
-    (0..h).map(|y| (0..w).map(|x| alpha.iter().enumerate().map(|(k, alpha)| alpha * a[k * plane + y * w + x] as f64).sum::<f64>().max(0.0)).collect()).collect()
+impl CamTerms {
+    /// `alpha_k`, the mean of `grad[k]`, times `a[k]` at each pixel: `[pixel][k]`.
+    fn weighted(&self) -> impl Iterator<Item = Vec<f64>> + '_ {
+        let [channels, h, w] = self.dims;
+        let plane = h * w;
+        let alpha = (0..channels).map(|k| self.grad[k * plane..(k + 1) * plane].iter().map(|&g| g as f64).sum::<f64>() / plane as f64).collect::<Vec<_>>();
+        (0..plane).map(move |p| alpha.iter().enumerate().map(|(k, alpha)| alpha * self.features[k * plane + p] as f64).collect())
+    }
+
+    /// `relu(sum_k alpha_k a[k])`, `[h][w]`.
+    pub fn map(&self) -> Vec<Vec<f64>> {
+        let [_, h, w] = self.dims;
+        let pixels = self.weighted().map(|terms| terms.iter().sum::<f64>().max(0.0)).collect::<Vec<_>>();
+        (0..h).map(|y| pixels[y * w..(y + 1) * w].to_vec()).collect()
+    }
+
+    /// The largest `sum_k |alpha_k a[k]|` over the pixels: the size of the terms the map adds up.
+    /// Where they cancel (a ViT with one token), the map is far below them and its rounding is
+    /// relative to them, not to it.
+    pub fn magnitude(&self) -> f64 {
+        self.weighted().map(|terms| terms.iter().map(|t| t.abs()).sum::<f64>()).fold(0.0, f64::max)
+    }
+
+    pub fn into_cam(self) -> CamMap {
+        CamMap { class: self.class, logit: self.logits[self.class] as f64, map: self.map(), logits: self.logits }
+    }
 }
 
 /// A tensor's values as f32, awaited.
@@ -98,6 +147,7 @@ mod tests {
         // Two channels of 1x2: alpha = [mean(1, 3), mean(-1, -1)] = [2, -1].
         let a = [1.0, 2.0, 4.0, 1.0];
         let grad = [1.0, 3.0, -1.0, -1.0];
-        assert_eq!(weighted_map(&a, &grad, [2, 1, 2]), vec![vec![0.0, 3.0]]);
+        let terms = CamTerms { class: 0, logits: vec![0.0], features: a.to_vec(), grad: grad.to_vec(), dims: [2, 1, 2] };
+        assert_eq!(terms.map(), vec![vec![0.0, 3.0]]);
     }
 }
