@@ -772,6 +772,29 @@ mod tests {
         assert!(super::kernels::gelu(f32::NAN).is_nan());
     }
 
+    /// The fused linear layer from `x`'s last dimension to `outputs`, with or without bias and
+    /// GELU, against plain ops: output and gradients (see [`compare`]).
+    fn compare_linear(case: &str, x: &Tensor<Ad, 3>, outputs: usize, bias: bool, act: bool, rng: &mut Lcg) {
+        let d = x.dims()[2];
+        let weight = random(rng, [d, outputs], 0.5, 0.0).reshape([1, d, outputs]);
+        let b = random(rng, [1, 1, outputs], 0.5, 0.0);
+        compare(
+            &format!("{case} linear to {outputs} bias {bias} gelu {act}"),
+            [x.clone(), weight, b],
+            |t| fused_linear(t[0].clone(), t[1].clone().reshape([d, outputs]), bias.then(|| t[2].clone().reshape([outputs])), act),
+            |t| {
+                let y = t[0].clone().matmul(t[1].clone());
+                let y = if bias { y + t[2].clone() } else { y };
+                if act {
+                    gelu(y)
+                } else {
+                    y
+                }
+            },
+            rng,
+        );
+    }
+
     /// Linear (with and without bias and GELU), layer norm, softmax and the eff layer's
     /// `GELU → max-pool → GELU` on token grids from 1×1 up, batch 1 and above, against plain ops.
     #[test]
@@ -784,23 +807,7 @@ mod tests {
             let case = format!("[{b}, {h}x{w}, {d}]");
             let x = random(&mut rng, [b, n, d], 1.5, 0.3);
             for (bias, act) in [(true, true), (false, false), (true, false)] {
-                let weight = random(&mut rng, [d, 5], 0.5, 0.0).reshape([1, d, 5]);
-                let b_ = random(&mut rng, [1, 1, 5], 0.5, 0.0);
-                compare(
-                    &format!("{case} linear bias {bias} gelu {act}"),
-                    [x.clone(), weight, b_],
-                    |t| fused_linear(t[0].clone(), t[1].clone().reshape([d, 5]), bias.then(|| t[2].clone().reshape([5])), act),
-                    |t| {
-                        let y = t[0].clone().matmul(t[1].clone());
-                        let y = if bias { y + t[2].clone() } else { y };
-                        if act {
-                            gelu(y)
-                        } else {
-                            y
-                        }
-                    },
-                    &mut rng,
-                );
+                compare_linear(&case, &x, 5, bias, act, &mut rng);
                 // Evaluation (no autodiff: no pre-activation kept) gives the same values.
                 let (w2, b2) = (random(&mut rng, [d, 5], 0.5, 0.0), random(&mut rng, [5], 0.5, 0.0));
                 let training = fused_linear(x.clone(), w2.clone(), bias.then(|| b2.clone()), act).inner();
@@ -856,6 +863,20 @@ mod tests {
             );
             // Evaluation (no autodiff: the kernel without winners) gives the same values.
             fused_gelu_max_pool_gelu(x.clone().inner(), [h, w]).into_data().assert_eq(&fused_gelu_max_pool_gelu(x, [h, w]).inner().into_data(), true);
+        }
+    }
+
+    /// Linear layers over thousands of rows, where the weight's gradient is summed in parts of
+    /// rows (4,096 rows up: 4 parts, 4,101 rows: the last part one row short of the others, 5,120
+    /// rows: 5 parts), against plain ops; below that one product (4,095 rows).
+    #[test]
+    fn linear_over_many_rows_matches_the_reference() {
+        let mut rng = Lcg(22);
+        for [b, n, d, o] in [[1, 4096, 3, 5], [3, 1367, 2, 4], [2, 2560, 4, 3], [1, 4095, 3, 2]] {
+            let x = random(&mut rng, [b, n, d], 1.5, 0.3);
+            for (bias, act) in [(true, true), (false, false), (true, false)] {
+                compare_linear(&format!("[{b}, {n}, {d}]"), &x, o, bias, act, &mut rng);
+            }
         }
     }
 

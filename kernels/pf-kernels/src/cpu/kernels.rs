@@ -1540,6 +1540,23 @@ fn map_elements(src: &[f32], f: impl Fn(f32) -> f32 + Sync) -> Vec<f32> {
     })
 }
 
+/// `f` of every element of `values`, in place, as [`map_elements`].
+#[allow(clippy::redundant_closure)]
+fn map_in_place(mut values: Vec<f32>, f: impl Fn(f32) -> f32 + Sync) -> Vec<f32> {
+    values.par_chunks_mut(ELEMENT_RUN).for_each(|run| {
+        wide(
+            #[inline(always)]
+            || {
+                run.iter_mut().for_each(
+                    #[inline(always)]
+                    |v| *v = f(*v),
+                )
+            },
+        )
+    });
+    values
+}
+
 /// `f(a, b)` of every pair of elements, as [`map_elements`].
 #[allow(clippy::redundant_closure)]
 fn zip_elements(a: &[f32], b: &[f32], f: impl Fn(f32, f32) -> f32 + Sync) -> Vec<f32> {
@@ -1604,17 +1621,27 @@ fn column_sums(rows: usize, d: usize, f: impl Fn(usize, usize) -> f64 + Sync) ->
     total.into_iter().map(|v| v as f32).collect()
 }
 
-/// Rows per task of [`linear`]: each task's product, bias and GELU run while its block of the
-/// output is in cache.
+/// Rows per task of [`linear`] with GELU: each task's product, bias and GELU run while its
+/// block of the output is in cache.
 const LINEAR_ROWS: usize = 128;
+
+/// Rows per task of the bias rows that [`linear`]'s product adds onto.
+const BIAS_ROWS: usize = 64;
 
 /// `act(x · weight + bias)` for `x` `[rows, in]` and `weight` `[in, out]` (Burn's `Linear`
 /// layout), act GELU (`gelu`) or none; with GELU and `keep_pre` also the pre-activation, which
-/// the backward needs. From `2 · LINEAR_ROWS` rows on, blocks of [`LINEAR_ROWS`] rows are the
-/// parallel tasks, each a single-threaded product followed by its bias and GELU while the block
-/// is in cache (a pass over the whole output after the product read it back from memory);
-/// fewer rows are one multithreaded product. Either way by the shape alone, so the sums do not
-/// depend on the number of threads.
+/// the backward needs.
+///
+/// - With GELU, from `2 · LINEAR_ROWS` rows on, blocks of [`LINEAR_ROWS`] rows are the parallel
+///   tasks, each a single-threaded product followed by its bias and GELU while the block is in
+///   cache (GELU as a pass of its own over the output read it back from memory: as slow or
+///   slower, measured on ViT-S's and PiT-S's MLPs).
+/// - Otherwise the output starts as the bias in every row and one multithreaded product adds
+///   onto it. Without GELU that is 10-17% faster than the blocks on every such product of ViT-S
+///   and PiT-S (each block packs the whole weight again; 2-core AVX-512 Xeon).
+///
+/// Either way by the shape alone: the products split the output, never a sum, among threads, so
+/// the sums do not depend on the number of threads.
 #[allow(clippy::too_many_arguments)]
 #[allow(clippy::redundant_closure)] // the closure carries `#[inline(always)]` into the vector loop
 pub fn linear(
@@ -1632,6 +1659,28 @@ pub fn linear(
     if rows == 0 || outputs == 0 {
         return (vec![0.0; len], keep_pre.then(|| vec![0.0; len]));
     }
+    if !(gelu_after && rows >= 2 * LINEAR_ROWS) {
+        let z = product_onto_bias(x, weight, bias, rows, inputs, outputs);
+        return match (gelu_after, keep_pre) {
+            (false, _) => (z, None),
+            (true, true) => (
+                map_elements(
+                    &z,
+                    #[inline(always)]
+                    |v| gelu(v),
+                ),
+                Some(z),
+            ),
+            (true, false) => (
+                map_in_place(
+                    z,
+                    #[inline(always)]
+                    |v| gelu(v),
+                ),
+                None,
+            ),
+        };
+    }
     // Bias and GELU of whole rows `z` (into `y` when the pre-activation is kept).
     let finish = |z: &mut [f32], y: Option<&mut [MaybeUninit<f32>]>| {
         wide(
@@ -1648,37 +1697,30 @@ pub fn linear(
                         },
                     );
                 }
-                match (gelu_after, y) {
-                    (true, Some(y)) => map_run(
+                match y {
+                    Some(y) => map_run(
                         y,
                         z,
                         #[inline(always)]
                         |v| gelu(v),
                     ),
-                    (true, None) => z.iter_mut().for_each(
+                    None => z.iter_mut().for_each(
                         #[inline(always)]
                         |v| *v = gelu(*v),
                     ),
-                    (false, _) => {}
                 }
             },
         )
     };
-    let blocked = rows >= 2 * LINEAR_ROWS;
     let chunk = LINEAR_ROWS * outputs;
     // Both buffers are written whole before they are read (the product, then `finish`), so
     // neither is zeroed first.
     let mut y = if keep_pre { Vec::with_capacity(len) } else { Vec::new() };
     let z = written_by(len, |z| {
-        if !blocked {
-            matmul_into(rows, outputs, inputs, z, outputs, x, [inputs, 1], weight, [outputs, 1], true);
-        }
         let block = |i: usize, z: &mut [MaybeUninit<f32>], y: Option<&mut [MaybeUninit<f32>]>| {
-            if blocked {
-                let (first, count) = (i * LINEAR_ROWS, z.len() / outputs);
-                matmul_into(count, outputs, inputs, z, outputs, &x[first * inputs..(first + count) * inputs], [inputs, 1], weight, [outputs, 1], false);
-            }
-            // Safety: the product wrote every element of `z` (this block's rows, or all of them above).
+            let (first, count) = (i * LINEAR_ROWS, z.len() / outputs);
+            matmul_into(count, outputs, inputs, z, outputs, &x[first * inputs..(first + count) * inputs], [inputs, 1], weight, [outputs, 1], false);
+            // Safety: the product wrote every element of this block's rows.
             finish(unsafe { assume_written(z) }, y);
         };
         if keep_pre {
@@ -1694,6 +1736,18 @@ pub fn linear(
     } else {
         (z, None)
     }
+}
+
+/// `x · weight + bias` as one multithreaded product onto the bias rows (see [`linear`]).
+fn product_onto_bias(x: &[f32], weight: &[f32], bias: Option<&[f32]>, rows: usize, inputs: usize, outputs: usize) -> Vec<f32> {
+    let len = rows * outputs;
+    let Some(bias) = bias else {
+        // The product writes every element without reading it: no zeroing first.
+        return written_by(len, |z| matmul_into(rows, outputs, inputs, z, outputs, x, [inputs, 1], weight, [outputs, 1], true));
+    };
+    let mut z = written_by(len, |z| z.par_chunks_mut(BIAS_ROWS * outputs).for_each(|block| block.chunks_mut(outputs).for_each(|row| copy_into(row, bias))));
+    matmul(rows, outputs, inputs, &mut z, outputs, true, x, [inputs, 1], weight, [outputs, 1], true);
+    z
 }
 
 /// Gradients of [`linear`] with respect to `x`, `weight` and `bias`, given the pre-activation
@@ -1718,7 +1772,7 @@ pub fn linear_backward(
         None => Cow::Borrowed(grad),
     };
     let gx = written_by(rows * inputs, |gx| matmul_into(rows, inputs, outputs, gx, inputs, &g, [outputs, 1], weight, [1, outputs], true));
-    let gw = written_by(inputs * outputs, |gw| matmul_into(inputs, outputs, rows, gw, outputs, x, [1, inputs], &g, [outputs, 1], true));
+    let gw = linear_weight_grad(x, &g, rows, inputs, outputs);
     let gb = column_sums(
         rows,
         outputs,
@@ -1726,6 +1780,43 @@ pub fn linear_backward(
         |r, j| g[r * outputs + j] as f64,
     );
     (gx, gw, gb)
+}
+
+/// Rows per part of [`linear_weight_grad`]'s sum, at least.
+const WEIGHT_GRAD_ROWS: usize = 1024;
+
+/// Parts below which [`linear_weight_grad`] runs one product: with fewer, two threads share the parts
+/// unevenly (ViT-S's 3,152 rows in 3 parts: 15.6 ms against 12.6 for one product).
+const WEIGHT_GRAD_MIN_PARTS: usize = 4;
+
+/// `xᵀ · g` for `x` `[rows, in]` and `g` `[rows, out]`: a sum over many rows into a small
+/// `[in, out]`. One multithreaded product splits that small output among the threads and ran
+/// at 140-150 GFLOP/s on PiT-S's first stage (11,680 rows into 144 × 576 and 576 × 144) against
+/// 270-310 for the input's gradient, on a 2-core AVX-512 Xeon. With enough rows, they are cut
+/// into parts of at least [`WEIGHT_GRAD_ROWS`]; each part's product is one single-threaded task,
+/// and the parts are added in order (8.7-10.2 ms against 12.9-14.1 there). The parts depend on
+/// the shape alone, and so do the sums.
+fn linear_weight_grad(x: &[f32], g: &[f32], rows: usize, inputs: usize, outputs: usize) -> Vec<f32> {
+    let parts = rows / WEIGHT_GRAD_ROWS;
+    let size = inputs * outputs;
+    if parts < WEIGHT_GRAD_MIN_PARTS || size == 0 {
+        return written_by(size, |gw| matmul_into(inputs, outputs, rows, gw, outputs, x, [1, inputs], g, [outputs, 1], true));
+    }
+    let part_rows = rows.div_ceil(parts);
+    let partial = written_by(parts * size, |partial| {
+        partial.par_chunks_mut(size).enumerate().for_each(|(p, out)| {
+            let (first, last) = (p * part_rows, ((p + 1) * part_rows).min(rows));
+            matmul_into(inputs, outputs, last - first, out, outputs, &x[first * inputs..], [1, inputs], &g[first * outputs..], [outputs, 1], false);
+        })
+    });
+    written_by(size, |gw| {
+        gw.par_chunks_mut(ELEMENT_RUN).enumerate().for_each(|(i, run)| {
+            let start = i * ELEMENT_RUN;
+            for (j, d) in run.iter_mut().enumerate() {
+                d.write((0..parts).map(|p| partial[p * size + start + j]).sum());
+            }
+        })
+    })
 }
 
 /// Layer norm over the last dimension of `[rows, d]`: the output, and each row's mean and
