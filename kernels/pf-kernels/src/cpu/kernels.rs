@@ -671,16 +671,29 @@ pub fn conv2d_weight_grad(x: &[f32], grad: &[f32], g: &ConvGeometry) -> Vec<f32>
             gw
         })
         .collect();
-    let mut parts = parts.into_iter();
-    let mut gw = parts.next().unwrap_or_else(|| vec![0.0; o * k]);
-    for part in parts {
-        gw.iter_mut().zip(part).for_each(|(a, b)| *a += b);
-    }
+    let gw = sum_in_order(parts, o * k);
     if turn_it {
         turned(&gw, 1, k, o)
     } else {
         gw
     }
+}
+
+/// The element-wise sum of equal-sized `parts`, added in order (`parts[0] + parts[1] + …`, the
+/// same bits for any number of threads); zeros of `len` when there are none.
+fn sum_in_order(parts: Vec<Vec<f32>>, len: usize) -> Vec<f32> {
+    let mut parts = parts.into_iter();
+    let Some(mut total) = parts.next() else {
+        return vec![0.0; len];
+    };
+    let rest: Vec<Vec<f32>> = parts.collect();
+    total.par_chunks_mut(ELEMENT_RUN).enumerate().for_each(|(i, run)| {
+        let start = i * ELEMENT_RUN;
+        for part in &rest {
+            run.iter_mut().zip(&part[start..]).for_each(|(a, b)| *a += b);
+        }
+    });
+    total
 }
 
 /// Convolutions with few (tap, output pixel) pairs whose window element lies inside the image
@@ -1783,40 +1796,36 @@ pub fn linear_backward(
 }
 
 /// Rows per part of [`linear_weight_grad`]'s sum, at least.
-const WEIGHT_GRAD_ROWS: usize = 1024;
+const LINEAR_WEIGHT_GRADIENT_ROWS: usize = 1024;
 
-/// Parts below which [`linear_weight_grad`] runs one product: with fewer, two threads share the parts
-/// unevenly (ViT-S's 3,152 rows in 3 parts: 15.6 ms against 12.6 for one product).
-const WEIGHT_GRAD_MIN_PARTS: usize = 4;
+/// Parts below which [`linear_weight_grad`] runs one product: with fewer, two threads share
+/// the parts unevenly (ViT-S's 3,152 rows in 3 parts: 15.6 ms against 12.6 for one product).
+const LINEAR_WEIGHT_GRADIENT_MIN_PARTS: usize = 4;
 
 /// `xᵀ · g` for `x` `[rows, in]` and `g` `[rows, out]`: a sum over many rows into a small
 /// `[in, out]`. One multithreaded product splits that small output among the threads and ran
-/// at 140-150 GFLOP/s on PiT-S's first stage (11,680 rows into 144 × 576 and 576 × 144) against
+/// at 134-154 GFLOP/s on PiT-S's first stage (11,680 rows into 144 × 576 and 576 × 144) against
 /// 270-310 for the input's gradient, on a 2-core AVX-512 Xeon. With enough rows, they are cut
-/// into parts of at least [`WEIGHT_GRAD_ROWS`]; each part's product is one single-threaded task,
-/// and the parts are added in order (8.7-10.2 ms against 12.9-14.1 there). The parts depend on
-/// the shape alone, and so do the sums.
+/// into parts of at least [`LINEAR_WEIGHT_GRADIENT_ROWS`]; each part's product is one
+/// single-threaded task, and the parts are added in order (8.7-10.7 ms against 12.6-14.5
+/// there). The parts depend on the shape alone, and so do the sums.
 fn linear_weight_grad(x: &[f32], g: &[f32], rows: usize, inputs: usize, outputs: usize) -> Vec<f32> {
-    let parts = rows / WEIGHT_GRAD_ROWS;
+    let parts = rows / LINEAR_WEIGHT_GRADIENT_ROWS;
     let size = inputs * outputs;
-    if parts < WEIGHT_GRAD_MIN_PARTS || size == 0 {
+    if parts < LINEAR_WEIGHT_GRADIENT_MIN_PARTS || size == 0 {
         return written_by(size, |gw| matmul_into(inputs, outputs, rows, gw, outputs, x, [1, inputs], g, [outputs, 1], true));
     }
     let part_rows = rows.div_ceil(parts);
-    let partial = written_by(parts * size, |partial| {
-        partial.par_chunks_mut(size).enumerate().for_each(|(p, out)| {
+    let partial = (0..parts)
+        .into_par_iter()
+        .map(|p| {
             let (first, last) = (p * part_rows, ((p + 1) * part_rows).min(rows));
-            matmul_into(inputs, outputs, last - first, out, outputs, &x[first * inputs..], [1, inputs], &g[first * outputs..], [outputs, 1], false);
+            written_by(size, |gw| {
+                matmul_into(inputs, outputs, last - first, gw, outputs, &x[first * inputs..], [1, inputs], &g[first * outputs..], [outputs, 1], false)
+            })
         })
-    });
-    written_by(size, |gw| {
-        gw.par_chunks_mut(ELEMENT_RUN).enumerate().for_each(|(i, run)| {
-            let start = i * ELEMENT_RUN;
-            for (j, d) in run.iter_mut().enumerate() {
-                d.write((0..parts).map(|p| partial[p * size + start + j]).sum());
-            }
-        })
-    })
+        .collect();
+    sum_in_order(partial, size)
 }
 
 /// Layer norm over the last dimension of `[rows, d]`: the output, and each row's mean and
