@@ -877,14 +877,15 @@ mod tests {
     }
 
     /// Linear layers over thousands of rows, where the weight's gradient is summed in parts of
-    /// rows (4,096 rows up: 4 parts, 4,101 rows: the last part one row short of the others, 5,120
-    /// rows: 5 parts), against plain ops; below that one product (4,095 rows). With GELU over
-    /// more than 256 inputs: 2,101 rows, in blocks of a quarter (the last block 3 rows short) up
-    /// to 4 threads, and 300 rows, one product and GELU as a pass of its own.
+    /// rows, against plain ops: 1,536 rows and up in 4 parts (1,536: 384 rows each; 4,095: the
+    /// last part one row short; 4,101: 4 parts of up to 1,026 rows), from 5,120 rows in parts of
+    /// 1,024 (5 parts); below that one product (1,535 rows). With GELU over more than 256
+    /// inputs: 2,101 rows, in blocks of a quarter (the last block 3 rows short) up to 4 threads,
+    /// and 300 rows, one product and GELU as a pass of its own.
     #[test]
     fn linear_over_many_rows_matches_the_reference() {
         let mut rng = Lcg(22);
-        for [b, n, d, o] in [[1, 4096, 3, 5], [3, 1367, 2, 4], [2, 2560, 4, 3], [1, 4095, 3, 2], [1, 2101, 260, 7], [2, 150, 300, 5]] {
+        for [b, n, d, o] in [[1, 1536, 3, 5], [3, 1367, 2, 4], [2, 2560, 4, 3], [1, 4095, 3, 2], [1, 1535, 2, 3], [1, 2101, 260, 7], [2, 150, 300, 5]] {
             let x = random(&mut rng, [b, n, d], 1.5, 0.3);
             for (bias, act) in [(true, true), (false, false), (true, false)] {
                 compare_linear(&format!("[{b}, {n}, {d}]"), &x, o, bias, act, &mut rng);

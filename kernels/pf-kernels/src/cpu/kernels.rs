@@ -1832,24 +1832,32 @@ pub fn linear_backward(
     (gx, gw, gb)
 }
 
-/// Rows per part of [`linear_weight_grad`]'s sum, at least.
+/// Rows per part of [`linear_weight_grad`]'s sum, from [`LINEAR_WEIGHT_GRADIENT_MIN_PARTS`]
+/// parts of that many rows up.
 const LINEAR_WEIGHT_GRADIENT_ROWS: usize = 1024;
 
-/// Parts below which [`linear_weight_grad`] runs one product: with fewer, two threads share
-/// the parts unevenly (ViT-S's 3,152 rows in 3 parts: 15.6 ms against 12.6 for one product).
+/// The fewest parts of [`linear_weight_grad`]'s sum: with fewer, two threads share the parts
+/// unevenly (ViT-S's 3,152 rows in 3 parts: 12.2-19.8 ms against 10.5-14.9 for one product).
 const LINEAR_WEIGHT_GRADIENT_MIN_PARTS: usize = 4;
+
+/// Rows per part, at least, below which [`linear_weight_grad`] runs one product (PiT-S's last
+/// stage, 800 rows: 4 parts of 200 took 7.8-8.0 ms against 7.0-7.9 for one product; 1,600 rows
+/// in 4 parts: 6.5-6.6 against 7.2-7.5).
+const LINEAR_WEIGHT_GRADIENT_MIN_PART_ROWS: usize = 384;
 
 /// `xᵀ · g` for `x` `[rows, in]` and `g` `[rows, out]`: a sum over many rows into a small
 /// `[in, out]`. One multithreaded product splits that small output among the threads and ran
 /// at 134-154 GFLOP/s on PiT-S's first stage (11,680 rows into 144 × 576 and 576 × 144) against
 /// 270-310 for the input's gradient, on a 2-core AVX-512 Xeon. With enough rows, they are cut
-/// into parts of at least [`LINEAR_WEIGHT_GRADIENT_ROWS`]; each part's product is one
-/// single-threaded task, and the parts are added in order (8.7-10.7 ms against 12.6-14.5
-/// there). The parts depend on the shape alone, and so do the sums.
+/// into parts (of [`LINEAR_WEIGHT_GRADIENT_ROWS`] rows or more, at least
+/// [`LINEAR_WEIGHT_GRADIENT_MIN_PARTS`] parts); each part's product is one single-threaded task,
+/// and the parts are added in order. PiT-S's first stage: 8.7-10.7 ms against 12.6-14.5; ViT-S
+/// at batch 16 (3,152 rows in 4 parts), each of its weight gradients 6-25% faster (384 × 384:
+/// 2.9-3.0 ms against 3.9). The parts depend on the shape alone, and so do the sums.
 fn linear_weight_grad(x: &[f32], g: &[f32], rows: usize, inputs: usize, outputs: usize) -> Vec<f32> {
-    let parts = rows / LINEAR_WEIGHT_GRADIENT_ROWS;
+    let parts = (rows / LINEAR_WEIGHT_GRADIENT_ROWS).max(LINEAR_WEIGHT_GRADIENT_MIN_PARTS);
     let size = inputs * outputs;
-    if parts < LINEAR_WEIGHT_GRADIENT_MIN_PARTS || size == 0 {
+    if rows < LINEAR_WEIGHT_GRADIENT_MIN_PARTS * LINEAR_WEIGHT_GRADIENT_MIN_PART_ROWS || size == 0 {
         return written_by(size, |gw| matmul_into(inputs, outputs, rows, gw, outputs, x, [1, inputs], g, [outputs, 1], true));
     }
     let part_rows = rows.div_ceil(parts);
