@@ -2291,8 +2291,8 @@ pub fn gelu_max_pool_gelu(tokens: &[f32], grid: [usize; 2], c: usize, with_indic
 /// `gelu` of the channel-wise maximum over the tokens `window` of `tokens` (`[tokens, c]`) into
 /// `out`, with each channel's first winner in `idx`. With AVX-512, runs of 16 channels keep their
 /// maxima and winners in registers over the whole window and are stored once, then with AVX2
-/// runs of 8 (the whole kernel on PiT-S's `[16, 196, 864]` tokens: 5.5-6.0 ms against 11.1-11.8
-/// with runs of 8, `[16, 729, 432]`: 32.9-36.2 against 41.1-43.7; 2-core Xeon). (Blending into
+/// runs of 8 (the whole kernel on PiT-S's `[16, 196, 864]` tokens: 3.3-3.4 ms against 7.6-8.7
+/// with runs of 8 only, `[16, 729, 432]`: 27.1-29.8 against 33.2-36.0; 2-core Xeon). (Blending into
 /// memory, `*best = if wins { v } else { *best }`, compiles to masked stores, which are
 /// microcoded on AMD's cores and took most of this kernel's time; and the compiler does not
 /// vectorize the register-held form from plain code.)
