@@ -3,7 +3,7 @@
 
 use burn::nn::{Dropout, DropoutConfig, Linear, LinearConfig};
 use burn::prelude::*;
-use pf_kernels::{fused_attention, fused_gelu_max_pool_gelu, fused_linear, gelu, reference_gelu_max_pool_gelu, FusedOps};
+use pf_kernels::{fused_attention, fused_gelu_max_pool_gelu, fused_linear, gelu, reference_gelu_max_pool_gelu, residual_add, FusedOps};
 use serde::{Deserialize, Serialize};
 
 use crate::drop::DropPath;
@@ -218,9 +218,9 @@ impl<B: FusedOps> Block<B> {
             TokenMixer::Attention(attn) => attn.forward(h),
             TokenMixer::Eff(eff) => eff.forward(h, grid),
         };
-        let x = x + self.drop_path.forward(h);
+        let x = residual_add(x, self.drop_path.forward(h));
         let h = self.mlp.forward(self.norm2.forward(x.clone()));
-        x + self.drop_path.forward(h)
+        residual_add(x, self.drop_path.forward(h))
     }
 }
 

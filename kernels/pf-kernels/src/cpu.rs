@@ -342,6 +342,20 @@ impl FusedOps for NdArray {
         }
     }
 
+    fn add_gradients(a: FloatTensor<Self>, b: FloatTensor<Self>) -> FloatTensor<Self> {
+        let shape = a.shape();
+        if shape == b.shape() {
+            if let (Some(x), Some(y)) = (values(&a), values(&b)) {
+                return tensor(kernels::add_elements(&x, &y), shape);
+            }
+        }
+        <NdArray as FloatTensorOps<NdArray>>::float_add(a, b)
+    }
+
+    fn residual_add(a: FloatTensor<Self>, b: FloatTensor<Self>) -> FloatTensor<Self> {
+        Self::add_gradients(a, b)
+    }
+
     fn reshape_values(x: FloatTensor<Self>, shape: Shape) -> FloatTensor<Self> {
         // A contiguous array takes the new shape over the same (shared) values: Burn 0.21's
         // reshape copies them (`to_shape` of a view, then `into_shared`).
@@ -474,6 +488,58 @@ mod tests {
         let w = random(&mut rng, [6, 4], 1.0, 0.0);
         let grads = (crate::ops::reshape_values(xa.clone(), [6, 4]) * w.clone()).sum().backward();
         assert_eq!(xa.grad(&grads).unwrap().to_data(), w.inner().reshape([2, 3, 4]).to_data());
+    }
+
+    /// A tensor used twice gets two gradients. Where one arrives through `reshape_values`, pf
+    /// adds the two itself (in parallel) rather than through Burn's `register`: the same bits as
+    /// Burn's sum, whichever use's gradient arrives first, for a tensor used two and three times,
+    /// on shapes from one element up.
+    #[test]
+    fn gradients_through_a_reshape_add_to_the_others() {
+        let mut rng = Lcg(31);
+        for shape in [[1, 1, 1], [2, 3, 4], [3, 7, 5], [2, 97, 33]] {
+            let [a, b, c] = shape;
+            let x = random(&mut rng, shape, 1.0, 0.0);
+            let (w1, w2, w3) = (random(&mut rng, [a * b, c], 1.0, 0.0), random(&mut rng, shape, 1.0, 0.5), random(&mut rng, shape, 2.0, 0.0));
+            // The reshape used early in the graph (its gradient arrives last) or late (first).
+            for early in [true, false] {
+                let grads_of = |reshape: &dyn Fn(Tensor<Ad, 3>) -> Tensor<Ad, 2>| {
+                    let x = x.clone().require_grad();
+                    let through_reshape = (reshape(x.clone()) * w1.clone()).sum();
+                    let direct = (x.clone() * w2.clone()).sum();
+                    let third = (x.clone().exp() * w3.clone()).sum();
+                    let loss = if early { through_reshape + direct + third } else { (direct + third) * 1.0 + through_reshape };
+                    x.grad(&loss.backward()).unwrap().into_data()
+                };
+                let pf = grads_of(&|x| crate::ops::reshape_values(x, [a * b, c]));
+                let burn = grads_of(&|x| x.reshape([a * b, c]));
+                assert_eq!(pf, burn, "{shape:?}, reshape early: {early}");
+                // Not vacuous: the three uses' gradients are all in it.
+                let expected = w1.clone().inner().reshape(shape) + w2.clone().inner() + x.clone().inner().exp() * w3.clone().inner();
+                assert_close("sum of gradients", Tensor::from_data(pf, &Default::default()), expected, 1e-6);
+            }
+        }
+    }
+
+    /// `residual_add` adds on NdArray (the same bits as Burn's add) and passes its gradient to
+    /// both inputs on the autodiff backend, also where both are one tensor.
+    #[test]
+    fn residual_add_sums_and_passes_the_gradient_to_both() {
+        let mut rng = Lcg(37);
+        for shape in [[1, 1, 1], [2, 5, 3], [3, 50, 17]] {
+            let (a, b) = (random(&mut rng, shape, 1.0, 0.0), random(&mut rng, shape, 3.0, 1.0));
+            let inner = crate::ops::residual_add(a.clone().inner(), b.clone().inner());
+            assert_eq!(inner.into_data(), (a.clone().inner() + b.clone().inner()).into_data(), "{shape:?}");
+            let w = random(&mut rng, shape, 1.0, 0.0);
+            let (ta, tb) = (a.clone().require_grad(), b.clone().require_grad());
+            let sum = crate::ops::residual_add(ta.clone(), tb.clone());
+            assert_eq!(sum.clone().into_data(), (a.clone() + b.clone()).into_data());
+            let grads = (sum * w.clone()).sum().backward();
+            assert_eq!(ta.grad(&grads).unwrap().into_data(), w.clone().inner().into_data());
+            assert_eq!(tb.grad(&grads).unwrap().into_data(), w.clone().inner().into_data());
+            let grads = (crate::ops::residual_add(ta.clone(), ta.clone()) * w.clone()).sum().backward();
+            assert_eq!(ta.grad(&grads).unwrap().into_data(), (w.clone().inner() * 2.0).into_data(), "x + x");
+        }
     }
 
     /// A strided view reaches the kernels as its values in row-major order: transposed,

@@ -18,7 +18,7 @@ mod testing;
 pub use ops::{
     bn_relu_max_pool_backward, broadcast_add, fused_attention, fused_avg_pool2d, fused_batch_norm, fused_bn_relu_max_pool, fused_conv2d,
     fused_conv2d_batch_norm_eval, fused_gelu_max_pool_gelu, fused_layer_norm, fused_linear, fused_max_pool2d, fused_softmax, gelu_max_pool_gelu_backward,
-    reshape_values, row_major, sgd_step, FusedAutodiffBackend, FusedOps, SgdMomentum, SgdStep,
+    reshape_values, residual_add, row_major, sgd_step, FusedAutodiffBackend, FusedOps, SgdMomentum, SgdStep,
 };
 pub use reference::{
     channel_matmul, conv2d_as_matmul, gelu, gelu_derivative, reference_batch_norm, reference_bn_relu_max_pool, reference_gelu_max_pool_gelu, Pool2d,

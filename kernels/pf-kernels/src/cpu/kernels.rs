@@ -1580,6 +1580,18 @@ fn map_in_place(mut values: Vec<f32>, f: impl Fn(f32) -> f32 + Sync) -> Vec<f32>
     values
 }
 
+/// `a + b` element by element, in parallel runs: each element one `f32` addition, so the
+/// bits of any other way through them (NdArray's add, on one thread).
+pub fn add_elements(a: &[f32], b: &[f32]) -> Vec<f32> {
+    assert_eq!(a.len(), b.len(), "two tensors of one size");
+    zip_elements(
+        a,
+        b,
+        #[inline(always)]
+        |a, b| a + b,
+    )
+}
+
 /// `f(a, b)` of every pair of elements, as [`map_elements`].
 #[allow(clippy::redundant_closure)]
 fn zip_elements(a: &[f32], b: &[f32], f: impl Fn(f32, f32) -> f32 + Sync) -> Vec<f32> {
