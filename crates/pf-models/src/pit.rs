@@ -8,6 +8,7 @@ use burn::nn::{Dropout, DropoutConfig, Initializer, Linear, LinearConfig, Paddin
 use burn::prelude::*;
 use pf_core::exact::LayerNorm;
 use pf_core::macs::{conv_cost, linear_cost};
+use pf_core::transformer::linear;
 use pf_core::{mixer_kind, resize_bicubic, AttnType, Block, BlockConfig, Cost};
 use pf_kernels::{broadcast_add, reshape_values, row_major, FusedOps};
 use serde::{Deserialize, Serialize};
@@ -208,7 +209,9 @@ impl<B: FusedOps> Pit<B> {
     pub fn forward_head(&self, features: Tensor<B, 4>) -> Tensor<B, 2> {
         let [b, d, h, w] = features.dims();
         let tokens = features.reshape([b, d, h * w]).swap_dims(1, 2);
-        self.head.forward(self.norm.forward(tokens).mean_dim(1).reshape([b, d]))
+        // The classifier through pf's linear kernel where the backend has it (Burn's `Linear`
+        // on NdArray multiplies and copies on one thread).
+        linear(&self.head, self.norm.forward(tokens).mean_dim(1).reshape([b, d]), false)
     }
 
     /// # Shapes

@@ -294,7 +294,9 @@ impl<B: FusedOps> ResNet<B> {
     pub fn forward_head(&self, features: Tensor<B, 4>) -> Tensor<B, 2> {
         let [b, c, _, _] = features.dims();
         let pooled = features.flatten::<3>(2, 3).mean_dim(2).reshape([b, c]);
-        self.fc.forward(pooled)
+        // The classifier through pf's linear kernel where the backend has it (Burn's `Linear`
+        // on NdArray multiplies and copies on one thread).
+        pf_core::transformer::linear(&self.fc, pooled, false)
     }
 
     /// # Shapes

@@ -7,6 +7,7 @@ use burn::nn::{Dropout, DropoutConfig, Initializer, Linear, LinearConfig};
 use burn::prelude::*;
 use pf_core::exact::LayerNorm;
 use pf_core::macs::{conv_cost, linear_cost};
+use pf_core::transformer::linear;
 use pf_core::{mixer_kind, AttnType, Block, BlockConfig, Cost};
 use pf_kernels::{broadcast_add, reshape_values, row_major, FusedOps};
 use serde::{Deserialize, Serialize};
@@ -164,7 +165,9 @@ impl<B: FusedOps> Vit<B> {
     /// - output: `[batch, num_classes]`
     pub fn forward_head(&self, tokens: Tensor<B, 3>) -> Tensor<B, 2> {
         let [b, _, d] = tokens.dims();
-        self.head.forward(self.norm.forward(tokens).mean_dim(1).reshape([b, d]))
+        // The classifier through pf's linear kernel where the backend has it (Burn's `Linear`
+        // on NdArray multiplies and copies on one thread).
+        linear(&self.head, self.norm.forward(tokens).mean_dim(1).reshape([b, d]), false)
     }
 
     /// # Shapes
