@@ -1033,7 +1033,8 @@ impl<B: FusedOps, C: CheckpointStrategy> FusedOps for Autodiff<B, C> {
 
     fn reshape_values(x: FloatTensor<Self>, shape: Shape) -> FloatTensor<Self> {
         let from = burn::tensor::TensorMetadata::shape(&x.primitive);
-        let probe = gradient_probe::<B, C>(&x);
+        // Only the CPU kernels add gradients faster than Burn (elsewhere, no probe to allocate).
+        let probe = B::CPU_KERNELS.then(|| gradient_probe::<B, C>(&x));
         record::<B, C, _, 1>(ReshapeBackward { from }, [&x], probe, B::reshape_values(x.primitive.clone(), shape))
     }
 }
@@ -1231,17 +1232,20 @@ struct ReshapeBackward {
 }
 
 impl<B: FusedOps> Backward<B, 1> for ReshapeBackward {
-    /// The input's [`gradient_probe`]: a residual block's input is reshaped for its first
-    /// norm and added to the block's output, and the two gradients are added here in
-    /// [`FusedOps::add_gradients`] (PiT-S-max training: Burn's one-thread add took 4% of the
-    /// step).
-    type State = FloatTensor<Autodiff<B>>;
+    /// The input's [`gradient_probe`] on the CPU kernels: a residual block's input is reshaped
+    /// for its first norm and added to the block's output, and the two gradients are added here
+    /// in [`FusedOps::add_gradients`] (PiT-S-max training: Burn's one-thread add took 4% of the
+    /// step). Elsewhere `None`, and Burn's `register` adds them.
+    type State = Option<FloatTensor<Autodiff<B>>>;
 
     fn backward(self, ops: Ops<Self::State, 1>, grads: &mut Gradients, _checkpointer: &mut Checkpointer) {
         let [node] = ops.parents;
         let grad = grads.consume::<B>(&ops.node);
-        if node.is_some() {
-            register_gradient::<B>(grads, &ops.state, B::reshape_values(grad, self.from));
+        let Some(node) = node else { return };
+        let grad = B::reshape_values(grad, self.from);
+        match &ops.state {
+            Some(probe) => register_gradient::<B>(grads, probe, grad),
+            None => grads.register::<B>(node.id, grad),
         }
     }
 }
