@@ -342,7 +342,7 @@ impl FusedOps for NdArray {
         }
     }
 
-    fn add_gradients(a: FloatTensor<Self>, b: FloatTensor<Self>) -> FloatTensor<Self> {
+    fn add_same_shape(a: FloatTensor<Self>, b: FloatTensor<Self>) -> FloatTensor<Self> {
         let shape = a.shape();
         if shape == b.shape() {
             if let (Some(x), Some(y)) = (values(&a), values(&b)) {
@@ -350,10 +350,6 @@ impl FusedOps for NdArray {
             }
         }
         <NdArray as FloatTensorOps<NdArray>>::float_add(a, b)
-    }
-
-    fn residual_add(a: FloatTensor<Self>, b: FloatTensor<Self>) -> FloatTensor<Self> {
-        Self::add_gradients(a, b)
     }
 
     fn reshape_values(x: FloatTensor<Self>, shape: Shape) -> FloatTensor<Self> {

@@ -273,16 +273,10 @@ pub trait FusedOps: Backend {
         Self::float_reshape(x, shape)
     }
 
-    /// `a + b` of two gradients of one tensor, same shape (a tensor used twice, as a residual
-    /// block's input is, gets one from each use): Burn's `float_add`, which a backend may run
-    /// faster (NdArray 0.21 adds on one thread).
-    fn add_gradients(a: FloatTensor<Self>, b: FloatTensor<Self>) -> FloatTensor<Self> {
-        Self::float_add(a, b)
-    }
-
-    /// `a + b` of two tensors of one shape: a residual block's sum. Burn's `float_add`, which
-    /// a backend may run faster (NdArray 0.21 adds on one thread).
-    fn residual_add(a: FloatTensor<Self>, b: FloatTensor<Self>) -> FloatTensor<Self> {
+    /// `a + b` of two tensors of one shape: a residual block's sum, and the two gradients of a
+    /// tensor used twice (as a residual block's input is). Burn's `float_add`, which a backend
+    /// may run faster (NdArray 0.21 adds on one thread).
+    fn add_same_shape(a: FloatTensor<Self>, b: FloatTensor<Self>) -> FloatTensor<Self> {
         Self::float_add(a, b)
     }
 
@@ -396,10 +390,10 @@ pub fn broadcast_add<B: FusedOps, const D: usize>(x: Tensor<B, D>, y: Tensor<B, 
     x + y
 }
 
-/// [`FusedOps::residual_add`] on tensors: `a + b`, both of one shape.
+/// A residual sum `a + b` of two tensors of one shape ([`FusedOps::add_same_shape`]).
 pub fn residual_add<B: FusedOps, const D: usize>(a: Tensor<B, D>, b: Tensor<B, D>) -> Tensor<B, D> {
     assert_eq!(a.dims(), b.dims(), "a residual sum of two tensors of one shape");
-    float(B::residual_add(a.into_primitive().tensor(), b.into_primitive().tensor()))
+    float(B::add_same_shape(a.into_primitive().tensor(), b.into_primitive().tensor()))
 }
 
 /// [`FusedOps::reshape_values`] on tensors: `x`'s values in row-major order as a tensor of
@@ -1023,12 +1017,12 @@ impl<B: FusedOps, C: CheckpointStrategy> FusedOps for Autodiff<B, C> {
         }
     }
 
-    fn residual_add(a: FloatTensor<Self>, b: FloatTensor<Self>) -> FloatTensor<Self> {
+    fn add_same_shape(a: FloatTensor<Self>, b: FloatTensor<Self>) -> FloatTensor<Self> {
         if !B::CPU_KERNELS {
             return <Self as burn::tensor::ops::FloatTensorOps<Self>>::float_add(a, b);
         }
-        let sum = B::residual_add(a.primitive.clone(), b.primitive.clone());
-        record::<B, C, _, 2>(ResidualAddBackward, [&a, &b], (), sum)
+        let sum = B::add_same_shape(a.primitive.clone(), b.primitive.clone());
+        record::<B, C, _, 2>(SameShapeAddBackward, [&a, &b], (), sum)
     }
 
     fn reshape_values(x: FloatTensor<Self>, shape: Shape) -> FloatTensor<Self> {
@@ -1050,12 +1044,12 @@ fn gradient_probe<B: FusedOps, C: CheckpointStrategy>(x: &FloatTensor<Autodiff<B
     probe
 }
 
-/// Registers `grad` as `probe`'s node's gradient, added by [`FusedOps::add_gradients`] to the
+/// Registers `grad` as `probe`'s node's gradient, added by [`FusedOps::add_same_shape`] to the
 /// gradient registered for it already, if any (where Burn's `register` would add it with
 /// `float_add`: in the same order, `grad + earlier`, so the same bits).
 fn register_gradient<B: FusedOps>(grads: &mut Gradients, probe: &FloatTensor<Autodiff<B>>, grad: FloatTensor<B>) {
     let grad = match grads.remove::<B>(probe) {
-        Some(earlier) => B::add_gradients(grad, earlier),
+        Some(earlier) => B::add_same_shape(grad, earlier),
         None => grad,
     };
     grads.register::<B>(probe.node.id, grad);
@@ -1234,7 +1228,7 @@ struct ReshapeBackward {
 impl<B: FusedOps> Backward<B, 1> for ReshapeBackward {
     /// The input's [`gradient_probe`] on the CPU kernels: a residual block's input is reshaped
     /// for its first norm and added to the block's output, and the two gradients are added here
-    /// in [`FusedOps::add_gradients`] (PiT-S-max training: Burn's one-thread add took 4% of the
+    /// in [`FusedOps::add_same_shape`] (PiT-S-max training: Burn's one-thread add took 4% of the
     /// step). Elsewhere `None`, and Burn's `register` adds them.
     type State = Option<FloatTensor<Autodiff<B>>>;
 
@@ -1250,11 +1244,11 @@ impl<B: FusedOps> Backward<B, 1> for ReshapeBackward {
     }
 }
 
-/// The gradient of [`FusedOps::residual_add`]: the output's gradient, to both inputs.
+/// The gradient of [`FusedOps::add_same_shape`]: the output's gradient, to both inputs.
 #[derive(Debug)]
-struct ResidualAddBackward;
+struct SameShapeAddBackward;
 
-impl<B: FusedOps> Backward<B, 2> for ResidualAddBackward {
+impl<B: FusedOps> Backward<B, 2> for SameShapeAddBackward {
     type State = ();
 
     fn backward(self, ops: Ops<Self::State, 2>, grads: &mut Gradients, _checkpointer: &mut Checkpointer) {
