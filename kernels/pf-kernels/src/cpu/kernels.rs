@@ -1699,10 +1699,10 @@ fn linear_block_rows(rows: usize, inputs: usize) -> Option<usize> {
 ///
 /// - With GELU, where [`linear_block_rows`] gives blocks, those are the parallel tasks, each a
 ///   single-threaded product followed by its bias and GELU.
-/// - Otherwise the output starts as the bias in every row and one multithreaded product adds
-///   onto it, followed by GELU, if any, as a pass of its own. Without GELU that is 10-17% faster
-///   than blocks on every such product of ViT-S and PiT-S (each block packs the whole weight
-///   again; 2-core AVX-512 Xeon).
+/// - Otherwise the output starts as the bias in every row and [`product_onto_bias`]'s product
+///   adds onto it, followed by GELU, if any, as a pass of its own. Without GELU that was 10-17%
+///   faster than those blocks, each a product and its bias, on every such product of ViT-S and
+///   PiT-S (each block packs the whole weight again; 2-core AVX-512 Xeon).
 #[allow(clippy::too_many_arguments)]
 #[allow(clippy::redundant_closure)] // the closure carries `#[inline(always)]` into the vector loop
 pub fn linear(
@@ -1849,9 +1849,10 @@ fn product_by_rows(
     });
 }
 
-/// `x · weight + bias` as one multithreaded product onto the bias rows (see [`linear`]); under
-/// [`NARROW_PRODUCT_ROWS`] rows and over [`NARROW_PRODUCT_COLUMNS`] outputs, a single-threaded
-/// product per block of that many columns, the blocks shared by the threads.
+/// `x · weight + bias` as a product onto the bias rows (see [`linear`]), split between the
+/// threads by [`product_by_rows`]; under [`NARROW_PRODUCT_ROWS`] rows and over
+/// [`NARROW_PRODUCT_COLUMNS`] outputs, a single-threaded product per block of that many columns,
+/// the blocks shared by the threads.
 fn product_onto_bias(x: &[f32], weight: &[f32], bias: Option<&[f32]>, rows: usize, inputs: usize, outputs: usize) -> Vec<f32> {
     let len = rows * outputs;
     if (1..NARROW_PRODUCT_ROWS).contains(&rows) && outputs > NARROW_PRODUCT_COLUMNS {
