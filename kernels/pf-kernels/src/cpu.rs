@@ -875,8 +875,9 @@ mod tests {
     fn transformer_kernels_match_the_reference() {
         let mut rng = Lcg(21);
         // Channels below, at and past the vector width of the window maximum (8, runs of 8 and a
-        // remainder); 286 rows: the linear layer's blocks of 128 rows, the last one partial.
-        for [b, h, w, d] in [[1, 1, 1, 4], [2, 3, 5, 6], [3, 4, 4, 8], [1, 7, 2, 3], [2, 3, 3, 19], [1, 1, 2, 16], [2, 13, 11, 5]] {
+        // remainder); 286 rows: the linear layer's blocks of 128 rows, the last one partial; 529
+        // tokens: the attention's backward past `TURNED_ATTENTION_TOKENS`.
+        for [b, h, w, d] in [[1, 1, 1, 4], [2, 3, 5, 6], [3, 4, 4, 8], [1, 7, 2, 3], [2, 3, 3, 19], [1, 1, 2, 16], [2, 13, 11, 5], [2, 23, 23, 3]] {
             let n = h * w;
             let case = format!("[{b}, {h}x{w}, {d}]");
             let x = random(&mut rng, [b, n, d], 1.5, 0.3);
