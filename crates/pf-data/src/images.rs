@@ -11,7 +11,6 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::mpsc;
 
-use image::imageops::FilterType;
 use image::{GrayImage, ImageBuffer, Pixel, RgbImage};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
@@ -20,6 +19,7 @@ use serde::{Deserialize, Serialize};
 use thiserror::Error;
 
 use crate::randaugment::RandAugment;
+use crate::resize::resize_region;
 
 /// ImageNet's channel mean and standard deviation, as timm normalises with them.
 pub const IMAGENET_MEAN: [f32; 3] = [0.485, 0.456, 0.406];
@@ -189,15 +189,6 @@ pub enum Interpolation {
     Bicubic,
 }
 
-impl Interpolation {
-    fn filter(self) -> FilterType {
-        match self {
-            Self::Bilinear => FilterType::Triangle,
-            Self::Bicubic => FilterType::CatmullRom,
-        }
-    }
-}
-
 /// Mean and standard deviation per RGB channel of the normalisation.
 #[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
 pub struct Normalize {
@@ -272,16 +263,11 @@ impl EvalTransform {
         let scale = (self.size as f64 / self.crop_pct).floor() as u32;
         let (w, h) = image.dimensions();
         let (nw, nh) = if w <= h { (scale, (scale as f64 * h as f64 / w as f64) as u32) } else { ((scale as f64 * w as f64 / h as f64) as u32, scale) };
-        let resized = image::imageops::resize(image, nw.max(1), nh.max(1), self.interpolation.filter());
+        let resized = resize_region(image, [0, 0, w, h], nw.max(1), nh.max(1), self.interpolation);
         let size = self.size as u32;
         let top = ((nh as f64 - size as f64) / 2.0).round().max(0.0) as u32;
         let left = ((nw as f64 - size as f64) / 2.0).round().max(0.0) as u32;
-        let crop = image::imageops::crop_imm(&resized, left, top, size.min(nw), size.min(nh)).to_image();
-        if crop.dimensions() == (size, size) {
-            crop
-        } else {
-            image::imageops::resize(&crop, size, size, self.interpolation.filter())
-        }
+        resize_region(&resized, [left, top, size.min(nw), size.min(nh)], size, size, self.interpolation)
     }
 }
 
@@ -332,9 +318,8 @@ impl TrainTransform {
     fn crop_and_flip<P: Pixel<Subpixel = u8> + 'static>(&self, image: &ImageBuffer<P, Vec<u8>>, rng: &mut ChaCha8Rng) -> ImageBuffer<P, Vec<u8>> {
         let (w, h) = image.dimensions();
         let [x, y, cw, ch] = random_resized_crop(w, h, self.scale, self.ratio, rng);
-        let crop = image::imageops::crop_imm(image, x, y, cw, ch).to_image();
         let size = self.size as u32;
-        let mut out = image::imageops::resize(&crop, size, size, self.interpolation.filter());
+        let mut out = resize_region(image, [x, y, cw, ch], size, size, self.interpolation);
         if rng.random::<f64>() < self.hflip {
             image::imageops::flip_horizontal_in_place(&mut out);
         }

@@ -7,5 +7,6 @@ mod images;
 pub mod mix;
 pub mod picture;
 pub mod randaugment;
+mod resize;
 
 pub use images::*;
