@@ -1931,12 +1931,20 @@ pub fn linear_backward(
 }
 
 /// Rows per part of [`linear_weight_grad`]'s sum, from [`LINEAR_WEIGHT_GRADIENT_MIN_PARTS`]
-/// parts of that many rows up.
+/// parts of that many rows up (fewer where the count rounds up to
+/// [`LINEAR_WEIGHT_GRADIENT_PART_MULTIPLE`]).
 const LINEAR_WEIGHT_GRADIENT_ROWS: usize = 1024;
 
 /// The fewest parts of [`linear_weight_grad`]'s sum: with fewer, two threads share the parts
 /// unevenly (ViT-S's 3,152 rows in 3 parts: 12.2-19.8 ms against 10.5-14.9 for one product).
 const LINEAR_WEIGHT_GRADIENT_MIN_PARTS: usize = 4;
+
+/// [`linear_weight_grad`]'s parts come in multiples of this many, so that one, two or four
+/// threads share them evenly (the count depends on the shape alone, never on the threads). PiT-S's
+/// first stage (11,680 rows) in 12 parts instead of 11: its five weight gradients 0-14% faster
+/// (576 × 144: 8.13-8.74 ms against 7.54-7.83); 5,120 rows in 8 parts instead of 5: 4.55-4.74
+/// against 5.43-5.82 ms (2-core Xeon, medians of 11).
+const LINEAR_WEIGHT_GRADIENT_PART_MULTIPLE: usize = 4;
 
 /// Rows per part, at least, below which [`linear_weight_grad`] runs one product (PiT-S's last
 /// stage, 800 rows: 4 parts of 200 took 7.8-8.0 ms against 7.0-7.9 for one product; 1,600 rows
@@ -1947,13 +1955,14 @@ const LINEAR_WEIGHT_GRADIENT_MIN_PART_ROWS: usize = 384;
 /// `[in, out]`. One multithreaded product splits that small output among the threads and ran
 /// at 134-154 GFLOP/s on PiT-S's first stage (11,680 rows into 144 × 576 and 576 × 144) against
 /// 270-310 for the input's gradient, on a 2-core AVX-512 Xeon. With enough rows, they are cut
-/// into parts (of [`LINEAR_WEIGHT_GRADIENT_ROWS`] rows or more, at least
-/// [`LINEAR_WEIGHT_GRADIENT_MIN_PARTS`] parts); each part's product is one single-threaded task,
+/// into parts (of about [`LINEAR_WEIGHT_GRADIENT_ROWS`] rows, at least
+/// [`LINEAR_WEIGHT_GRADIENT_MIN_PARTS`] parts, a multiple of
+/// [`LINEAR_WEIGHT_GRADIENT_PART_MULTIPLE`]); each part's product is one single-threaded task,
 /// and the parts are added in order. PiT-S's first stage: 8.7-10.7 ms against 12.6-14.5; ViT-S
 /// at batch 16 (3,152 rows in 4 parts), each of its weight gradients 6-25% faster (384 × 384:
 /// 2.9-3.0 ms against 3.9). The parts depend on the shape alone, and so do the sums.
 fn linear_weight_grad(x: &[f32], g: &[f32], rows: usize, inputs: usize, outputs: usize) -> Vec<f32> {
-    let parts = (rows / LINEAR_WEIGHT_GRADIENT_ROWS).max(LINEAR_WEIGHT_GRADIENT_MIN_PARTS);
+    let parts = (rows / LINEAR_WEIGHT_GRADIENT_ROWS).max(LINEAR_WEIGHT_GRADIENT_MIN_PARTS).next_multiple_of(LINEAR_WEIGHT_GRADIENT_PART_MULTIPLE);
     let size = inputs * outputs;
     if rows < LINEAR_WEIGHT_GRADIENT_MIN_PARTS * LINEAR_WEIGHT_GRADIENT_MIN_PART_ROWS || size == 0 {
         return written_by(size, |gw| product_by_rows(inputs, outputs, rows, gw, false, x, [1, inputs], g, [outputs, 1]));
